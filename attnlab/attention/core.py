@@ -1,0 +1,182 @@
+"""The one Attention module (self or cross, multi-head) that every attnlab backbone is built from.
+
+The module computes q, k, v and hands them to a kernel: the fused SDPA kernel by default, or the
+explicit softmax path when an installed control needs the probabilities. Controls (see
+`attnlab.attention.bus`) see each call as an `AttnCall` and may change the input tokens, the
+probabilities or the output. With no control installed, `forward` costs one list check on top of
+the bare computation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from attnlab.attention.bus import BusState, Control
+
+
+@dataclass
+class AttnCall:
+    """What a control sees of one attention call.
+
+    Attributes:
+        name: the layer's stable name (its dotted module path, same in every model built from one config).
+        kind: "self" or "cross".
+        grid: token grid shape of the query sequence, e.g. (16, 16) for a 2D map or (256,) for 1D.
+        heads: number of heads.
+        step: sampling step index (0-based) or None outside a sampling loop.
+        num_steps: total sampling steps or None.
+        timestep: the diffusion timestep tensor of the current model call, or None.
+        roles: names of the equal chunks the batch is made of, in order (e.g. ("uncond", "cond")).
+        layer: the Attention module itself (for caches keyed by layer).
+        scratch: free storage that lives for this one call (controls pass notes to later hooks).
+    """
+
+    name: str
+    kind: Literal["self", "cross"]
+    grid: tuple[int, ...]
+    heads: int
+    step: int | None
+    num_steps: int | None
+    timestep: Tensor | None
+    roles: tuple[str, ...]
+    layer: Attention
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+    def chunk(self, t: Tensor, role: str) -> slice:
+        """Batch rows of `t` that belong to `role` (the batch is `len(roles)` equal chunks)."""
+        n = t.shape[0] // len(self.roles)
+        i = self.roles.index(role)
+        return slice(i * n, (i + 1) * n)
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)  # (B, heads, N, d)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)  # (B, N, heads * d)
+
+
+def key_padding_bias(mask: Tensor | None) -> Tensor | None:
+    """(B, L) bool mask, True = real token, as an SDPA boolean mask of shape (B, 1, 1, L)."""
+    return None if mask is None else mask[:, None, None, :]
+
+
+def attention_probs(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
+    """Explicit softmax(q k^T / sqrt(d)) with padding keys excluded; (B, heads, N, L)."""
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, heads, N, L)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head self- or cross-attention with a pluggable control chain.
+
+    Args:
+        dim: width of the query tokens.
+        heads: number of heads (`dim` must be divisible by it).
+        context_dim: width of the context tokens; given means cross-attention.
+        qkv_bias: whether the q/k/v projections have a bias.
+    """
+
+    def __init__(self, dim: int, heads: int = 4, context_dim: int | None = None, qkv_bias: bool = False):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention dim {dim} is not divisible by heads={heads}")
+        self.dim, self.heads = dim, heads
+        self.kind: Literal["self", "cross"] = "cross" if context_dim is not None else "self"
+        if self.kind == "self":
+            self.to_qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)  # one matmul for q, k, v
+        else:
+            self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
+            self.to_kv = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
+        self.to_out = nn.Linear(dim, dim)
+        self.name = ""  # set by attnlab.attention.bus.name_layers once the model is built
+        self.controls: list[Control] = []
+        self.state: BusState | None = None
+
+    def project(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        if self.kind == "self":
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # 3 x (B, N, C)
+        else:
+            q = self.to_q(x)
+            k, v = self.to_kv(context).chunk(2, dim=-1)  # 2 x (B, L, C)
+        return split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        grid: tuple[int, ...] | None = None,
+    ) -> Tensor:
+        """Args:
+            x: (B, N, dim) query tokens.
+            context: (B, L, context_dim) condition tokens for cross-attention (ignored for self).
+            context_mask: (B, L) bool, True where the context token is real; padding gets no attention.
+            grid: the query tokens' grid shape, reported to controls (defaults to (N,)).
+        Returns:
+            (B, N, dim).
+        """
+        if self.kind == "cross" and context is None:
+            raise ValueError(f"cross-attention layer {self.name or '?'} was called without context tokens")
+        if self.controls:
+            return self._forward_controlled(x, context, context_mask, grid or (x.shape[1],))
+        q, k, v = self.project(x, context)
+        mask = key_padding_bias(context_mask) if self.kind == "cross" else None
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, d)
+        return self.to_out(merge_heads(h))
+
+    def forward_math(self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None):
+        """The explicit path; returns (output, probabilities). Equals `forward` up to float error."""
+        q, k, v = self.project(x, context)
+        p = attention_probs(q, k, key_padding_bias(context_mask) if self.kind == "cross" else None)
+        return self.to_out(merge_heads(p @ v)), p
+
+    def _forward_controlled(self, x, context, context_mask, grid):
+        st = self.state
+        call = AttnCall(
+            name=self.name,
+            kind=self.kind,
+            grid=tuple(grid),
+            heads=self.heads,
+            step=st.step if st else None,
+            num_steps=st.num_steps if st else None,
+            timestep=st.timestep if st else None,
+            roles=st.roles if st else ("cond",),
+            layer=self,
+        )
+        active = [c for c in self.controls if c.active(call)]
+        for c in active:
+            x = c.before(call, x)
+        out = None
+        for c in active:
+            out = c.replace(call, x)  # a cached output skips the computation entirely
+            if out is not None:
+                break
+        if out is None:
+            out = self._attend(call, active, x, context, context_mask)
+        for c in reversed(active):  # outermost control sees the final output
+            out = c.after(call, out)
+        return out
+
+    def _attend(self, call, active, x, context, context_mask):
+        q, k, v = self.project(x, context)
+        mask = key_padding_bias(context_mask) if self.kind == "cross" else None
+        if any(c.needs_probs(call) for c in active):
+            p = attention_probs(q, k, mask)  # (B, heads, N, L)
+            for c in active:
+                p = c.probs(call, p)
+            h = p @ v
+        else:
+            h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.to_out(merge_heads(h))
