@@ -1,0 +1,32 @@
+"""`attnlab techniques`: the registry of attention designs, by level."""
+
+from __future__ import annotations
+
+import typer
+
+
+def techniques_cmd(
+    level: int = typer.Option(None, "--level", "-l", min=1, max=5, help="Only this level (1-5)."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the README's markdown block."),
+):
+    """List every registered attention technique: level, paper, training-free or not, options."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from attnlab.techniques.registry import LEVELS, techniques
+    from attnlab.techniques.table import HEADER, _row, readme_block
+
+    if markdown:
+        typer.echo(readme_block())
+        return
+    table = Table(*HEADER, show_lines=False, title="attnlab techniques")
+    for t in techniques(level):
+        table.add_row(*[c.replace("`", "") for c in _row(t)])
+    Console().print(table)
+    for k, v in LEVELS.items():
+        if level in (None, k):
+            typer.echo(f"L{k}: {v}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("techniques")(techniques_cmd)
