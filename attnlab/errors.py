@@ -1,4 +1,4 @@
-"""User-facing errors: one clear message, no stack trace (the CLI prints them as one line)."""
+"""User-facing errors: each carries one clear message naming the file, key or value at fault."""
 
 
 class AttnlabError(Exception):
@@ -6,12 +6,12 @@ class AttnlabError(Exception):
 
 
 class DataError(AttnlabError):
-    """Bad or unreadable data: names the file, row or field and what was expected."""
+    """Bad input data: a missing or corrupt file, an unreadable metadata row, a missing column."""
 
 
 class ConfigError(AttnlabError):
-    """A bad configuration value: names the key, the value and the allowed values."""
+    """A config key with a value outside what it accepts."""
 
 
 class CheckpointError(AttnlabError):
-    """A missing, incomplete or incompatible model directory."""
+    """A model directory that is missing, incomplete or does not match its config."""
