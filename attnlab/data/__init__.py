@@ -1,1 +1,7 @@
-"""attnlab.data"""
+"""Data: built-in procedural and packaged datasets and the user's folder, as in-memory splits."""
+
+from attnlab.data.base import Bundle, MemoryDataset
+from attnlab.data.config import DataConfig
+from attnlab.data.registry import DATASETS, build_dataset, describe_datasets
+
+__all__ = ["DATASETS", "Bundle", "DataConfig", "MemoryDataset", "build_dataset", "describe_datasets"]

@@ -1,0 +1,108 @@
+"""The data config: which dataset, at what size, how many items, validated once at the edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from attnlab.errors import ConfigError
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan", "white")
+IMAGE_SIZES = {"shapes": (16, 32, 64), "digits": (16, 32)}
+AUDIO_SIZES = (1024, 8000)  # inclusive range of audio lengths in samples
+MAX_OBJECTS = 4  # a 2x2 layout keeps up to four objects apart at 16 px
+
+
+@dataclass
+class DataConfig:
+    """What data to train and evaluate on.
+
+    Attributes:
+        name: a key of `attnlab.data.DATASETS` ("shapes", "digits", "tones", "folder").
+        size: image side in pixels (shapes: 16/32/64, digits: 16/32, folder images: 8-512) or
+            audio length in samples (tones and folder audio: 1024-8000).
+        num: train items of procedural data (shapes, tones); digits and folder use all they have.
+        num_eval: eval items of procedural data.
+        seed: seeds procedural items (item i of a split is the same for every run with this seed)
+            and the folder hold-out draw.
+        root: the folder dataset's directory (holding metadata.jsonl or metadata.csv).
+        skip_bad: folder only: skip unreadable rows and files (counted in `dataset.skipped`)
+            instead of stopping at the first.
+        eval_fraction: folder only: the share of rows held out for eval when there is no `split`
+            column (at least one row).
+        min_objects, max_objects: shapes only: objects per image (1 to 4).
+        positions: shapes only: one-object captions name where the object is ("at the top left").
+        shapes, colors: shapes only: the shape and colour vocabularies (subsets of SHAPES, COLORS).
+        max_notes: tones only: notes per clip (1 or 2, played one after the other).
+        sample_rate: tones and folder audio: samples per second.
+    """
+
+    name: str = "shapes"
+    size: int = 16
+    num: int = 4096
+    num_eval: int = 512
+    seed: int = 0
+    root: str | None = None
+    skip_bad: bool = False
+    eval_fraction: float = 0.1
+    min_objects: int = 1
+    max_objects: int = 1
+    positions: bool = False
+    shapes: tuple[str, ...] = ("circle", "square", "triangle")
+    colors: tuple[str, ...] = ("red", "green", "blue", "yellow")
+    max_notes: int = 1
+    sample_rate: int = 8000
+
+    def __post_init__(self):
+        self.shapes = tuple(self.shapes)
+        self.colors = tuple(self.colors)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first key whose value is not allowed."""
+        from attnlab.data.registry import DATASETS
+
+        _check(self.name in DATASETS, "name", self.name, f"one of {', '.join(DATASETS)}")
+        _check(self.num >= 1, "num", self.num, "a positive number of items")
+        _check(self.num_eval >= 1, "num_eval", self.num_eval, "a positive number of items")
+        _check(0 < self.eval_fraction < 1, "eval_fraction", self.eval_fraction, "a fraction in (0, 1)")
+        _check(self.sample_rate >= 1000, "sample_rate", self.sample_rate, "at least 1000 Hz")
+        {"shapes": self._validate_shapes, "digits": self._validate_image, "tones": self._validate_tones}.get(
+            self.name, self._validate_folder
+        )()
+
+    def _validate_image(self) -> None:
+        allowed = IMAGE_SIZES[self.name]
+        _check(self.size in allowed, "size", self.size, f"one of {', '.join(map(str, allowed))} (pixels)")
+
+    def _validate_shapes(self) -> None:
+        self._validate_image()
+        _check(1 <= self.max_objects <= MAX_OBJECTS, "max_objects", self.max_objects, f"1 to {MAX_OBJECTS}")
+        _check(
+            1 <= self.min_objects <= self.max_objects,
+            "min_objects",
+            self.min_objects,
+            f"1 to max_objects ({self.max_objects})",
+        )
+        _check_subset("shapes", self.shapes, SHAPES)
+        _check_subset("colors", self.colors, COLORS)
+
+    def _validate_tones(self) -> None:
+        lo, hi = AUDIO_SIZES
+        _check(lo <= self.size <= hi, "size", self.size, f"an audio length of {lo} to {hi} samples")
+        _check(self.max_notes in (1, 2), "max_notes", self.max_notes, "1 or 2")
+
+    def _validate_folder(self) -> None:
+        _check(bool(self.root), "root", self.root, "the folder holding metadata.jsonl or metadata.csv")
+        _check(8 <= self.size <= AUDIO_SIZES[1], "size", self.size, "8-512 pixels or 1024-8000 samples")
+
+
+def _check(ok: bool, key: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"data.{key}={value!r} is not allowed: expected {expected}")
+
+
+def _check_subset(key: str, values: tuple[str, ...], allowed: tuple[str, ...]) -> None:
+    unknown = [v for v in values if v not in allowed]
+    _check(bool(values) and not unknown, key, list(values), f"a non-empty subset of {', '.join(allowed)}")
+    _check(len(set(values)) == len(values), key, list(values), "no repeated names")

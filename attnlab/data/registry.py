@@ -1,0 +1,77 @@
+"""The dataset registry: every built-in dataset by name, with what it yields."""
+
+from __future__ import annotations
+
+from attnlab.data.base import MemoryDataset, Split
+from attnlab.data.config import DataConfig
+from attnlab.data.digits import DigitsDataset
+from attnlab.data.folder import FolderDataset
+from attnlab.data.shapes import ShapesDataset
+from attnlab.data.tones import TonesDataset
+
+DATASETS: dict[str, tuple[type[MemoryDataset], str]] = {
+    "shapes": (
+        ShapesDataset,
+        "RGB images (16/32/64 px) of 1-4 coloured shapes on black; caption, class of the first "
+        "object, per-object masks and attributes",
+    ),
+    "digits": (
+        DigitsDataset,
+        "scikit-learn handwritten digits upsampled to 16/32 px, 1 channel; label 0-9 and caption",
+    ),
+    "tones": (
+        TonesDataset,
+        "8 kHz audio clips of 1-2 notes (C4-C6; sine, square, saw, triangle); caption, label, "
+        "ground-truth pitches",
+    ),
+    "folder": (
+        FolderDataset,
+        "your images or WAV files listed in metadata.jsonl/.csv (file_name, text, label, split)",
+    ),
+}
+
+
+def build_dataset(cfg: DataConfig, split: Split) -> MemoryDataset:
+    """Build one split ("train" or "eval") of the dataset `cfg.name`.
+
+    Args:
+        cfg: the data config (validated when it was made).
+        split: "train" or "eval"; the two never share an item.
+
+    Returns:
+        A torch Dataset of sample dicts, with `tensors()`, `texts()` and `labels()` for the whole
+        split. Procedural data is generated on first access; folder data is read (and checked) now.
+    """
+    return DATASETS[cfg.name][0](cfg, split)
+
+
+def describe_datasets() -> list[dict]:
+    """One dict per dataset for `attnlab datasets`: name, modality, sizes, classes, what it yields."""
+    rows = []
+    for name, (cls, description) in DATASETS.items():
+        rows.append(
+            {
+                "name": name,
+                "modality": {"tones": "audio", "folder": "image or audio"}.get(name, "image"),
+                "sizes": _SIZES[name],
+                "classes": _classes(cls),
+                "description": description,
+            }
+        )
+    return rows
+
+
+_SIZES = {
+    "shapes": "16, 32, 64 px",
+    "digits": "16, 32 px",
+    "tones": "1024-8000 samples",
+    "folder": "8-512 px or 1024-8000 samples",
+}
+
+
+def _classes(cls: type[MemoryDataset]) -> str:
+    if cls is ShapesDataset:
+        return "colour x shape of the first object (12 by default)"
+    if cls is FolderDataset:
+        return "from the label column, if any"
+    return str(cls.num_classes)
