@@ -83,7 +83,7 @@ def read_rows(path: Path, problems: Problems) -> list[Row]:
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path}: {e}") from None
     rows = (
-        _jsonl_rows(path.name, text, problems) if path.suffix == ".jsonl" else _csv_rows(path, text, problems)
+        _jsonl_rows(str(path), text, problems) if path.suffix == ".jsonl" else _csv_rows(path, text, problems)
     )
     good = []
     for row in rows:
@@ -103,7 +103,7 @@ def _jsonl_rows(name: str, text: str, problems: Problems) -> list[Row]:
         try:
             fields = json.loads(line)
         except json.JSONDecodeError as e:
-            problems(f"{name} line {n}: not valid JSON ({e.msg} at column {e.colno})")
+            problems(f"{name} line {n}: not valid JSON: {e.msg} (column {e.colno})")
             continue
         if not isinstance(fields, dict):
             problems(f"{name} line {n}: expected a JSON object, got {type(fields).__name__}")
@@ -124,10 +124,10 @@ def _csv_rows(path: Path, text: str, problems: Problems) -> list[Row]:
             continue
         if len(fields) != len(header):
             problems(
-                f"{path.name} line {n}: expected {len(header)} fields ({', '.join(header)}), got {len(fields)}"
+                f"{path} line {n}: expected {len(header)} fields ({', '.join(header)}), got {len(fields)}"
             )
             continue
-        rows.append(Row(f"{path.name} line {n}", dict(zip(header, fields))))
+        rows.append(Row(f"{path} line {n}", dict(zip(header, fields))))
     return rows
 
 
