@@ -17,7 +17,9 @@ class Guidance(Protocol):
     `sample` installs `controls()` on the model for the whole run, and at each step where
     `active(i, steps)` holds adds `correction(...)` to the (CFG-combined) model output. A guidance
     that needs another model call (PAG's perturbed pass) makes it inside `correction`; that call
-    sees the bus step with roles ("cond",), since it runs on the cond rows only.
+    sees the bus step with roles ("cond",), since it runs on the cond rows only. A guidance may
+    also define `prepare(model, x, t, cond, ctx) -> x`, called at every step before the model call,
+    to replace the latent entering the step (Attend-and-Excite, Prompt-to-Prompt's local blend).
     """
 
     def controls(self) -> list[Control]: ...

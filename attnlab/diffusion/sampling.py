@@ -29,7 +29,7 @@ def sample(
     *,
     scheduler,
     steps: int,
-    guidance: float = 1.0,
+    guidance: float | Callable[[int, int], float] = 1.0,
     generator: torch.Generator | None = None,
     seeds: Sequence[int] | None = None,
     guidances: Sequence[Guidance] = (),
@@ -45,10 +45,12 @@ def sample(
         cond: (B,) conditions, or None for an unconditional model.
         scheduler: a diffusers scheduler (see `make_scheduler`); its `set_timesteps` is called here.
         steps: number of sampling steps.
-        guidance: classifier-free guidance scale; 1 runs the cond rows only.
+        guidance: classifier-free guidance scale, or a function (i, steps) -> scale; at a step
+            whose scale is 1 only the cond rows run (T-GATE drops CFG after its gate this way).
         generator: one generator for the whole batch (ignored when `seeds` is given).
         seeds: one seed per sample; the result for a seed does not depend on the batch around it.
-        guidances: extra guidance terms (see `attnlab.diffusion.guidance.Guidance`).
+        guidances: extra guidance terms (see `attnlab.diffusion.guidance.Guidance`); one that has
+            `prepare(model, x, t, cond, ctx) -> x` may also replace the latent entering each step.
         callback: called once per step with {"i", "t", "x", "x0_pred"} (x entering step i and the
             clean sample it predicts).
         progress: show a progress bar.
@@ -63,7 +65,7 @@ def sample(
     x = x_T.to(device) if x_T is not None else randn_tensor(tuple(shape), generator=gens, device=device)
     x = x * scheduler.init_noise_sigma
     scheduler.set_timesteps(steps, device=device)
-    cfg = cond is not None and guidance != 1.0
+    scale_at = guidance if callable(guidance) else (lambda i, n: guidance)
     extra = [c for g in guidances for c in g.controls()]
     was_training = model.training
     model.eval()
@@ -72,11 +74,16 @@ def sample(
             for i, t in enumerate(
                 tqdm(scheduler.timesteps, disable=not progress, leave=False, desc="sample")
             ):
-                x_in = scheduler.scale_model_input(x, t)
                 tb = t.expand(x.shape[0])  # (B,)
+                w = scale_at(i, steps)
+                ctx = _context(scheduler, i, steps, tb, x, w)
+                for g in guidances:
+                    if hasattr(g, "prepare"):  # latent updates (Attend-and-Excite, local blend)
+                        x = g.prepare(model, x, tb, cond, ctx)
+                x_in = scheduler.scale_model_input(x, t)
+                cfg = cond is not None and w != 1.0
                 out = _model_outputs(model, x_in, tb, cond, i, steps, cfg)
-                guided = out["uncond"] + guidance * (out["cond"] - out["uncond"]) if cfg else out["cond"]
-                ctx = _context(scheduler, i, steps, tb, x, guidance)
+                guided = out["uncond"] + w * (out["cond"] - out["uncond"]) if cfg else out["cond"]
                 for g in guidances:
                     if g.active(i, steps):
                         with sampling_step(model, i, steps, tb, roles=("cond",)):
