@@ -1,1 +1,31 @@
-"""attnlab.models"""
+"""Models: the native backbones (U-Net, DiT) assembled from shared blocks and the one Attention module."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from attnlab.models.config import PRESETS, ModelConfig, preset
+from attnlab.models.dit import DiT
+from attnlab.models.specs import AttnSpec, check_techniques
+from attnlab.models.unet import UNet
+
+BACKBONE_CLASSES: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT}
+
+
+def build_model(cfg: ModelConfig | Mapping) -> nn.Module:
+    """Build the denoiser a config describes.
+
+    Args:
+        cfg: a ModelConfig, or a plain mapping of its fields (as read from JSON or YAML).
+    Returns:
+        An nn.Module with `forward(x, t, cond=None)` returning a tensor shaped like x, its config in
+        `.config`, and every Attention layer named by its module path.
+    """
+    cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_dict(dict(cfg))
+    check_techniques(cfg)
+    return BACKBONE_CLASSES[cfg.backbone](cfg)
+
+
+__all__ = ["PRESETS", "AttnSpec", "DiT", "ModelConfig", "UNet", "build_model", "preset"]

@@ -1,0 +1,195 @@
+"""Shared backbone blocks: the residual block with scale-shift conditioning (ADM, Dhariwal & Nichol
+2021), resampling, and the transformer block over tokens, pre-norm or adaLN-Zero (DiT, Peebles & Xie 2023).
+
+Layout: every feature map is 4D (B, C, H, W) in channels-last memory, and 1D data is carried as
+(B, C, 1, T). One set of kernels then serves both modalities, and channels-last 2D convolutions
+are the fastest convolutions PyTorch has on CPU (a (1, 3) kernel is a 1D convolution). In
+channels-last memory a map is already its token sequence, so attention blocks reshape for free.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab.attention import Attention
+from attnlab.errors import ConfigError
+from attnlab.models.specs import AttnSpec
+
+Context = tuple[Tensor, Tensor] | None  # (tokens (B, L, D), mask (B, L) bool) for cross-attention
+
+# Layout
+
+
+def as_map(x: Tensor, dims: int) -> Tensor:
+    """Data (B, C, H, W) or (B, C, T) -> channels-last (B, C, H, W), audio as H = 1."""
+    x = x.unsqueeze(2) if dims == 1 else x  # (B, C, 1, T)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def from_map(x: Tensor, dims: int) -> Tensor:
+    """The inverse of `as_map`, returned in standard contiguous memory."""
+    x = x.squeeze(2) if dims == 1 else x
+    return x.contiguous()
+
+
+def grid_of(x: Tensor, dims: int) -> tuple[int, ...]:
+    """The token grid a (B, C, H, W) map stands for: (H, W) for images, (T,) for audio."""
+    return tuple(x.shape[2:]) if dims == 2 else (x.shape[3],)
+
+
+def to_tokens(x: Tensor) -> Tensor:
+    b, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, H*W, C); a view of a channels-last map
+
+
+def to_map(tokens: Tensor, h: int, w: int) -> Tensor:
+    b, _, c = tokens.shape
+    return tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last
+
+
+def conv_nd(dims: int, cin: int, cout: int, k: int, stride: int = 1, padding: int | None = None) -> nn.Conv2d:
+    """A k-wide convolution over H and W (dims=2) or over T only (dims=1); padding k // 2 by default."""
+    pad = k // 2 if padding is None else padding
+    if dims == 2:
+        return nn.Conv2d(cin, cout, k, stride=stride, padding=pad)
+    return nn.Conv2d(cin, cout, (1, k), stride=(1, stride), padding=(0, pad))
+
+
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(groups, channels), channels)
+
+
+def zero_(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters so its residual branch starts at nothing (ADM's zero_module)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+# Convolutional blocks
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, then a norm scaled and shifted by the embedding, SiLU-conv; plus the skip.
+
+    Args:
+        cin, cout: channels in and out.
+        emb_dim: width of the conditioning vector (time + class or pooled text).
+        dims: 1 or 2 (see the module docstring).
+        groups: GroupNorm groups.
+    """
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, dims: int, groups: int):
+        super().__init__()
+        self.norm1 = group_norm(cin, groups)
+        self.conv1 = conv_nd(dims, cin, cout, 3)
+        self.emb = nn.Linear(emb_dim, 2 * cout)
+        self.norm2 = group_norm(cout, groups)
+        self.conv2 = zero_(conv_nd(dims, cout, cout, 3))
+        self.skip = conv_nd(dims, cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        """x: (B, cin, H, W); emb: (B, emb_dim), already through SiLU. Returns (B, cout, H, W)."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)  # 2 x (B, cout, 1, 1)
+        h = torch.addcmul(shift, self.norm2(h), 1 + scale)  # ADM scale-shift norm, one fused op
+        return self.skip(x) + self.conv2(F.silu(h))
+
+
+class Downsample(nn.Module):
+    """Halve H and W (or T) with a stride-2 3-wide convolution."""
+
+    def __init__(self, channels: int, dims: int):
+        super().__init__()
+        self.conv = conv_nd(dims, channels, channels, 3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W (or T): nearest-neighbour repeat, then a 3-wide convolution."""
+
+    def __init__(self, channels: int, dims: int):
+        super().__init__()
+        self.scale = (2.0, 2.0) if dims == 2 else (1.0, 2.0)
+        self.conv = conv_nd(dims, channels, channels, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=self.scale, mode="nearest"))
+
+
+# Transformer block
+
+
+def make_self_attention(spec: AttnSpec, dim: int) -> nn.Module:
+    """The self-attention sub-layer a spec asks for."""
+    if spec.mixer == "global":
+        return Attention(dim, spec.heads)
+    raise ConfigError(f"attention mixer {spec.mixer!r} is not available; available: global")
+
+
+class TransformerBlock(nn.Module):
+    """Residual sub-layers over tokens as `spec` lists them: self-attention "self", cross-attention
+    "cross" (to the condition tokens), MLP "mlp".
+
+    With spec.modulation == "adaln_zero" each sub-layer's norm is scaled and shifted, and its output
+    gated, by values regressed from the conditioning vector; the regression starts at zero, so the
+    block starts as the identity (DiT's adaLN-Zero). Otherwise the norms are learned and the output
+    projections start at zero, which makes the block start as the identity too.
+
+    Args:
+        dim: token width.
+        spec: what the block contains.
+        emb_dim: width of the conditioning vector (needed for adaLN-Zero).
+        context_dim: width of the condition tokens (needed for cross-attention).
+    """
+
+    def __init__(self, dim: int, spec: AttnSpec, emb_dim: int | None = None, context_dim: int | None = None):
+        super().__init__()
+        self.spec, self.subs = spec, spec.sublayers()
+        adaln = spec.modulation == "adaln_zero"
+        self.norms = nn.ModuleList(
+            nn.LayerNorm(dim, elementwise_affine=not adaln, eps=1e-6) for _ in self.subs
+        )
+        if spec.self_attn:
+            self.add_module("self", make_self_attention(spec, dim))
+        if spec.cross_attn:
+            self.add_module("cross", Attention(dim, spec.heads, context_dim=context_dim))
+        if spec.mlp_ratio > 0:
+            hidden = int(dim * spec.mlp_ratio)
+            self.mlp = nn.Sequential(
+                nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
+            )
+        self.ada = zero_(nn.Linear(emb_dim, 3 * len(self.subs) * dim)) if adaln else None
+        if not adaln:
+            for name in self.subs:
+                zero_(self._out_proj(name))
+
+    def _out_proj(self, name: str) -> nn.Linear:
+        layer = getattr(self, name)
+        return layer[-1] if name == "mlp" else layer.to_out
+
+    def forward(self, x: Tensor, emb: Tensor | None, ctx: Context, grid: tuple[int, ...]) -> Tensor:
+        """x: (B, N, dim) tokens on `grid`; emb: (B, emb_dim) after SiLU; ctx: condition tokens and mask."""
+        mods = self.ada(emb)[:, None].chunk(3 * len(self.subs), dim=-1) if self.ada is not None else None
+        for i, name in enumerate(self.subs):
+            h = self.norms[i](x)
+            if mods is not None:
+                shift, scale, gate = mods[3 * i : 3 * i + 3]  # 3 x (B, 1, dim)
+                h = self._run(name, torch.addcmul(shift, h, 1 + scale), ctx, grid)
+                x = torch.addcmul(x, gate, h)  # x + gate * sublayer(modulate(norm(x)))
+            else:
+                x = x + self._run(name, h, ctx, grid)
+        return x
+
+    def _run(self, name: str, h: Tensor, ctx: Context, grid: tuple[int, ...]) -> Tensor:
+        if name == "self":
+            return self.self(h, grid=grid)
+        if name == "cross":
+            return self.cross(h, ctx[0], ctx[1], grid=grid)
+        return self.mlp(h)

@@ -1,0 +1,184 @@
+"""The model config: one typed dataclass for every backbone, validated once, and the named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from attnlab.errors import ConfigError
+
+BACKBONES = ("unet", "dit")
+CONDS = ("none", "class", "text")
+
+
+@dataclass
+class ModelConfig:
+    """Which denoiser to build. One config builds the same model, with the same layer names, every time.
+
+    Attributes:
+        backbone: "unet" (convolutional U-Net with attention at chosen resolutions) or "dit"
+            (a transformer over patches, Peebles & Xie 2023).
+        dims: 2 for images (B, C, H, W), 1 for audio (B, C, T).
+        in_channels: data channels (3 for RGB, 1 for audio); the output has as many.
+        size: image side H = W, or audio length T.
+        width: U-Net base channels (level i has width * channel_mult[i]); DiT hidden size.
+        channel_mult: U-Net channel multiplier per resolution level (one level per entry).
+        num_res_blocks: U-Net residual blocks per down level (up levels get one more, for the skips).
+        attn_resolutions: U-Net feature sizes (H of the map, or T for audio) whose blocks get attention.
+        mid_attention: whether the U-Net middle block has attention.
+        heads: attention heads of every attention layer.
+        mlp_ratio: width of the MLP in transformer blocks relative to the tokens; None = the
+            backbone's default (DiT 4; U-Net 0, as in ADM: its residual blocks already mix channels).
+        norm_groups: U-Net GroupNorm groups (capped so that it divides the channels). Few groups keep
+            GroupNorm fast on channels-last maps on CPU.
+        cond: "none", "class" (labels, -1 = null) or "text" (token features + padding mask).
+        num_classes: number of classes when cond="class".
+        context_dim: width of the text token features (MiniLM: 384).
+        patch: DiT patch side (a patch is patch x patch pixels, or patch samples for audio).
+        depth: DiT transformer blocks.
+        techniques: architectural techniques by registry name -> options (empty: the base model).
+    """
+
+    backbone: Literal["unet", "dit"] = "unet"
+    dims: Literal[1, 2] = 2
+    in_channels: int = 3
+    size: int = 16
+    width: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    attn_resolutions: tuple[int, ...] = (8,)
+    mid_attention: bool = True
+    heads: int = 4
+    mlp_ratio: float | None = None
+    norm_groups: int = 8
+    cond: Literal["none", "class", "text"] = "none"
+    num_classes: int = 0
+    context_dim: int = 384
+    patch: int = 2
+    depth: int = 6
+    techniques: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.channel_mult = tuple(self.channel_mult)
+        self.attn_resolutions = tuple(self.attn_resolutions)
+        self.techniques = _techniques(self.techniques)
+        self.validate()
+
+    # Validation
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field whose value is not allowed."""
+        _check(self.backbone in BACKBONES, "backbone", self.backbone, f"one of {', '.join(BACKBONES)}")
+        _check(self.dims in (1, 2), "dims", self.dims, "1 (audio) or 2 (images)")
+        _check(self.cond in CONDS, "cond", self.cond, f"one of {', '.join(CONDS)}")
+        for key in ("in_channels", "size", "width", "heads", "context_dim", "norm_groups"):
+            _check(_is_int(getattr(self, key), 1), key, getattr(self, key), "a positive integer")
+        _check(self.width % self.heads == 0, "heads", self.heads, f"a divisor of width={self.width}")
+        _check(self.mlp_ratio is None or self.mlp_ratio >= 0, "mlp_ratio", self.mlp_ratio, "None or >= 0")
+        if self.cond == "class":
+            _check(
+                _is_int(self.num_classes, 1), "num_classes", self.num_classes, "at least 1 when cond=class"
+            )
+        (self._validate_unet if self.backbone == "unet" else self._validate_dit)()
+
+    def _validate_unet(self) -> None:
+        mult = self.channel_mult
+        _check(bool(mult) and all(_is_int(m, 1) for m in mult), "channel_mult", mult, "positive integers")
+        _check(_is_int(self.num_res_blocks, 1), "num_res_blocks", self.num_res_blocks, "a positive integer")
+        down = 2 ** (len(mult) - 1)
+        _check(self.size % down == 0, "size", self.size, f"a multiple of {down} for {len(mult)} levels")
+        for m in mult:
+            _check(
+                (self.width * m) % self.heads == 0, "heads", self.heads, "a divisor of every level's channels"
+            )
+        sizes = self.feature_sizes()
+        for r in self.attn_resolutions:
+            _check(r in sizes, "attn_resolutions", self.attn_resolutions, f"feature sizes among {sizes}")
+
+    def _validate_dit(self) -> None:
+        _check(
+            _is_int(self.patch, 1) and self.size % self.patch == 0,
+            "patch",
+            self.patch,
+            f"a divisor of size={self.size}",
+        )
+        _check(_is_int(self.depth, 1), "depth", self.depth, "a positive integer")
+
+    # Derived values
+
+    def feature_sizes(self) -> list[int]:
+        """U-Net feature-map size (H, or T for audio) at each level, top to bottom."""
+        return [self.size // 2**i for i in range(len(self.channel_mult))]
+
+    def block_mlp_ratio(self) -> float:
+        if self.mlp_ratio is not None:
+            return float(self.mlp_ratio)
+        return 4.0 if self.backbone == "dit" else 0.0
+
+    # (De)serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["channel_mult"], d["attn_resolutions"] = list(self.channel_mult), list(self.attn_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a plain dict (JSON, YAML); an unknown key is a ConfigError naming it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(
+                f"model.{unknown[0]} is not a model option; options: {', '.join(sorted(known))}"
+            )
+        return cls(**d)
+
+
+def _techniques(value) -> dict[str, dict[str, Any]]:
+    """Normalise `techniques` to {name: {option: value}}; None as options means the defaults."""
+    ok = isinstance(value, Mapping) and all(
+        isinstance(k, str) and (v is None or isinstance(v, Mapping)) for k, v in value.items()
+    )
+    _check(ok, "techniques", value, "a mapping of technique name -> options mapping")
+    return {k: dict(v or {}) for k, v in value.items()}
+
+
+def _is_int(v, lo: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _check(ok: bool, key: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"model.{key}={value!r} is not allowed: expected {expected}")
+
+
+# Presets (named factories; a factory takes overrides, e.g. PRESETS["unet-tiny"](cond="text"))
+
+
+def _preset(**base) -> Callable[..., ModelConfig]:
+    def make(**overrides) -> ModelConfig:
+        return ModelConfig(**{**base, **overrides})
+
+    return make
+
+
+PRESETS: dict[str, Callable[..., ModelConfig]] = {
+    "unet-tiny": _preset(backbone="unet", width=32, channel_mult=(1, 2), attn_resolutions=(8,), heads=2),
+    "unet-small": _preset(
+        backbone="unet", width=64, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8, 4), heads=4
+    ),
+    "unet-base": _preset(
+        backbone="unet", width=96, channel_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(8, 4), heads=4
+    ),
+    "dit-tiny": _preset(backbone="dit", width=96, depth=4, heads=3, patch=2),
+    "dit-small": _preset(backbone="dit", width=192, depth=8, heads=6, patch=2),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """The preset `name` with fields overridden; an unknown name is a ConfigError listing the presets."""
+    if name not in PRESETS:
+        raise ConfigError(f"model preset {name!r} is unknown; presets: {', '.join(PRESETS)}")
+    return PRESETS[name](**overrides)

@@ -1,0 +1,104 @@
+"""The Diffusion Transformer (DiT, Peebles & Xie 2023, arXiv:2212.09748): patchify, fixed sin-cos
+positions, transformer blocks with adaLN-Zero on time + class / pooled text, cross-attention to
+text tokens, a zero-initialised final layer, unpatchify. Works on images and on 1D signals."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab.attention import name_layers
+from attnlab.conditioning import Condition
+from attnlab.models.blocks import Context, TransformerBlock, as_map, conv_nd, to_tokens, zero_
+from attnlab.models.config import ModelConfig
+from attnlab.models.embeddings import CondEmbedding, TimestepEmbedding, batch_timesteps, sincos_pos_embed
+from attnlab.models.specs import dit_block_specs
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm, then a linear map from each token to its patch's values (zero at init)."""
+
+    def __init__(self, dim: int, patch_values: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Linear(dim, 2 * dim)
+        self.linear = nn.Linear(dim, patch_values)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.ada(c)[:, None].chunk(2, dim=-1)  # 2 x (B, 1, dim)
+        return self.linear(torch.addcmul(shift, self.norm(x), 1 + scale))
+
+
+def unpatchify(tokens: Tensor, grid: tuple[int, ...], p: int, channels: int) -> Tensor:
+    """(B, N, p**k * C) patch values on a k-D grid -> (B, C, H, W) images or (B, C, T) signals."""
+    b = tokens.shape[0]
+    if len(grid) == 1:
+        x = tokens.reshape(b, grid[0], p, channels)  # (B, n, p, C)
+        return x.permute(0, 3, 1, 2).reshape(b, channels, grid[0] * p)
+    h, w = grid
+    x = tokens.reshape(b, h, w, p, p, channels)  # (B, h, w, p, p, C)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, h * p, w * p)
+
+
+class DiT(nn.Module):
+    """A transformer denoiser over patches.
+
+    Attention layers are named "blocks.{i}.self" and "blocks.{i}.cross".
+
+    Args:
+        cfg: the model config (backbone="dit"); width is the hidden size, depth the number of blocks.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config, self.dims, d, p = cfg, cfg.dims, cfg.width, cfg.patch
+        self.grid = (cfg.size // p,) * 2 if cfg.dims == 2 else (cfg.size // p,)
+        self.patchify = conv_nd(cfg.dims, cfg.in_channels, d, p, stride=p, padding=0)
+        self.register_buffer("pos", sincos_pos_embed(self.grid, d)[None], persistent=False)  # (1, N, d)
+        self.time_embed = TimestepEmbedding(256, d)
+        self.cond_embed = CondEmbedding(cfg.cond, d, cfg.num_classes, cfg.context_dim, d)
+        self.blocks = nn.ModuleList(TransformerBlock(d, s, d, d) for s in dit_block_specs(cfg))
+        self.final = FinalLayer(d, p**cfg.dims * cfg.in_channels)
+        self.init_weights()
+        name_layers(self)
+
+    def init_weights(self) -> None:
+        """DiT's initialisation: xavier-uniform linears (the patch embedding as a linear map), N(0, 0.02)
+        embeddings, then zero on every adaLN regression and the output layer, which makes each block
+        the identity and the model output zero at the start (adaLN-Zero)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patchify.weight.view(self.patchify.weight.shape[0], -1))
+        nn.init.zeros_(self.patchify.bias)
+        for m in self.time_embed.mlp[0], self.time_embed.mlp[2]:
+            nn.init.normal_(m.weight, std=0.02)
+        if self.config.cond == "class":
+            nn.init.normal_(self.cond_embed.table.weight, std=0.02)
+        for blk in self.blocks:
+            zero_(blk.ada)
+        zero_(self.final.ada), zero_(self.final.linear)
+
+    def embed(self, t: Tensor, cond: Condition | None, batch: int) -> tuple[Tensor, Context]:
+        """The adaLN input SiLU(time + class / pooled-text embedding) (B, width) and the context."""
+        vec, tokens, mask = self.cond_embed(cond, batch)
+        c = self.time_embed(batch_timesteps(t, batch, self.pos.device))
+        c = c if vec is None else c + vec
+        return F.silu(c), (tokens, mask) if tokens is not None else None
+
+    def forward(self, x: Tensor, t: Tensor, cond: Condition | None = None) -> Tensor:
+        """Args:
+            x: (B, C, H, W) images or (B, C, T) audio.
+            t: (B,) timesteps in [0, 1000) (float or long), or one shared by the batch.
+            cond: labels and/or text tokens; None or missing fields mean the null condition.
+        Returns:
+            The prediction, shaped like x.
+        """
+        c, ctx = self.embed(t, cond, x.shape[0])
+        h = to_tokens(self.patchify(as_map(x, self.dims))) + self.pos  # (B, N, width)
+        for blk in self.blocks:
+            h = blk(h, c, ctx, self.grid)
+        return unpatchify(self.final(h, c), self.grid, self.config.patch, self.config.in_channels)

@@ -1,0 +1,123 @@
+"""The U-Net denoiser (Ronneberger et al. 2015, as used by DDPM and ADM): residual blocks conditioned
+on the timestep, self-attention at chosen resolutions, cross-attention to text tokens, skip connections."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab.attention import name_layers
+from attnlab.conditioning import Condition
+from attnlab.models.blocks import (
+    Context,
+    Downsample,
+    ResBlock,
+    TransformerBlock,
+    Upsample,
+    as_map,
+    conv_nd,
+    from_map,
+    grid_of,
+    group_norm,
+    to_map,
+    to_tokens,
+    zero_,
+)
+from attnlab.models.config import ModelConfig
+from attnlab.models.embeddings import CondEmbedding, TimestepEmbedding, batch_timesteps
+from attnlab.models.specs import AttnSpec, unet_attn_spec
+
+
+class UNetBlock(nn.Module):
+    """A residual block, then, where the spec asks for one, a transformer block over the map's tokens."""
+
+    def __init__(
+        self, cin: int, cout: int, emb_dim: int, cfg: ModelConfig, spec: AttnSpec | None, context_dim: int
+    ):
+        super().__init__()
+        self.dims = cfg.dims
+        self.res = ResBlock(cin, cout, emb_dim, cfg.dims, cfg.norm_groups)
+        self.attn = TransformerBlock(cout, spec, emb_dim, context_dim) if spec is not None else None
+
+    def forward(self, x: Tensor, emb: Tensor, ctx: Context) -> Tensor:
+        x = self.res(x, emb)
+        if self.attn is None:
+            return x
+        _, _, h, w = x.shape
+        return to_map(self.attn(to_tokens(x), emb, ctx, grid_of(x, self.dims)), h, w)
+
+
+class UNet(nn.Module):
+    """U-Net over images (B, C, H, W) or audio (B, C, T).
+
+    Level i works at feature size size / 2**i with width * channel_mult[i] channels. Down levels
+    hold num_res_blocks blocks, up levels one more (each up block eats one skip); the middle is
+    residual-attention-residual. Attention layers are named by module path, e.g. "down.1.attn.self",
+    "mid.attn.cross", "up.4.attn.self".
+
+    Args:
+        cfg: the model config (backbone="unet").
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config, self.dims = cfg, cfg.dims
+        emb_dim = 4 * cfg.width
+        widths = [cfg.width * m for m in cfg.channel_mult]
+        token_dim = max(widths)  # text tokens are projected to the widest level's width
+        self.time_embed = TimestepEmbedding(cfg.width, emb_dim)
+        self.cond_embed = CondEmbedding(cfg.cond, emb_dim, cfg.num_classes, cfg.context_dim, token_dim)
+        self.conv_in = conv_nd(cfg.dims, cfg.in_channels, widths[0], 3)
+
+        def block(cin: int, cout: int, size: int | None) -> UNetBlock:
+            return UNetBlock(cin, cout, emb_dim, cfg, unet_attn_spec(cfg, size), token_dim)
+
+        self.down, skips, ch = nn.ModuleList(), [widths[0]], widths[0]
+        for i, (w, size) in enumerate(zip(widths, cfg.feature_sizes())):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(block(ch, w, size))
+                ch = w
+                skips.append(ch)
+            if i < len(widths) - 1:
+                self.down.append(Downsample(ch, cfg.dims))
+                skips.append(ch)
+        self.mid = block(ch, ch, None)
+        self.mid_out = ResBlock(ch, ch, emb_dim, cfg.dims, cfg.norm_groups)
+        self.up = nn.ModuleList()
+        for i, (w, size) in reversed(list(enumerate(zip(widths, cfg.feature_sizes())))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(block(ch + skips.pop(), w, size))
+                ch = w
+            if i > 0:
+                self.up.append(Upsample(ch, cfg.dims))
+        self.out = nn.Sequential(
+            group_norm(ch, cfg.norm_groups), nn.SiLU(), zero_(conv_nd(cfg.dims, ch, cfg.in_channels, 3))
+        )
+        name_layers(self)
+
+    def embed(self, t: Tensor, cond: Condition | None, batch: int) -> tuple[Tensor, Context]:
+        """The conditioning vector after SiLU (B, 4 * width) and the cross-attention context."""
+        vec, tokens, mask = self.cond_embed(cond, batch)
+        emb = self.time_embed(batch_timesteps(t, batch, self.conv_in.weight.device))
+        emb = emb if vec is None else emb + vec
+        return F.silu(emb), (tokens, mask) if tokens is not None else None
+
+    def forward(self, x: Tensor, t: Tensor, cond: Condition | None = None) -> Tensor:
+        """Args:
+            x: (B, C, H, W) images or (B, C, T) audio.
+            t: (B,) timesteps in [0, 1000) (float or long), or one shared by the batch.
+            cond: labels and/or text tokens; None or missing fields mean the null condition.
+        Returns:
+            The prediction, shaped like x.
+        """
+        emb, ctx = self.embed(t, cond, x.shape[0])
+        h = self.conv_in(as_map(x, self.dims))
+        skips = [h]
+        for blk in self.down:
+            h = blk(h, emb, ctx) if isinstance(blk, UNetBlock) else blk(h)
+            skips.append(h)
+        h = self.mid_out(self.mid(h, emb, ctx), emb)
+        for blk in self.up:
+            h = blk(torch.cat([h, skips.pop()], dim=1), emb, ctx) if isinstance(blk, UNetBlock) else blk(h)
+        return from_map(self.out(h), self.dims)
