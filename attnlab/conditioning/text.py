@@ -60,7 +60,6 @@ class TextEncoder:
 
     # Encoding
 
-    @torch.no_grad()
     def encode(self, texts: Sequence[str], max_len: int | None = None) -> tuple[Tensor, Tensor]:
         """Encode captions, each computed once per process and then served from the cache.
 
@@ -87,11 +86,13 @@ class TextEncoder:
         Returns:
             tokens (N, L, 384) and mask (N, L) as from `encode`, with one L for all rows.
         """
-        unique = list(dict.fromkeys(texts))
+        # Batches of similar length waste little compute on padding.
+        unique = sorted(dict.fromkeys(texts), key=len)
         for start in range(0, len(unique), batch_size):
             self._fill([t for t in unique[start : start + batch_size] if t not in self._cache])
         return self.encode(texts)
 
+    @torch.no_grad()  # not inference_mode: cached features later feed layers that train
     def _fill(self, texts: list[str]) -> None:
         if not texts:
             return

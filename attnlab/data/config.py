@@ -31,7 +31,8 @@ class DataConfig:
         eval_fraction: folder only: the share of rows held out for eval when there is no `split`
             column (at least one row).
         min_objects, max_objects: shapes only: objects per image (1 to 4).
-        positions: shapes only: one-object captions name where the object is ("at the top left").
+        positions: shapes only: captions say where each object is ("a red circle at the top
+            left"); two-object captions say it anyway ("left of", "above").
         shapes, colors: shapes only: the shape and colour vocabularies (subsets of SHAPES, COLORS).
         max_notes: tones only: notes per clip (1 or 2, played one after the other).
         sample_rate: tones and folder audio: samples per second.

@@ -87,8 +87,11 @@ def _radius(rng, lo: float, hi: float, parity: int | None) -> float:
     """A radius in [lo, hi]; with `parity`, on a lattice step of that parity."""
     if parity is None:
         return rng.uniform(lo, hi)
-    q = int(rng.integers(int(np.ceil(lo * _LATTICE)), int(hi * _LATTICE) + 1))
-    return (q + (q % 2 != parity) * (1 if q + 1 <= hi * _LATTICE else -1)) / _LATTICE
+    first, last = int(np.ceil(lo * _LATTICE)), int(np.floor(hi * _LATTICE))
+    q = int(rng.integers(first, last + 1))
+    if q % 2 != parity:
+        q = q + 1 if q < last else q - 1
+    return q / _LATTICE
 
 
 def _place(rng, shape: str, cell, lo: float, hi: float, parity: int | None) -> tuple[float, float, float]:
@@ -132,7 +135,8 @@ def sample_scene(rng: np.random.Generator, cfg: DataConfig, parity: int) -> tupl
 
 
 def caption(objs: list[Obj], relation: str, size: int, positions: bool) -> str:
-    """ "a red circle", "a red circle left of a blue square", "a red circle, a blue square and ..."."""
+    """The caption: "a red circle", "a red circle left of a blue square" or "a red circle, a blue
+    square and a green triangle" (with `positions`, each object followed by where it is)."""
     parts = [f"a {o.color} {o.shape}" for o in objs]
     if relation:
         return f"{parts[0]} {relation} {parts[1]}"
