@@ -1,0 +1,59 @@
+"""The `attnlab` command: built-in commands plus the command modules of other rooms, if present."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+from typer.core import TyperGroup
+
+from attnlab.errors import AttnlabError
+
+# Command modules of other rooms; each, if present, exposes register(app).
+PLUGINS = ("attnlab.cli.control", "attnlab.cli.techniques", "attnlab.cli.poc", "attnlab.cli.evaluator")
+BUILTINS = ("attnlab.cli.datasets", "attnlab.cli.train", "attnlab.cli.sample")
+
+
+class _Group(TyperGroup):
+    """Turns a user-facing AttnlabError into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except AttnlabError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(code=2) from None
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="attnlab",
+    help="Attention in diffusion models, by level: build, train, control and measure.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register(app: typer.Typer) -> None:
+    for name in BUILTINS:
+        importlib.import_module(name).register(app)
+    for name in PLUGINS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue  # that room has no commands (yet)
+            raise
+        module.register(app)
+
+
+_register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Sample files that carry their own provenance: PNG text chunks, WAV INFO comments, grids."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from torch import Tensor
+
+from attnlab.errors import AttnlabError
+from attnlab.io import atomic_path
+
+KEY = "attnlab"  # the PNG text key / the JSON in a WAV comment
+WAV_COMMENT_MAX = 2000  # libsndfile keeps INFO strings up to about 2 KB
+
+
+def slug(text: str, n: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "sample"
+
+
+def to_uint8(x: Tensor) -> np.ndarray:
+    """(C, H, W) in [-1, 1] -> (H, W, C) or (H, W) uint8."""
+    a = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return a[..., 0] if a.shape[-1] == 1 else a
+
+
+def save_png(path: str | Path, x: Tensor, meta: dict, scale: int = 1) -> Path:
+    """Write image (C, H, W) in [-1, 1] as PNG with `meta` as JSON in the `attnlab` text chunk."""
+    return save_array_png(path, to_uint8(x), meta, scale)
+
+
+def save_array_png(path, a: np.ndarray, meta: dict, scale: int = 1) -> Path:
+    img = Image.fromarray(a)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    info = PngInfo()
+    info.add_text(KEY, json.dumps(meta, separators=(",", ":")))
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
+
+
+def save_wav(path: str | Path, x: Tensor, sample_rate: int, meta: dict) -> Path:
+    """Write audio (1, T) in [-1, 1] as 16-bit WAV with `meta` as JSON in its INFO comment."""
+    text = json.dumps(meta, separators=(",", ":"))
+    if len(text) > WAV_COMMENT_MAX:
+        raise AttnlabError(
+            f"{path}: provenance is {len(text)} characters; a WAV comment holds {WAV_COMMENT_MAX}"
+        )
+    with atomic_path(path) as tmp:
+        with sf.SoundFile(tmp, "w", samplerate=sample_rate, channels=1, subtype="PCM_16", format="WAV") as f:
+            f.comment = text
+            f.write(x.float().clamp(-1, 1).reshape(-1).numpy())
+    return Path(path)
+
+
+def read_provenance(path: str | Path) -> dict:
+    """The provenance dict of a sample file written by attnlab (PNG or WAV)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".wav":
+            with sf.SoundFile(path) as f:
+                text = f.comment
+        else:
+            with Image.open(path) as img:
+                text = img.text.get(KEY)  # type: ignore[attr-defined]
+    except (OSError, RuntimeError, sf.LibsndfileError) as e:
+        raise AttnlabError(f"{path}: cannot read ({e})") from None
+    if not text:
+        raise AttnlabError(f"{path}: carries no attnlab provenance")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise AttnlabError(f"{path}: its provenance is not valid JSON") from None
+
+
+def read_png(path: str | Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img).copy()
+
+
+def grid(x: Tensor, rows: int, pad: int = 1) -> np.ndarray:
+    """(N, C, H, W) images -> one uint8 image with `rows` rows, separated by `pad` grey pixels."""
+    n, c, h, w = x.shape
+    cols = -(-n // rows)
+    canvas = torch.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), -0.5)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        canvas[
+            :, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w
+        ] = x[i]
+    return to_uint8(canvas)

@@ -1,0 +1,261 @@
+"""The one trainer: any attnlab model and dataset, one or many processes through `accelerate`.
+
+Every step's randomness (batch indices, condition dropout, timesteps, noise) comes from a generator
+seeded by (seed, step, process), so a resumed run draws exactly what an uninterrupted run draws and,
+with model, EMA and optimizer state restored from the checkpoint, ends with bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from attnlab.conditioning import Condition
+from attnlab.config import RunConfig
+from attnlab.diffusion import alphas_cumprod, diffusion_loss
+from attnlab.errors import ConfigError
+from attnlab.io import write_json
+from attnlab.train import checkpoint as ckpt
+from attnlab.train.batches import TrainingData, prepare_training_data
+from attnlab.train.ema import EMA
+from attnlab.train.log import LossLog
+
+LOG = "log.jsonl"
+# Keys a resumed run may change; anything else must match the checkpoint's config.
+RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "keep_checkpoints", "threads", "progress"}
+
+
+def train(cfg: RunConfig, out_dir: str | Path, model=None, data: TrainingData | None = None) -> Path:
+    """Train a run, or resume it from its last checkpoint, up to `cfg.train.steps`.
+
+    Args:
+        cfg: the run config (model fields that are facts of the data are filled in from the data).
+        out_dir: the run directory: config.json, log.jsonl, checkpoints/.
+        model: use this model instead of `build_model(cfg.model)` (tests).
+        data: use this training data instead of building the dataset (tests).
+    Returns:
+        The last checkpoint directory (a model directory for `load_model`).
+    """
+    return Trainer(cfg, out_dir, model, data).run()
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The generator of one step of one process (SeedSequence mixes the three into one seed)."""
+    s = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(s[0]) << 32 | int(s[1]))
+
+
+def lr_at(cfg, step: int) -> float:
+    """Linear warm-up to `lr`, then constant or cosine decay to 10% at the last step."""
+    t = cfg.train
+    if step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    if t.lr_schedule == "constant":
+        return t.lr
+    frac = (step - t.warmup) / max(1, t.steps - t.warmup)
+    return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def fit_to_data(
+    cfg: RunConfig, data: TrainingData, num_classes: int | None, context_dim: int | None
+) -> RunConfig:
+    """Set the model fields that the data decides (channels, size, dims, classes, token width)."""
+    x = data.x
+    fields = dict(in_channels=x.shape[1], size=x.shape[-1], dims=x.dim() - 2)
+    if cfg.model.cond == "class":
+        if not num_classes:
+            raise ConfigError(
+                f"model.cond='class' but dataset {cfg.data.name!r} has no classes; use cond=text or none"
+            )
+        fields["num_classes"] = num_classes
+    if cfg.model.cond == "text" and context_dim:
+        fields["context_dim"] = context_dim
+    model = cfg.model.__class__(**{**dataclasses.asdict(cfg.model), **fields})
+    return dataclasses.replace(cfg, model=model)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, out_dir, model=None, data: TrainingData | None = None):
+        self.cfg, self.out = cfg, Path(out_dir)
+        # cpu=True lets accelerate see a torchrun/accelerate-launch world on a machine without GPUs (gloo)
+        self.acc = Accelerator(cpu=not torch.cuda.is_available())
+        self.model, self.data = model, data
+
+    # Set-up
+
+    def run(self) -> Path:
+        t = self.cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        world = self.acc.num_processes
+        if t.batch_size % world:
+            raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {world} processes")
+        self.data = self.data or self.build_data()
+        start_ckpt = self._resume_point()
+        if self.acc.is_main_process:
+            ckpt.remove_partial(self.out)
+            write_json(self.out / "config.json", self.cfg.to_dict())
+        model = self.model or self.build_model()
+        ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
+        opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        state = self._restore(start_ckpt, model, ema, opt)
+        if state["step"] >= t.steps:
+            self.acc.print(f"{self.out}: already trained to step {state['step']}")
+            return start_ckpt
+        model, opt = self.acc.prepare(model, opt)
+        return self._loop(model, ema, opt, state)
+
+    def build_data(self) -> TrainingData:
+        from attnlab.data import build_dataset
+
+        dataset = build_dataset(self.cfg.data, "train")
+        encoder = None
+        if self.cfg.model.cond == "text":
+            from attnlab.conditioning.text import TextEncoder
+
+            encoder = TextEncoder()
+        data = prepare_training_data(dataset, self.cfg.model.cond, encoder)
+        self.cfg = fit_to_data(self.cfg, data, dataset.num_classes, encoder.dim if encoder else None)
+        return data
+
+    def build_model(self):
+        from attnlab.models import build_model
+
+        torch.manual_seed(self.cfg.train.seed)  # the same init in every process and on every rerun
+        return build_model(self.cfg.model)
+
+    def _resume_point(self) -> Path | None:
+        found = ckpt.latest_checkpoint(self.out)
+        if found is not None:
+            self._check_same_run(ckpt.read_config(found), found)
+        return found
+
+    def _check_same_run(self, old: RunConfig, where: Path) -> None:
+        a, b = old.to_dict(), self.cfg.to_dict()
+        for k in RESUMABLE_CHANGES:
+            a["train"].pop(k), b["train"].pop(k)
+        diff = [f"{s}.{k}" for s in b for k in b[s] if a.get(s, {}).get(k) != b[s][k]]
+        if diff:
+            raise ConfigError(
+                f"{self.out} holds a run with a different config ({', '.join(diff[:4])} differ from "
+                f"{where / ckpt.CONFIG}); resume with the same config or train into a new --out"
+            )
+
+    def _restore(self, found: Path | None, model, ema, opt) -> dict:
+        if found is None:
+            LossLog(self.out / LOG, keep_bytes=0) if self.acc.is_main_process else None
+            return {"step": 0, "log_bytes": 0, "wall": 0.0}
+        ckpt.load_weights(model, found / ckpt.MODEL)
+        if ema is not None:
+            ema.load_state_dict(ckpt.read_tensors(found / ckpt.EMA_WEIGHTS))
+        opt.load_state_dict(ckpt.read_optimizer_state(found / ckpt.OPTIMIZER))
+        state = ckpt.read_trainer_state(found)
+        if self.acc.is_main_process:
+            LossLog(self.out / LOG, keep_bytes=state["log_bytes"])
+        self.acc.print(f"resuming {self.out} from step {state['step']}")
+        return state
+
+    # The loop
+
+    def _loop(self, model, ema, opt, state) -> Path:
+        cfg, acc = self.cfg, self.acc
+        t = cfg.train
+        data = self.data.to(acc.device)
+        ab = alphas_cumprod(cfg.diffusion.num_train_timesteps, cfg.diffusion.beta_schedule).to(acc.device)
+        per_proc = t.batch_size // acc.num_processes
+        log = LossLog(self.out / LOG, keep_bytes=state["log_bytes"]) if acc.is_main_process else None
+        bar = tqdm(
+            total=t.steps,
+            initial=state["step"],
+            disable=not (acc.is_main_process and t.progress),
+            desc="train",
+        )
+        wall0, tick, window, window_steps, last = time.perf_counter(), time.perf_counter(), 0.0, 0, None
+        model.train()
+        for step in range(state["step"], t.steps):
+            lr = lr_at(cfg, step)
+            loss = self._step(model, opt, data, ab, step, per_proc, lr)
+            if ema is not None:
+                ema.update(acc.unwrap_model(model), step)
+            window, window_steps, done = window + loss, window_steps + 1, step + 1
+            bar.update(1)
+            if done % t.log_every == 0 or done == t.steps:
+                mean = acc.reduce(torch.tensor([window / window_steps], device=acc.device), "mean").item()
+                now = time.perf_counter()
+                record = {
+                    "step": done,
+                    "loss": mean,
+                    "lr": lr,
+                    "ema_decay": ema.decay_at(step) if ema else None,
+                    "images_per_s": window_steps * t.batch_size / (now - tick),
+                    "wall": state["wall"] + now - wall0,
+                }
+                if log:
+                    log.append(record)
+                bar.set_postfix(loss=f"{mean:.4f}")
+                tick, window, window_steps = now, 0.0, 0
+            if done % t.ckpt_every == 0 or done == t.steps:
+                last = self._save(model, ema, opt, done, log, state["wall"] + time.perf_counter() - wall0)
+        bar.close()
+        acc.print(f"model directory: {last}")
+        return last
+
+    def _step(self, model, opt, data, ab, step, per_proc, lr) -> float:
+        cfg = self.cfg
+        g = step_generator(cfg.train.seed, step, self.acc.process_index)
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))  # dropout layers, if any
+        idx = torch.randint(0, len(data), (per_proc,), generator=g).to(self.acc.device)
+        x0, cond = data.batch(idx)
+        cond = drop_condition(cond, cfg.diffusion.cond_drop, g)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = diffusion_loss(
+            model,
+            x0,
+            cond,
+            ab,
+            prediction=cfg.diffusion.prediction,
+            generator=g,
+            min_snr_gamma=cfg.diffusion.min_snr_gamma,
+        )
+        self.acc.backward(loss)
+        if cfg.train.grad_clip > 0:
+            self.acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def _save(self, model, ema, opt, step, log, wall) -> Path:
+        acc, path = self.acc, None
+        if acc.is_main_process:
+            path = ckpt.save_checkpoint(
+                self.out,
+                step,
+                self.cfg,
+                acc.unwrap_model(model),
+                ema.state_dict() if ema else None,
+                opt.state_dict(),
+                {"log_bytes": log.size(), "wall": wall, "processes": acc.num_processes},
+                keep=self.cfg.train.keep_checkpoints,
+            )
+        acc.wait_for_everyone()
+        return path or ckpt.latest_checkpoint(self.out)
+
+
+def drop_condition(cond: Condition | None, p: float, g: torch.Generator) -> Condition | None:
+    """Replace each row's condition by the null one with probability p (Ho & Salimans 2022)."""
+    if cond is None or p <= 0:
+        return cond
+    keep = (torch.rand(len(cond), generator=g) >= p).to(_device(cond))
+    return cond.where(keep, cond.null_like())
+
+
+def _device(cond: Condition):
+    return (cond.labels if cond.labels is not None else cond.tokens).device
