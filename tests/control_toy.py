@@ -70,18 +70,18 @@ class WordTokenizer:
     def tokenize(self, text: str) -> list[str]:
         return text.lower().split()
 
-    def tokens(self, text: str) -> list[str]:
+    def tokens_of(self, text: str) -> list[str]:
         return ["[CLS]", *self.tokenize(text), "[SEP]"]
 
     def word_token_indices(self, prompt: str, word: str) -> list[int]:
-        return [i for i, w in enumerate(self.tokens(prompt)) if w == word.lower()]
+        return [i for i, w in enumerate(self.tokens_of(prompt)) if w == word.lower()]
 
     def vector(self, word: str) -> torch.Tensor:
         seed = int(hashlib.sha1(word.encode()).hexdigest()[:8], 16)
         return torch.randn(self.dim, generator=torch.Generator().manual_seed(seed))
 
     def encode(self, texts: list[str]):
-        toks = [self.tokens(t) for t in texts]
+        toks = [self.tokens_of(t) for t in texts]
         length = max(len(t) for t in toks)
         out = torch.zeros(len(texts), length, self.dim)
         mask = torch.zeros(len(texts), length, dtype=torch.bool)

@@ -137,7 +137,7 @@ def test_every_registered_control_runs_in_the_loop_and_leaves_no_state():
     for tech in built:
         obj = tech.build()
         if isinstance(obj, PromptToPrompt):
-            obj.bind([ENC.tokens(p) for p in prompts], lambda r, w: ENC.word_token_indices(prompts[r], w))
+            obj.bind([ENC.tokens_of(p) for p in prompts], lambda r, w: ENC.word_token_indices(prompts[r], w))
         if isinstance(obj, AttendExcite):
             obj.bind([[3], [3]], [(1, 4), (1, 4)])
         is_guidance = hasattr(obj, "controls")

@@ -60,7 +60,7 @@ def test_heatmaps_only_observe(model, base):
 def test_p2p_reweight_factor_one_reproduces_source(model):
     prompts = [PROMPTS[0], PROMPTS[0]]
     p2p = PromptToPrompt(mode="reweight", word="red", factor=1.0)
-    p2p.bind([ENC.tokens(t) for t in prompts], lambda r, w: ENC.word_token_indices(prompts[r], w))
+    p2p.bind([ENC.tokens_of(t) for t in prompts], lambda r, w: ENC.word_token_indices(prompts[r], w))
     out = _sample(model, prompts, guidances=[p2p])
     alone = _sample(model, prompts[:1])
     assert torch.equal(out[1], out[0])

@@ -17,7 +17,7 @@ def _edit(model, prompts, p2p=None, steps=5):
     cond = ENC.condition(prompts)
     guidances = []
     if p2p is not None:
-        p2p.bind([ENC.tokens(t) for t in prompts], lambda r, w: ENC.word_token_indices(prompts[r], w))
+        p2p.bind([ENC.tokens_of(t) for t in prompts], lambda r, w: ENC.word_token_indices(prompts[r], w))
         guidances = [p2p]
     n = len(prompts)
     out = sample(
@@ -66,7 +66,7 @@ class MapRecorder(Control):
 def test_edit_rows_get_the_source_maps_inside_the_windows(model):
     prompts = [SRC, "a blue circle on grey", "a red square on grey"]
     p2p = PromptToPrompt(mode="replace", cross_end=0.6, self_end=0.4)
-    p2p.bind([ENC.tokens(t) for t in prompts], lambda r, w: ENC.word_token_indices(prompts[r], w))
+    p2p.bind([ENC.tokens_of(t) for t in prompts], lambda r, w: ENC.word_token_indices(prompts[r], w))
     rec = MapRecorder()
     cond = ENC.condition(prompts)
     with control(model, [*p2p.controls(), rec]):
@@ -126,7 +126,7 @@ def test_bad_options(kw, match):
 
 def test_batch_must_match_the_bound_prompts(model):
     p2p = PromptToPrompt()
-    p2p.bind([ENC.tokens(SRC)] * 3, lambda r, w: [])
+    p2p.bind([ENC.tokens_of(SRC)] * 3, lambda r, w: [])
     cond = ENC.condition([SRC, SRC])
     with pytest.raises(ConfigError, match="bound to 3 prompts but the batch has 2"):
         sample(

@@ -91,17 +91,21 @@ class HeatMaps(Control):
         return total / self.count
 
     def word_map(self, indices: Sequence[int], size: Sequence[int]) -> Tensor:
-        """(B, *size) map of the tokens `indices` (one word's pieces), normalised to max 1 per row."""
+        """(B, *size) map of the tokens `indices` (one word's pieces), min-max normalised per row."""
         if not indices:
             raise ConfigError("heatmaps: a word map needs at least one token index")
         return normalise(self.maps(size)[:, list(indices)].mean(1))
 
 
-def normalise(m: Tensor) -> Tensor:
-    """Per row: non-negative, divided by its maximum (an all-zero row stays zero). (B, *size)."""
+def normalise(m: Tensor, shift: bool = True) -> Tensor:
+    """Per row, to [0, 1]: (m - min) / (max - min) as DAAM's relative maps, or m / max with
+    shift=False (Prompt-to-Prompt's blend mask). A constant row becomes zero. (B, *size)."""
     m = m.clamp(min=0)
-    peak = m.flatten(1).amax(1).clamp(min=1e-12)
-    return m / peak.view(-1, *[1] * (m.dim() - 1))
+    flat = m.flatten(1)
+    low = flat.amin(1) if shift else torch.zeros_like(flat[:, 0])
+    span = (flat.amax(1) - low).clamp(min=1e-12)
+    view = (-1, *[1] * (m.dim() - 1))
+    return (m - low.view(view)) / span.view(view)
 
 
 def word_maps(
@@ -115,8 +119,3 @@ def word_maps(
             raise ConfigError(f"heatmaps: word {w!r} is not in the prompt {prompt!r}")
         out[w] = hm.word_map(idx, size)[row]
     return out
-
-
-def mean_over_tokens(maps: Tensor, indices: Sequence[int]) -> Tensor:
-    """(B, L, *size) -> (B, *size): the mean map over token indices."""
-    return maps[:, list(indices)].mean(1) if indices else torch.zeros_like(maps[:, 0])

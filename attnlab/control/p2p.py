@@ -228,7 +228,7 @@ class PromptToPrompt:
                 continue
             m = maps[r : r + 1, idx].mean(1, keepdim=True)  # (1, 1, *size)
             m = _max_pool(m)  # grow the region by one pixel, as Prompt-to-Prompt's 3x3 max-pool
-            out.append((normalise(m[:, 0]) > self.blend_threshold).float())
+            out.append((normalise(m[:, 0], shift=False) > self.blend_threshold).float())
         return torch.stack(out)  # (R, 1, *size)
 
 
