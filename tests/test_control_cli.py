@@ -112,3 +112,30 @@ def test_errors_are_one_line(run2d, tmp_path):
     assert code == 2 and "word 'green' is not in the prompt 'a red circle'" in out
     code, out = _invoke("maps", _run_dir(tmp_path, cond="class"), "--no-ema", "-p", "x", "--out", tmp_path)
     assert code == 2 and "model.cond is 'class'; editing and heat maps need a text model" in out
+
+
+def test_sample_with_guidance_and_caching_records_and_regenerates(run2d, tmp_path):
+    from attnlab.cli.outputs import read_provenance
+
+    args = ["sample", run2d, "--no-ema", "-p", "a red circle", "-n", "1", "--pag", "1.5", "--sag", "0.5",
+            "--tgate", "0.5", "--tgate-drop-cfg", "--cache-every", "2", "--out", tmp_path / "s"]  # fmt: skip
+    code, out = _invoke(*args)
+    assert code == 0, out
+    png = next((tmp_path / "s").glob("000-*.png"))
+    spec = read_provenance(png)["techniques"]["sampling"]
+    assert spec["pag"]["scale"] == 1.5 and spec["tgate"] == {"gate": 0.5, "drop_cfg": True}
+    assert spec["attn_cache"] == {"every": 2} and spec["sag"]["scale"] == 0.5
+    code, out = _invoke("regenerate", png, "--out", tmp_path / "r")
+    assert code == 0, out
+    assert np.array_equal(read_png(png), read_png(tmp_path / "r" / png.name))
+    code, plain = _invoke(
+        "sample", run2d, "--no-ema", "-p", "a red circle", "-n", "1", "--out", tmp_path / "p"
+    )
+    assert not np.array_equal(read_png(png), read_png(next((tmp_path / "p").glob("000-*.png"))))
+
+
+def test_sample_option_errors(run2d, tmp_path):
+    code, out = _invoke("sample", run2d, "--no-ema", "-p", "x", "--tgate-drop-cfg", "--out", tmp_path)
+    assert code == 2 and "--tgate-drop-cfg needs --tgate GATE" in out
+    code, out = _invoke("sample", run2d, "--no-ema", "-p", "x", "--tgate", "1.5", "--out", tmp_path)
+    assert code == 2 and out.strip() == "error: tgate: gate must be a fraction of the run in [0, 1], got 1.5"

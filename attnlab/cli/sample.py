@@ -100,10 +100,32 @@ def sample_command(
         int, typer.Option("--batch-size", min=1, help="Samples per batch (results do not depend on it).")
     ] = 64,
     threads: Annotated[int, typer.Option("--threads", help="torch CPU threads (0 = all cores).")] = 0,
+    pag: Annotated[float, typer.Option("--pag", help="Perturbed-attention guidance scale (0 = off).")] = 0.0,
+    pag_layers: Annotated[
+        str, typer.Option("--pag-layers", help="Self-attention layers PAG perturbs.")
+    ] = "**",
+    sag: Annotated[float, typer.Option("--sag", help="Self-attention guidance scale (0 = off).")] = 0.0,
+    sag_layers: Annotated[
+        str, typer.Option("--sag-layers", help="Self-attention layers SAG's mask uses.")
+    ] = "**",
+    tgate: Annotated[
+        float | None,
+        typer.Option("--tgate", help="T-GATE: freeze cross-attention from this fraction of the steps."),
+    ] = None,
+    tgate_drop_cfg: Annotated[
+        bool,
+        typer.Option("--tgate-drop-cfg", help="T-GATE: also drop classifier-free guidance after the gate."),
+    ] = False,
+    cache_every: Annotated[
+        int, typer.Option("--cache-every", min=1, help="Recompute attention every k steps, reuse in between.")
+    ] = 1,
 ):
     """Draw samples: PNG files and a grid (images) or WAV files (audio), and request.json."""
     from attnlab.cli.generate import generate, plan, text_encoder_for
+    from attnlab.control.plan import cli_spec, sampling_plan
     from attnlab.train.checkpoint import load_model, model_dir, weights_file
+
+    techniques = sampling_plan(cli_spec(pag, pag_layers, sag, sag_layers, tgate, tgate_drop_cfg, cache_every))
 
     torch_threads(threads)
     model, cfg = load_model(run_dir, ema=ema)
@@ -118,19 +140,27 @@ def sample_command(
     items = plan(prompt or [], label or [], num, seed)
     ckpt = model_dir(run_dir)
     base = provenance_base(
-        ckpt, weights_file(ckpt, ema), cfg, sampler, steps, guidance, model_techniques(cfg)
-    )
-    x = generate(
-        model,
+        ckpt,
+        weights_file(ckpt, ema),
         cfg,
-        items,
-        sampler=sampler,
-        steps=steps,
-        guidance=guidance,
-        encoder=text_encoder_for(cfg),
-        batch_size=batch_size,
-        progress=True,
+        sampler,
+        steps,
+        guidance,
+        {**model_techniques(cfg), "sampling": techniques.spec},
     )
+    with techniques.installed(model):
+        x = generate(
+            model,
+            cfg,
+            items,
+            sampler=sampler,
+            steps=steps,
+            guidance=techniques.guidance(guidance),
+            encoder=text_encoder_for(cfg),
+            batch_size=batch_size,
+            guidances=techniques.guidances,
+            progress=True,
+        )
     out.mkdir(parents=True, exist_ok=True)
     rows = max(1, len(prompt or []) + len(label or []))
     files = write_samples(out, x, items, base, cfg, rows)
@@ -157,6 +187,7 @@ def regenerate(file: str | Path, batch_size: int = 1):
     """
     from attnlab.cli.generate import Item, generate, text_encoder_for
     from attnlab.cli.outputs import read_provenance
+    from attnlab.control.plan import sampling_plan
     from attnlab.train.checkpoint import file_sha256, load_model, model_dir
 
     meta = read_provenance(file)
@@ -166,16 +197,19 @@ def regenerate(file: str | Path, batch_size: int = 1):
         raise CheckpointError(f"{weights}: missing or not the weights {file} was drawn with (sha256 differs)")
     model, cfg = load_model(ckpt, ema=meta["weights"].startswith("ema"))
     item = Item(meta["prompt"], meta["label"], meta["seed"])
-    x = generate(
-        model,
-        cfg,
-        [item],
-        sampler=meta["sampler"],
-        steps=meta["steps"],
-        guidance=meta["guidance"],
-        encoder=text_encoder_for(cfg),
-        batch_size=batch_size,
-    )
+    techniques = sampling_plan(meta.get("techniques", {}).get("sampling"))
+    with techniques.installed(model):
+        x = generate(
+            model,
+            cfg,
+            [item],
+            sampler=meta["sampler"],
+            steps=meta["steps"],
+            guidance=techniques.guidance(meta["guidance"]),
+            encoder=text_encoder_for(cfg),
+            batch_size=batch_size,
+            guidances=techniques.guidances,
+        )
     return x[0], meta
 
 
