@@ -35,10 +35,10 @@ def unpatchify(tokens: Tensor, grid: tuple[int, ...], p: int, channels: int) -> 
     b = tokens.shape[0]
     if len(grid) == 1:
         x = tokens.reshape(b, grid[0], p, channels)  # (B, n, p, C)
-        return x.permute(0, 3, 1, 2).reshape(b, channels, grid[0] * p)
+        return x.permute(0, 3, 1, 2).reshape(b, channels, grid[0] * p).contiguous()
     h, w = grid
     x = tokens.reshape(b, h, w, p, p, channels)  # (B, h, w, p, p, C)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, h * p, w * p)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, h * p, w * p).contiguous()
 
 
 class DiT(nn.Module):

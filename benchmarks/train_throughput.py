@@ -1,0 +1,206 @@
+"""Training throughput: attnlab's U-Net against diffusers' UNet2DModel with matched widths, blocks
+and attention resolutions, on the same batches in one run; plus the share of this CPU's measured
+fp32 matmul peak that a training step reaches.
+
+    .venv/bin/python benchmarks/train_throughput.py                 # 16 px, batch 64 (the demo's shape)
+    .venv/bin/python benchmarks/train_throughput.py --size 32 --attn 16,8
+
+The models' timing rounds are interleaved (and their order alternates), so load from other
+processes on a shared machine hits both alike; the ratio is the number to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DModel
+from torch.utils.flop_counter import FlopCounterMode
+
+from attnlab.models import ModelConfig, build_model
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, default=16, help="image side in pixels")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--mult", default="1,2,2", help="channel multiplier per level")
+    p.add_argument("--res-blocks", type=int, default=1, help="residual blocks per down level")
+    p.add_argument("--attn", default="8,4", help="feature sizes with self-attention")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-channels-last-peer", action="store_true", help="skip diffusers in channels-last")
+    return p.parse_args()
+
+
+def ints(s: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in s.split(",") if v)
+
+
+# Models
+
+
+def our_config(a: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(
+        backbone="unet",
+        size=a.size,
+        width=a.width,
+        channel_mult=ints(a.mult),
+        num_res_blocks=a.res_blocks,
+        attn_resolutions=ints(a.attn),
+        heads=a.heads,
+    )
+
+
+def diffusers_twin(cfg: ModelConfig) -> UNet2DModel:
+    """UNet2DModel with our level widths, blocks per level, attention sizes and scale-shift time
+    conditioning; diffusers' own defaults otherwise (32 GroupNorm groups, separate q/k/v)."""
+    sizes = cfg.feature_sizes()
+    attn = [s in cfg.attn_resolutions for s in sizes]
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn)
+    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
+    widths = tuple(cfg.width * m for m in cfg.channel_mult)
+    head_dim = max(w for w, a in zip(widths, attn + [True]) if a) // cfg.heads
+    return UNet2DModel(
+        sample_size=cfg.size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels,
+        block_out_channels=widths,
+        layers_per_block=cfg.num_res_blocks,
+        down_block_types=down,
+        up_block_types=up,
+        attention_head_dim=head_dim,
+        resnet_time_scale_shift="scale_shift",
+    )
+
+
+def params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# Training step
+
+
+class Trainer:
+    """One model, its fused AdamW, and a step of forward + backward + update on a given batch."""
+
+    def __init__(self, name: str, model: torch.nn.Module, call, channels_last: bool = False):
+        self.name, self.model, self.call = name, model.train(), call
+        self.channels_last = channels_last
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        self.seconds, self.images = 0.0, 0
+
+    def loss(self, batch) -> torch.Tensor:
+        x, t, noise = batch
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return F.mse_loss(self.call(self.model, x, t), noise)
+
+    def step(self, batch) -> None:
+        self.loss(batch).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def timed(self, batches) -> None:
+        start = time.perf_counter()
+        for b in batches:
+            self.step(b)
+        self.seconds += time.perf_counter() - start
+        self.images += sum(b[0].shape[0] for b in batches)
+
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+    def step_flops(self, batch) -> int:
+        """FLOPs of one forward + backward, counted by torch's flop counter."""
+        with FlopCounterMode(display=False) as counter:
+            self.loss(batch).backward()
+        self.opt.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+
+def make_batches(n: int, batch: int, size: int, channels: int) -> list:
+    """Noisy inputs x_t, timesteps and target noise; the same tensors go to every model."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        x0 = torch.rand(batch, channels, size, size, generator=g) * 2 - 1
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        a = torch.cos(t.float() / 1000 * torch.pi / 2)[:, None, None, None]  # alpha_bar^(1/2), cosine-like
+        out.append(((a * x0 + (1 - a**2).sqrt() * noise), t, noise))
+    return out
+
+
+def matmul_peak(n: int = 2048, tries: int = 5) -> float:
+    """Best fp32 GFLOP/s of an n x n matmul on this CPU with the current thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_time(lambda: a @ b) for _ in range(tries))
+    return 2 * n**3 / best / 1e9
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    a = parse_args()
+    torch.set_num_threads(a.threads)
+    cfg = our_config(a)
+    torch.manual_seed(0)
+    ours = Trainer("attnlab UNet", build_model(cfg), lambda m, x, t: m(x, t))
+    peers = [Trainer("diffusers UNet2DModel", diffusers_twin(cfg), lambda m, x, t: m(x, t).sample)]
+    if not a.no_channels_last_peer:
+        twin = diffusers_twin(cfg).to(memory_format=torch.channels_last)
+        peers.append(
+            Trainer("diffusers, channels_last", twin, lambda m, x, t: m(x, t).sample, channels_last=True)
+        )
+    trainers = [ours, *peers]
+
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {a.batch} x {cfg.in_channels}x{a.size}x{a.size}"
+    )
+    print(
+        f"config: width {a.width}, channel_mult {cfg.channel_mult}, res blocks {a.res_blocks}, attention at {cfg.attn_resolutions}"
+    )
+    p_ours, p_peer = params(ours.model), params(peers[0].model)
+    print(f"parameters: attnlab {p_ours:,}  diffusers {p_peer:,}  (ratio {p_ours / p_peer:.3f})")
+    if abs(p_ours / p_peer - 1) > 0.10:
+        print("WARNING: parameter counts differ by more than 10%; the comparison is not matched")
+
+    batches = make_batches(a.steps, a.batch, a.size, cfg.in_channels)
+    for tr in trainers:
+        for i in range(a.warmup):
+            tr.step(batches[i % len(batches)])
+    for r in range(a.rounds):
+        for tr in trainers if r % 2 == 0 else trainers[::-1]:  # alternate who goes first
+            tr.timed(batches)
+
+    print()
+    for tr in trainers:
+        print(f"{tr.name:28s} {tr.images_per_s():8.1f} images/s")
+    for peer in peers:
+        print(f"ratio attnlab / {peer.name}: {ours.images_per_s() / peer.images_per_s():.2f}x")
+
+    peak = matmul_peak()
+    print(f"\nfp32 matmul peak (2048^2, best of 5): {peak:.1f} GFLOP/s")
+    for tr in trainers[:2]:
+        flops = tr.step_flops(batches[0])
+        achieved = flops * tr.images_per_s() / a.batch / 1e9
+        print(
+            f"{tr.name:28s} {flops / 1e9:7.1f} GFLOP per step (fwd+bwd), {achieved:6.1f} GFLOP/s"
+            f" = {achieved / peak:.0%} of peak"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Tiny model configs and conditions shared by the model tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnlab.conditioning import Condition
+from attnlab.models import ModelConfig, build_model
+
+CTX = 12  # text token width in tests (the real encoder's is 384)
+
+
+def tiny_config(backbone: str, dims: int, cond: str = "none", **kw) -> ModelConfig:
+    size = 16 if dims == 2 else 32
+    base = dict(
+        backbone=backbone, dims=dims, in_channels=2, size=size, cond=cond, num_classes=3, context_dim=CTX
+    )
+    if backbone == "unet":
+        base.update(width=16, channel_mult=(1, 2), attn_resolutions=(size // 2,), heads=2, norm_groups=4)
+    else:
+        base.update(width=32, depth=2, heads=2, patch=4)
+    return ModelConfig(**{**base, **kw})
+
+
+def perturbed(cfg: ModelConfig, seed: int = 0, scale: float = 0.05):
+    """The model with noise on every weight, so zero-initialised layers do not hide any path."""
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+def inputs(cfg: ModelConfig, batch: int = 3, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cfg.in_channels, *([cfg.size] * cfg.dims), generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    return x, t, condition(cfg, batch, g)
+
+
+def condition(cfg: ModelConfig, batch: int, g: torch.Generator) -> Condition | None:
+    if cfg.cond == "class":
+        return Condition(labels=torch.arange(batch) % cfg.num_classes)
+    if cfg.cond == "text":
+        tokens = torch.randn(batch, 5, CTX, generator=g)
+        mask = torch.ones(batch, 5, dtype=torch.bool)
+        mask[0, 2:] = False  # row 0 has 2 real tokens and 3 padding tokens
+        return Condition(tokens=tokens, mask=mask)
+    return None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy machine cannot stall it at an OpenMP barrier."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
