@@ -1,1 +1,69 @@
-"""attnlab.evaluate"""
+"""Evaluation: sample quality (FID, KID), condition alignment and cost of a diffusion model.
+
+Quality (Heusel et al., 2017; Binkowski et al., 2018), through torchmetrics:
+
+    ev = Evaluator.load("shapes")                      # shipped per built-in dataset
+    fid_kid(real, fake, ev.feature_net())              # -> {"fid", "kid_mean", "kid_std", ...}
+    fid_kid(real, fake, load_inception("pt_inception-2015-12-05-6726825d.pth"))  # local Inception
+
+    Samples are (N, C, *spatial) float tensors in [-1, 1]. Evaluator features are comparable only
+    between runs that use the same evaluator; Inception-FID is the number papers report, but at
+    16-64 px on toy data it mostly measures resizing, so the evaluator is the default.
+
+Condition alignment: does each sample show what its prompt asked for?
+
+    alignment("shapes", samples, captions_or_requests)   # shape/color/position/count/relation acc, all_correct
+    alignment("tones", clips, requests)                   # FFT pitch (cents), waveform, count, all_correct
+    alignment("digits", images, labels)                   # class_acc
+    alignment("folder", x, labels, evaluator="runs/my-evaluator")
+    parse_request("shapes", "a red circle left of a blue square")  # caption -> request dict
+
+Cost:
+
+    cost(model, sample_shape, cond, sampler=lambda: sample(...), n_samples=16, run_dir=run)
+    # -> {"params", "flops_per_call", "flops_per_sample", "latency_s", "peak_mem_bytes", "train_seconds", ...}
+
+Evaluators: `Evaluator.load(name_or_dir)`, `.predict(x)` (decoded objects / notes / labels),
+`.feature_net()`; `attnlab evaluator train --data-root DIR --out DIR` trains one for a folder.
+See each module for how every number is measured.
+"""
+
+from attnlab.evaluate.alignment import alignment
+from attnlab.evaluate.cost import (
+    cost,
+    count_flops,
+    count_parameters,
+    denoiser_flops,
+    peak_memory,
+    sampling_latency,
+    timed,
+    training_time,
+)
+from attnlab.evaluate.evaluator import BUILTIN, Evaluator
+from attnlab.evaluate.inception import FIDInception, load_inception
+from attnlab.evaluate.pitch import cents, fft_pitch
+from attnlab.evaluate.prompts import parse_request, request_from_item
+from attnlab.evaluate.quality import extract_features, fid_kid, fid_kid_from_features
+
+__all__ = [
+    "BUILTIN",
+    "Evaluator",
+    "FIDInception",
+    "alignment",
+    "cents",
+    "cost",
+    "count_flops",
+    "count_parameters",
+    "denoiser_flops",
+    "extract_features",
+    "fft_pitch",
+    "fid_kid",
+    "fid_kid_from_features",
+    "load_inception",
+    "parse_request",
+    "peak_memory",
+    "request_from_item",
+    "sampling_latency",
+    "timed",
+    "training_time",
+]

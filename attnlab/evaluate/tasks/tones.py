@@ -1,0 +1,107 @@
+"""The tones task: per-frame note, waveform and note-name heads, decoded into notes.
+
+The 1D network's coarsest level gives one frame per `frame` samples. Each frame says whether a
+note sounds and, if so, its waveform and note name; notes are the runs of sounding frames. The
+pitch itself is measured by FFT in alignment (an exact oracle); the network's note head is a
+second opinion and its pooled features feed FID/KID.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnlab.data.tones import NOTES, WAVEFORMS
+from attnlab.evaluate.network import EvaluatorConfig
+from attnlab.evaluate.tasks.base import IGNORE, Task, runs
+
+VOCAB = {"waveform": list(WAVEFORMS), "note": list(NOTES)}
+MAX_NOTES = 2
+MIN_NOTE_S = 0.01  # shorter runs of sounding frames are clicks, not notes
+
+
+class TonesTask(Task):
+    kind = "tones"
+
+    def __init__(self, vocab: dict[str, list[str]] | None = None, sample_rate: int = 8000, **options):
+        super().__init__(vocab or VOCAB, sample_rate=sample_rate, **options)
+        self.sample_rate = sample_rate
+
+    def network(self, dims: int = 1, in_channels: int = 1) -> EvaluatorConfig:
+        v = self.vocab
+        return EvaluatorConfig(
+            dims=1,
+            in_channels=1,
+            width=16,
+            mult=(1, 2, 3, 4, 4),
+            dense_level=-1,
+            global_heads={
+                "count": ("class", MAX_NOTES),
+                "waveforms": ("multi", len(v["waveform"])),
+                "notes": ("multi", len(v["note"])),
+            },
+            dense_heads={
+                "active": ("binary", 1),
+                "waveform": ("class", len(v["waveform"])),
+                "note": ("class", len(v["note"])),
+            },
+        )
+
+    def targets(self, items: list[dict], grid: tuple[int, ...]) -> dict[str, Tensor]:
+        n, v, frames = len(items), self.vocab, grid[0]
+        length = items[0]["x"].shape[-1]
+        per = length / frames  # samples per frame
+        active = torch.zeros(n, 1, frames)
+        dense = {a: torch.full((n, frames), IGNORE, dtype=torch.long) for a in ("waveform", "note")}
+        count = torch.zeros(n, dtype=torch.long)
+        present = {a: torch.zeros(n, len(v[a])) for a in ("waveform", "note")}
+        for i, item in enumerate(items):
+            count[i] = len(item["notes"]) - 1
+            for note in item["notes"]:
+                a = int(round(note["onset"] * self.sample_rate / per))
+                b = int(round((note["onset"] + note["duration"]) * self.sample_rate / per))
+                active[i, 0, a:b] = 1.0
+                for key in dense:
+                    dense[key][i, a:b] = v[key].index(note[key])
+                    present[key][i, v[key].index(note[key])] = 1.0
+        return {
+            "active": active,
+            **dense,
+            "count": count,
+            "waveforms": present["waveform"],
+            "notes": present["note"],
+        }
+
+    @torch.no_grad()
+    def decode(self, out: dict[str, Tensor], **context) -> list[dict]:
+        active = out["active"][:, 0] > 0  # (B, F)
+        probs = {a: out[a].softmax(1) for a in ("waveform", "note")}  # (B, k, F)
+        per_s = context.get("frame_s", 1.0)
+        return [
+            self._notes(active[b], {a: p[b] for a, p in probs.items()}, per_s) for b in range(len(active))
+        ]
+
+    def _notes(self, active: Tensor, probs: dict[str, Tensor], frame_s: float) -> dict:
+        notes = []
+        for a, b in runs(active):
+            if (b - a) * frame_s < MIN_NOTE_S:
+                continue
+            vote = {k: int(p[:, a:b].mean(1).argmax()) for k, p in probs.items()}
+            notes.append(
+                {
+                    "waveform": self.vocab["waveform"][vote["waveform"]],
+                    "note": self.vocab["note"][vote["note"]],
+                    "start": a * frame_s,
+                    "end": b * frame_s,
+                }
+            )
+        return {"notes": notes, "count": len(notes)}
+
+    @torch.no_grad()
+    def waveform_in(
+        self, out: dict[str, Tensor], b: int, start_s: float, end_s: float, frame_s: float
+    ) -> str:
+        """The majority waveform of sample b's frames between two times (for FFT-cut notes)."""
+        a = int(start_s / frame_s)
+        z = max(int(end_s / frame_s), a + 1)
+        return self.vocab["waveform"][int(out["waveform"][b].softmax(0)[:, a:z].mean(1).argmax())]
