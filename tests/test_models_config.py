@@ -19,6 +19,8 @@ from attnlab.models import PRESETS, ModelConfig, build_model, preset
         ({"size": 18}, "model.size", "multiple of 4"),
         ({"cond": "class", "num_classes": 0}, "model.num_classes", "at least 1"),
         ({"width": 0}, "model.width", "positive integer"),
+        ({"channel_mult": 2}, "model.channel_mult", "list of positive integers"),
+        ({"backbone": "dit", "width": 30, "heads": 3}, "model.width", "multiple of 4"),
         ({"mlp_ratio": -1.0}, "model.mlp_ratio", ">= 0"),
         ({"techniques": {"tome": 0.5}}, "model.techniques", "name -> options"),
         ({"backbone": "dit", "patch": 3}, "model.patch", "divisor of size=16"),

@@ -61,8 +61,8 @@ class ModelConfig:
     techniques: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.channel_mult = tuple(self.channel_mult)
-        self.attn_resolutions = tuple(self.attn_resolutions)
+        self.channel_mult = _int_tuple("channel_mult", self.channel_mult)
+        self.attn_resolutions = _int_tuple("attn_resolutions", self.attn_resolutions)
         self.techniques = _techniques(self.techniques)
         self.validate()
 
@@ -76,7 +76,10 @@ class ModelConfig:
         for key in ("in_channels", "size", "width", "heads", "context_dim", "norm_groups"):
             _check(_is_int(getattr(self, key), 1), key, getattr(self, key), "a positive integer")
         _check(self.width % self.heads == 0, "heads", self.heads, f"a divisor of width={self.width}")
-        _check(self.mlp_ratio is None or self.mlp_ratio >= 0, "mlp_ratio", self.mlp_ratio, "None or >= 0")
+        ratio_ok = self.mlp_ratio is None or (
+            isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio >= 0
+        )
+        _check(ratio_ok, "mlp_ratio", self.mlp_ratio, "None or a number >= 0")
         if self.cond == "class":
             _check(
                 _is_int(self.num_classes, 1), "num_classes", self.num_classes, "at least 1 when cond=class"
@@ -85,7 +88,7 @@ class ModelConfig:
 
     def _validate_unet(self) -> None:
         mult = self.channel_mult
-        _check(bool(mult) and all(_is_int(m, 1) for m in mult), "channel_mult", mult, "positive integers")
+        _check(bool(mult), "channel_mult", mult, "at least one level")
         _check(_is_int(self.num_res_blocks, 1), "num_res_blocks", self.num_res_blocks, "a positive integer")
         down = 2 ** (len(mult) - 1)
         _check(self.size % down == 0, "size", self.size, f"a multiple of {down} for {len(mult)} levels")
@@ -105,6 +108,9 @@ class ModelConfig:
             f"a divisor of size={self.size}",
         )
         _check(_is_int(self.depth, 1), "depth", self.depth, "a positive integer")
+        # the fixed sin-cos positions spend half the width on each axis, in sin/cos pairs
+        step = 2 * self.dims
+        _check(self.width % step == 0, "width", self.width, f"a multiple of {step} for a {self.dims}D DiT")
 
     # Derived values
 
@@ -134,6 +140,12 @@ class ModelConfig:
                 f"model.{unknown[0]} is not a model option; options: {', '.join(sorted(known))}"
             )
         return cls(**d)
+
+
+def _int_tuple(key: str, value) -> tuple[int, ...]:
+    ok = isinstance(value, (list, tuple)) and all(_is_int(v, 1) for v in value)
+    _check(ok, key, value, "a list of positive integers")
+    return tuple(value)
 
 
 def _techniques(value) -> dict[str, dict[str, Any]]:
