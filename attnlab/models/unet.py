@@ -40,7 +40,9 @@ class UNetBlock(nn.Module):
         self.res = ResBlock(cin, cout, emb_dim, cfg.dims, cfg.norm_groups)
         self.attn = TransformerBlock(cout, spec, emb_dim, context_dim) if spec is not None else None
 
-    def forward(self, x: Tensor, emb: Tensor, ctx: Context) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, ctx: Context, skip: Tensor | None = None) -> Tensor:
+        """x: (B, cin, H, W), or with `skip` (an encoder map of the same size) their channel concat."""
+        x = x if skip is None else torch.cat([x, skip], dim=1)  # (B, C_x + C_skip, H, W)
         x = self.res(x, emb)
         if self.attn is None:
             return x
@@ -119,5 +121,5 @@ class UNet(nn.Module):
             skips.append(h)
         h = self.mid_out(self.mid(h, emb, ctx), emb)
         for blk in self.up:
-            h = blk(torch.cat([h, skips.pop()], dim=1), emb, ctx) if isinstance(blk, UNetBlock) else blk(h)
+            h = blk(h, emb, ctx, skips.pop()) if isinstance(blk, UNetBlock) else blk(h)
         return from_map(self.out(h), self.dims)
