@@ -3,23 +3,31 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# A CPU build of torch: a bare `torch` requirement can pull a multi-GB CUDA build.
-TORCH ?= torch==2.13.0
+TORCH_VERSION ?= 2.13.0
+# Without a GPU, ask for the +cpu build by name: PyPI's default Linux wheel pulls GBs of CUDA libraries.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+DEMO_OUT ?= runs/demo
+DEMO_PROMPTS := --prompt "a red circle" --prompt "a blue square" --prompt "a green triangle" \
+  --prompt "a yellow circle" --prompt "a red triangle" --prompt "a green square"
 
 .PHONY: setup demo test test-all lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	if $(BIN)/python -c "import torch" 2>/dev/null; then :; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install "torch==$(TORCH_VERSION)"; \
+	else $(BIN)/pip install "torch==$(TORCH_VERSION)+cpu" \
+	  || $(BIN)/pip install "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX); fi
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
+# Trains the demo model (rerun to resume after a kill), then samples a grid for six prompts.
 demo: $(STAMP)
-	$(BIN)/attnlab train examples/demo-shapes-unet.yaml --out runs/demo
-	$(BIN)/attnlab sample runs/demo --prompt "a red circle" --prompt "a blue square" \
-	  --prompt "a green triangle" --prompt "a yellow circle" --num 4 --out runs/demo/samples
+	$(BIN)/attnlab train examples/demo-shapes-unet.yaml --out $(DEMO_OUT)
+	$(BIN)/attnlab sample $(DEMO_OUT) $(DEMO_PROMPTS) --num 8 --out $(DEMO_OUT)/samples
+	@echo "demo grid (rows = prompts): $(DEMO_OUT)/samples/grid.png"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

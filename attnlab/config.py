@@ -132,7 +132,8 @@ class RunConfig:
 
     @staticmethod
     def from_dict(d: dict[str, Any], source: str = "config") -> RunConfig:
-        return _build([OmegaConf.create(d)], source)
+        """The config saved by `to_dict` (as in a model directory's config.json); the data is not read."""
+        return _build([OmegaConf.create(d)], source, fill_from_data=False)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
@@ -172,10 +173,11 @@ def _dotlist(item: str):
         raise ConfigError(f"override {item!r}: {_first_line(e)}") from None
 
 
-def _build(layers, source: str) -> RunConfig:
+def _build(layers, source: str, fill_from_data: bool = True) -> RunConfig:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), *layers)
-        _classes_from_data(merged)
+        if fill_from_data:
+            _fill_from_data(merged)
         cfg = OmegaConf.to_object(merged)
         cfg.validate()
     except ConfigKeyError as e:
@@ -187,15 +189,32 @@ def _build(layers, source: str) -> RunConfig:
     return cfg
 
 
-def _classes_from_data(merged) -> None:
-    """A class-conditioned model left at num_classes=0 gets the dataset's number of classes."""
-    if merged.model.cond != "class" or merged.model.num_classes:
-        return
+def data_facts(data: DataConfig) -> dict[str, Any]:
+    """The model fields the data decides: channels, size, dimensionality and number of classes.
+
+    Procedural data is asked with a two-item replica, so this costs milliseconds.
+    """
     from attnlab.data import build_dataset
 
-    n = build_dataset(OmegaConf.to_object(merged.data), "train").num_classes
-    if n:
-        merged.model.num_classes = n
+    small = dataclasses.replace(data, num=min(data.num, 2), num_eval=min(data.num_eval, 2))
+    ds = build_dataset(small, "train")
+    x = ds[0]["x"]
+    return {
+        "in_channels": x.shape[0],
+        "size": x.shape[-1],
+        "dims": x.dim() - 1,
+        "num_classes": ds.num_classes,
+    }
+
+
+def _fill_from_data(merged) -> None:
+    """model.in_channels, size and dims follow the data; a class-conditioned model left at
+    num_classes=0 gets the dataset's number of classes."""
+    facts = data_facts(OmegaConf.to_object(merged.data))
+    for key in ("in_channels", "size", "dims"):
+        merged.model[key] = facts[key]
+    if merged.model.cond == "class" and not merged.model.num_classes and facts["num_classes"]:
+        merged.model.num_classes = facts["num_classes"]
 
 
 def _known_keys(full_key: str | None) -> str:
