@@ -5,6 +5,7 @@ Quality (Heusel et al., 2017; Binkowski et al., 2018), through torchmetrics:
     ev = Evaluator.load("shapes")                      # shipped per built-in dataset
     fid_kid(real, fake, ev.feature_net())              # -> {"fid", "kid_mean", "kid_std", ...}
     fid_kid(real, fake, load_inception("pt_inception-2015-12-05-6726825d.pth"))  # local Inception
+    feature_network("shapes", inception=None)          # either of the two, as a config would pick
 
     Samples are (N, C, *spatial) float tensors in [-1, 1]. Evaluator features are comparable only
     between runs that use the same evaluator; Inception-FID is the number papers report, but at
@@ -39,7 +40,7 @@ from attnlab.evaluate.cost import (
     timed,
     training_time,
 )
-from attnlab.evaluate.evaluator import BUILTIN, Evaluator
+from attnlab.evaluate.evaluator import BUILTIN, Evaluator, feature_network
 from attnlab.evaluate.inception import FIDInception, load_inception
 from attnlab.evaluate.pitch import cents, fft_pitch
 from attnlab.evaluate.prompts import parse_request, request_from_item
@@ -56,6 +57,7 @@ __all__ = [
     "count_parameters",
     "denoiser_flops",
     "extract_features",
+    "feature_network",
     "fft_pitch",
     "fid_kid",
     "fid_kid_from_features",

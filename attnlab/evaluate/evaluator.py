@@ -134,6 +134,27 @@ class Evaluator:
         return torch.from_numpy(y).float()
 
 
+def feature_network(
+    evaluator: Evaluator | str | Path, inception: str | Path | None = None
+) -> torch.nn.Module:
+    """The feature network for FID/KID: local Inception weights when given, else the evaluator's.
+
+    Args:
+        evaluator: an Evaluator, or a name/path for `Evaluator.load`.
+        inception: path of the pytorch-fid Inception weights (images only).
+    """
+    ev = evaluator if isinstance(evaluator, Evaluator) else Evaluator.load(evaluator)
+    if inception is None:
+        return ev.feature_net()
+    if ev.net.cfg.dims != 2:
+        raise ConfigError(
+            f"Inception features are for images; {ev.name!r} data is audio (leave inception unset)"
+        )
+    from attnlab.evaluate.inception import load_inception
+
+    return load_inception(inception)
+
+
 def _stored(t: Tensor) -> Tensor:
     return (t.detach().half() if t.is_floating_point() else t.detach()).contiguous()
 
