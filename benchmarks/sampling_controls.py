@@ -1,0 +1,205 @@
+"""Sampling-time controls on a trained model: speed-up and quality change of T-GATE (classifier-free
+guidance kept after the gate, and dropped as the T-GATE code does), attention caching, token
+merging (when registered), PAG and SAG, against the uncontrolled sampler with the same seeds.
+
+    .venv/bin/python benchmarks/sampling_controls.py --run runs/control-shapes32 --num 64 --steps 25
+
+Prompts are the captions of the run's eval split; sample k uses seed k in every variant. Timing
+rounds are interleaved across variants, so load from other processes hits all of them alike; the
+median over rounds is reported. Quality: RMSE to the uncontrolled samples (pixel units of [-1, 1]),
+and, when the dataset's evaluator is available, evaluator-feature FID against eval images and the
+share of samples whose every requested attribute is right (`all_correct`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from attnlab.attention import attention_layers
+from attnlab.conditioning import Condition, get_text_encoder
+from attnlab.control.plan import sampling_plan
+from attnlab.data import build_dataset
+from attnlab.diffusion import make_scheduler, sample
+from attnlab.io import write_json, write_text
+from attnlab.techniques import REGISTRY, techniques
+from attnlab.train.checkpoint import load_model
+
+GATE = 0.4  # T-GATE's own setting: gate step 10 of 25
+
+
+def variants() -> dict[str, dict]:
+    out = {
+        "baseline": {},
+        f"T-GATE g={GATE}, CFG kept (own cache per chunk)": {"tgate": {"gate": GATE, "average": False}},
+        f"T-GATE g={GATE}, CFG kept (averaged cache)": {"tgate": {"gate": GATE}},
+        f"T-GATE g={GATE}, CFG dropped (as T-GATE code)": {"tgate": {"gate": GATE, "drop_cfg": True}},
+        "attention cache k=2": {"attn_cache": {"every": 2}},
+        "attention cache k=3": {"attn_cache": {"every": 3}},
+        "PAG s=2": {"pag": {"scale": 2.0}},
+        "SAG s=0.5": {"sag": {"scale": 0.5}},
+    }
+    techniques()  # load every provider
+    tome = REGISTRY.get("tome")
+    if tome is not None and tome.training_free:
+        out["token merging (ToMe defaults)"] = {"tome": {}}
+    return out
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="run or checkpoint directory of a text-conditioned model")
+    p.add_argument("--num", type=int, default=64, help="samples per variant")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", nargs="*", help="variant names to run (baseline always runs)")
+    p.add_argument("--out", help="results directory (default: RUN/bench)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights")
+    return p.parse_args()
+
+
+# Sampling one variant
+
+
+class Counter:
+    """Rows that went through the model and through each kind of attention projection."""
+
+    def __init__(self, model):
+        self.rows = {"model": 0, "self": 0, "cross": 0}
+        self.handles = [model.register_forward_hook(self._hook("model"))]
+        for layer in attention_layers(model).values():
+            proj = layer.to_kv if layer.kind == "cross" else layer.to_qkv
+            self.handles.append(proj.register_forward_hook(self._hook(layer.kind)))
+
+    def _hook(self, key):
+        def hook(module, inp, out):
+            self.rows[key] += inp[0].shape[0]
+
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def draw(model, cfg, conds, seeds, spec, a) -> tuple[torch.Tensor, float]:
+    """All samples of one variant, and the wall-clock seconds the sampling took."""
+    d = cfg.diffusion
+    shape = (cfg.model.in_channels, *([cfg.model.size] * cfg.model.dims))
+    plan = sampling_plan(spec)
+    out, seconds = [], 0.0
+    with plan.installed(model):
+        for cond, sd in zip(conds, seeds):
+            scheduler = make_scheduler(a.sampler, d.num_train_timesteps, d.beta_schedule, d.prediction)
+            t0 = time.perf_counter()
+            x = sample(
+                model, (len(sd), *shape), cond, scheduler=scheduler, steps=a.steps,
+                guidance=plan.guidance(a.guidance), seeds=sd, guidances=plan.guidances,
+            )  # fmt: skip
+            seconds += time.perf_counter() - t0
+            out.append(x.clamp(-1, 1))
+    return torch.cat(out), seconds
+
+
+# Quality
+
+
+def evaluator_scores(name: str, samples: torch.Tensor, prompts: list[str], real: torch.Tensor) -> dict:
+    """FID on evaluator features and alignment, or {} when the dataset has no evaluator here."""
+    try:
+        from attnlab.evaluate import Evaluator, alignment, fid_kid
+
+        ev = Evaluator.load(name)
+    except Exception as e:  # no shipped evaluator: the RMSE proxy stands alone
+        return {"evaluator": f"unavailable ({type(e).__name__}: {e})"}
+    scores = fid_kid(real, samples, ev.feature_net())
+    align = alignment(name, samples, prompts)
+    return {"fid": scores["fid"], "kid": scores.get("kid_mean"), "all_correct": align.get("all_correct")}
+
+
+def table(rows: list[dict]) -> str:
+    keys = [
+        "variant",
+        "s/sample",
+        "speed-up",
+        "model rows",
+        "cross rows",
+        "self rows",
+        "rmse",
+        "fid",
+        "all_correct",
+    ]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        cells = [r["variant"], f"{r['seconds_per_sample']:.3f}", f"{r['speedup']:.2f}x"]
+        cells += [f"{r['rows'][k]:.0f}" for k in ("model", "cross", "self")]
+        cells += [f"{r['rmse']:.4f}", _fmt(r.get("fid")), _fmt(r.get("all_correct"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def main() -> None:
+    a = parse_args()
+    torch.set_num_threads(a.threads)
+    model, cfg = load_model(a.run, ema=not a.no_ema)
+    eval_set = build_dataset(cfg.data, "eval")
+    prompts = eval_set.texts()[: a.num]
+    real = eval_set.tensors()[: a.num]
+    tokens, mask = get_text_encoder().encode(prompts)
+    chunks = range(0, a.num, a.batch)
+    conds = [Condition(tokens=tokens[i : i + a.batch], mask=mask[i : i + a.batch]) for i in chunks]
+    seeds = [list(range(i, min(i + a.batch, a.num))) for i in chunks]
+    todo = {k: v for k, v in variants().items() if k == "baseline" or not a.only or k in a.only}
+
+    times = {k: [] for k in todo}
+    samples, rows = {}, {}
+    for r in range(a.rounds):
+        order = list(todo) if r % 2 == 0 else list(reversed(todo))
+        for name in order:
+            counter = Counter(model) if r == 0 else None
+            x, sec = draw(model, cfg, conds, seeds, todo[name], a)
+            times[name].append(sec / a.num)
+            if counter is not None:
+                counter.remove()
+                samples[name], rows[name] = x, {k: v / a.num for k, v in counter.rows.items()}
+            print(f"round {r} {name}: {sec / a.num:.3f} s/sample", flush=True)
+
+    base = samples["baseline"]
+    t_base = statistics.median(times["baseline"])
+    results = []
+    for name in todo:
+        t = statistics.median(times[name])
+        res = {
+            "variant": name, "spec": todo[name], "seconds_per_sample": t, "speedup": t_base / t,
+            "rows": rows[name], "rmse": (samples[name] - base).pow(2).mean().sqrt().item(),
+            "times": times[name],
+        }  # fmt: skip
+        res.update(evaluator_scores(cfg.data.name, samples[name], prompts, real))
+        results.append(res)
+
+    out = Path(a.out or Path(a.run) / "bench")
+    setup = {
+        "run": a.run, "num": a.num, "steps": a.steps, "sampler": a.sampler, "guidance": a.guidance,
+        "threads": a.threads, "rounds": a.rounds, "load_average": os.getloadavg(),
+    }  # fmt: skip
+    write_json(out / "sampling_controls.json", {"setup": setup, "results": results})
+    md = f"setup: {setup}\n\n{table(results)}\n"
+    write_text(out / "sampling_controls.md", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
