@@ -1,0 +1,56 @@
+"""`attnlab poc`: run a proof of concept from a YAML config and write its report; rerun to resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def poc_command(
+    config: Annotated[Path, typer.Argument(help="YAML PoC config (see examples/poc-shapes.yaml).")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="key=value overrides, e.g. budget.train_steps=200 seeds=[0,1,2]."),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="PoC directory; rerun the same command to resume.")
+    ] = ...,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Check the config and list what would run; train nothing.")
+    ] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
+):
+    """Compare attention designs: train, sample and evaluate every variant, then write report.md/html."""
+    from attnlab.poc import load_poc_config, run_poc
+
+    cfg = load_poc_config(config, overrides or [])
+    if dry_run:
+        return _dry_run(cfg, out)
+    try:
+        run_poc(cfg, out, progress=progress)
+    except KeyboardInterrupt:
+        typer.echo(
+            f"\ninterrupted: finished stages are kept in {out}; rerun the same command to resume", err=True
+        )
+        raise typer.Exit(code=130) from None
+    typer.echo(f"report: {out / 'report.html'} (and report.md, results.json, results.csv)")
+
+
+def _dry_run(cfg, out: Path) -> None:
+    from attnlab.io import write_json
+    from attnlab.poc.config import model_owner, own_levels, sampling_spec
+
+    write_json(out / "poc.json", cfg.to_dict())
+    for v in cfg.variants:
+        owner = model_owner(cfg, v).name
+        levels = ", ".join(f"L{lv}" for lv in own_levels(cfg, v)) or "reference"
+        model = "trains its model" if owner == v.name else f"samples {owner}'s model"
+        spec = ", ".join(sampling_spec(cfg, v)) or "none"
+        typer.echo(f"{v.name:<20} {levels:<10} {model:<28} sampling techniques: {spec}")
+    typer.echo(f"resolved config: {out / 'poc.json'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("poc")(poc_command)

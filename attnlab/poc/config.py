@@ -1,0 +1,393 @@
+"""The proof-of-concept config: a dataset, a base model, variants named by registry technique, a budget,
+the sampling seeds and prompts, and the priority the recommendation serves."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from attnlab.config import DiffusionConfig, TrainConfig, _dotlist, _first_line, _read_yaml
+from attnlab.data.config import DataConfig
+from attnlab.errors import AttnlabError, ConfigError
+from attnlab.models.config import ModelConfig
+
+METRICS = ("fid", "kid", "alignment", "cost")
+PRIORITIES = ("quality", "control", "speed")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+@dataclass
+class VariantConfig:
+    """One design under test.
+
+    Attributes:
+        name: a short name (letters, digits, `_.+-`); also its directory under `variants/`.
+        techniques: registry name -> options (None or {} for the defaults). Architectural ones
+            (training_free=False) change the model and need training; training-free ones act at
+            sampling time on the trained model.
+        base: another variant whose trained model this one samples (it then adds training-free
+            techniques only). Without `base`, variants with the same architecture share one model.
+        model: model config fields this variant changes (e.g. attn_resolutions); needs training.
+        level: the level (1-5) a `model`-only variant belongs to (techniques carry their own).
+        note: one line shown in the report.
+    """
+
+    name: str = MISSING
+    techniques: dict[str, Any] = field(default_factory=dict)
+    base: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    level: int | None = None
+    note: str = ""
+
+
+@dataclass
+class BudgetConfig:
+    """How much work each variant gets.
+
+    Attributes:
+        train_steps: optimiser steps per trained model; or
+        train_minutes: wall-clock minutes per trained model, turned into steps by timing a few
+            steps first (the resolved count is kept, so a rerun trains to the same step).
+        sample_steps: sampling steps per sample.
+        num_samples: samples per sampling seed (one per prompt; FID/KID use them all).
+        batch_size: samples per sampling-loop call (results do not depend on it).
+    """
+
+    train_steps: int | None = None
+    train_minutes: float | None = None
+    sample_steps: int = 20
+    num_samples: int = 64
+    batch_size: int = 64
+
+
+@dataclass
+class SamplingConfig:
+    """The sampler every variant uses (its steps are `budget.sample_steps`)."""
+
+    sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim"
+    guidance: float = 3.0
+    ema: bool = True
+
+
+@dataclass
+class PocConfig:
+    """A proof of concept: which designs to compare, on what data, at what budget.
+
+    Attributes:
+        title: the report's title (default: from the dataset and model).
+        data, model, diffusion, train: the base run (model without techniques; `train.steps`
+            comes from `budget`).
+        sample: sampler and guidance scale.
+        budget: training and sampling budget per variant.
+        variants: the designs; the first is the reference unless `reference` names another.
+        metrics: any of fid, kid, alignment, cost.
+        seeds: sampling seeds (at least 3): every metric is reported as mean and std over them.
+        prompts: the prompts every variant samples (text: captions; class: class names);
+            default: `budget.num_samples` items drawn from the eval split.
+        priority: what the recommendation optimises: quality, control (condition alignment) or speed.
+        evaluator: the evaluator for FID/KID and alignment: a built-in name or a saved evaluator
+            directory (default: the dataset's built-in).
+        reference: the variant others are compared with (default: the first).
+        heatmaps: draw heat maps on the reference model for one prompt when no variant has them.
+        excite_words: words Attend-and-Excite strengthens (default: the dataset's object words).
+        threads: torch CPU threads (0 = all cores).
+    """
+
+    title: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SamplingConfig = field(default_factory=SamplingConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    variants: list[VariantConfig] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    prompts: list[str] | None = None
+    priority: Literal["quality", "control", "speed"] = "quality"
+    evaluator: str | None = None
+    reference: str | None = None
+    heatmaps: bool = True
+    excite_words: list[str] | None = None
+    threads: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        import json
+
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    @property
+    def reference_name(self) -> str:
+        return self.reference or self.variants[0].name
+
+    def variant(self, name: str) -> VariantConfig:
+        return next(v for v in self.variants if v.name == name)
+
+
+# Loading
+
+
+def load_poc_config(path: str | Path | None = None, overrides: list[str] = ()) -> PocConfig:
+    """Load a PocConfig from YAML with `key=value` overrides (e.g. `budget.train_steps=200`).
+
+    Raises:
+        ConfigError: naming the file or override, the key and what was expected.
+    """
+    layers = [_read_yaml(Path(path))] if path is not None else []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. budget.train_steps=200)")
+        layers.append(_dotlist(item))
+    source = str(path) if path is not None else "overrides"
+    for layer in layers:
+        _reject_misplaced(layer, source)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(PocConfig), *layers)
+        _fit_model_to_data(merged)
+        cfg = OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        raise ConfigError(f"{source}: unknown key {e.full_key!r}: {_first_line(e)}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {e.full_key}: {_first_line(e)}") from None
+    except AttnlabError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def _reject_misplaced(layer, source: str) -> None:
+    """Keys a run config has but a PoC takes from elsewhere, named with where they go instead."""
+    misplaced = {
+        "train.steps": "set the training budget with budget.train_steps or budget.train_minutes",
+        "model.techniques": "name techniques per variant (variants[i].techniques)",
+        "sample.steps": "set sampling steps with budget.sample_steps",
+    }
+    for key, where in misplaced.items():
+        if OmegaConf.select(layer, key, default=None) is not None:
+            raise ConfigError(f"{source}: {key} is not a PoC key: {where}")
+
+
+def _fit_model_to_data(merged) -> None:
+    """The data decides the model's channels, size and dimensionality (and classes when cond=class)."""
+    from attnlab.data import build_dataset
+
+    ds = build_dataset(OmegaConf.to_object(merged.data), "eval")
+    x = ds[0]["x"]
+    merged.model.in_channels, merged.model.size, merged.model.dims = x.shape[0], x.shape[-1], x.dim() - 1
+    if merged.model.cond == "class" and not merged.model.num_classes and ds.num_classes:
+        merged.model.num_classes = ds.num_classes
+
+
+# Validation
+
+
+def validate(cfg: PocConfig) -> None:
+    """Raise ConfigError naming the first key whose value is not allowed."""
+    _validate_lists(cfg)
+    names = [v.name for v in cfg.variants]
+    for i, v in enumerate(cfg.variants):
+        key = f"variants[{i}]"
+        _check(
+            bool(_NAME.fullmatch(v.name)),
+            f"{key}.name",
+            v.name,
+            "letters, digits and _ . + - (a directory name)",
+        )
+        _check(names.count(v.name) == 1, f"{key}.name", v.name, "a name no other variant has")
+        _validate_variant(cfg, v, key, names)
+    _check(
+        cfg.reference is None or cfg.reference in names,
+        "reference",
+        cfg.reference,
+        f"one of the variants ({', '.join(names)})",
+    )
+    for v in cfg.variants:
+        model_owner(cfg, v)  # a cycle of bases is an error
+
+
+def _validate_lists(cfg: PocConfig) -> None:
+    _check(bool(cfg.variants), "variants", cfg.variants, "at least one variant (each: name, techniques)")
+    _check(len(set(cfg.seeds)) >= 3, "seeds", cfg.seeds, "at least 3 distinct sampling seeds")
+    unknown = [m for m in cfg.metrics if m not in METRICS]
+    _check(
+        bool(cfg.metrics) and not unknown,
+        "metrics",
+        cfg.metrics,
+        f"a non-empty subset of {', '.join(METRICS)}",
+    )
+    if "alignment" in cfg.metrics:
+        _check(
+            cfg.model.cond != "none",
+            "metrics",
+            cfg.metrics,
+            "no 'alignment' for an unconditional model (model.cond=none)",
+        )
+    b = cfg.budget
+    _check(
+        (b.train_steps is None) != (b.train_minutes is None),
+        "budget.train_steps",
+        b.train_steps,
+        "exactly one of budget.train_steps and budget.train_minutes",
+    )
+    _check(
+        b.train_steps is None or b.train_steps >= 1, "budget.train_steps", b.train_steps, "a positive integer"
+    )
+    _check(
+        b.train_minutes is None or b.train_minutes > 0,
+        "budget.train_minutes",
+        b.train_minutes,
+        "a positive number",
+    )
+    _check(b.sample_steps >= 1, "budget.sample_steps", b.sample_steps, "a positive integer")
+    _check(b.num_samples >= 2, "budget.num_samples", b.num_samples, "at least 2 (FID/KID compare sets)")
+    _check(b.batch_size >= 1, "budget.batch_size", b.batch_size, "a positive integer")
+    if cfg.prompts is not None:
+        _check(cfg.model.cond != "none", "prompts", cfg.prompts, "no prompts for an unconditional model")
+        _check(
+            bool(cfg.prompts), "prompts", cfg.prompts, "a non-empty list, or null to draw from the eval split"
+        )
+
+
+def _validate_variant(cfg: PocConfig, v: VariantConfig, key: str, names: list[str]) -> None:
+    _check(v.base is None or v.base in names, f"{key}.base", v.base, f"another variant ({', '.join(names)})")
+    _check(v.base != v.name, f"{key}.base", v.base, "another variant, not the variant itself")
+    _check(v.level is None or 1 <= v.level <= 5, f"{key}.level", v.level, "1 to 5")
+    for name, opts in v.techniques.items():
+        try:
+            tech = technique(name)
+        except KeyError as e:
+            raise ConfigError(f"{key}.techniques.{name}: {e.args[0]}") from None
+        _check(
+            opts is None or isinstance(opts, dict),
+            f"{key}.techniques.{name}",
+            opts,
+            "a mapping of options or null",
+        )
+        _check_technique(cfg, v, tech, dict(opts or {}), f"{key}.techniques.{name}")
+    _check(
+        "techniques" not in v.model,
+        f"{key}.model.techniques",
+        v.model.get("techniques"),
+        f"techniques under {key}.techniques",
+    )
+    if v.base is not None:
+        _check(
+            not v.model,
+            f"{key}.model",
+            v.model,
+            "nothing: a variant with a base samples its base's trained model",
+        )
+    variant_model(cfg, v, key)  # model overrides and architectural techniques must build
+
+
+def _check_technique(cfg: PocConfig, v: VariantConfig, tech, opts: dict, key: str) -> None:
+    _check(
+        cfg.model.backbone in tech.backbones,
+        key,
+        opts,
+        f"a technique of the {cfg.model.backbone} backbone ({tech.name} works in {', '.join(tech.backbones)})",
+    )
+    _check(cfg.model.dims in tech.modalities, key, opts, f"a technique for {cfg.model.dims}D data")
+    if not tech.training_free:
+        _check(
+            v.base is None,
+            key,
+            opts,
+            "no architectural technique in a variant with a base (it samples the base's model): drop base to train it",
+        )
+        return
+    _check(
+        tech.name != "p2p",
+        key,
+        opts,
+        "a sampling technique: p2p edits one prompt into another; use `attnlab edit`",
+    )
+    if tech.name in ("heatmaps", "attend_excite"):
+        _check(
+            cfg.model.cond == "text",
+            key,
+            opts,
+            f"a text-conditioned model ({tech.name} reads cross-attention)",
+        )
+    try:
+        tech.build(**opts)
+    except (TypeError, ValueError, AttnlabError) as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+# Variants
+
+
+def model_owner(cfg: PocConfig, v: VariantConfig) -> VariantConfig:
+    """The variant whose trained model `v` samples: follows `base`, else the first variant with the same model."""
+    seen = [v.name]
+    while v.base is not None:
+        v = cfg.variant(v.base)
+        if v.name in seen:
+            raise ConfigError(f"variants: bases form a cycle ({' -> '.join([*seen, v.name])})")
+        seen.append(v.name)
+    mine = variant_model(cfg, v)
+    return next(o for o in cfg.variants if o.base is None and variant_model(cfg, o) == mine)
+
+
+def variant_model(cfg: PocConfig, v: VariantConfig, key: str = "") -> ModelConfig:
+    """The model a variant is trained with: the base model, its `model` fields, its architectural techniques."""
+    from attnlab.models.specs import check_techniques
+
+    key = key or f"variant {v.name!r}"
+    if v.base is not None:
+        return variant_model(cfg, cfg.variant(v.base))
+    arch = {n: dict(o or {}) for n, o in v.techniques.items() if not _training_free(n)}
+    fields = {**cfg.model.to_dict(), **v.model, "techniques": arch}
+    try:
+        model = ModelConfig.from_dict(fields)
+        check_techniques(model)
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    return model
+
+
+def sampling_spec(cfg: PocConfig, v: VariantConfig) -> dict[str, dict]:
+    """The training-free techniques a variant samples with: its own, after its base's."""
+    inherited = sampling_spec(cfg, cfg.variant(v.base)) if v.base is not None else {}
+    own = {n: dict(o or {}) for n, o in v.techniques.items() if _training_free(n)}
+    return {**inherited, **own}
+
+
+def own_levels(cfg: PocConfig, v: VariantConfig) -> list[int]:
+    """The levels of what this variant adds over its reference: its own techniques, or its `level`."""
+    levels = {technique(n).level for n in v.techniques}
+    if v.level is not None:
+        levels.add(v.level)
+    return sorted(levels)
+
+
+def _training_free(name: str) -> bool:
+    return technique(name).training_free
+
+
+def technique(name: str):
+    """The registry entry `name`, with every room that registers techniques imported first.
+
+    Raises:
+        KeyError: an unknown name (the message lists the known ones).
+    """
+    import attnlab.control  # noqa: F401  (registers the training-free techniques)
+    import attnlab.models  # noqa: F401  (registers the architectural ones)
+    from attnlab.techniques import get
+
+    return get(name)
+
+
+def _check(ok: bool, key: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: expected {expected}")

@@ -1,0 +1,97 @@
+"""The prompts every variant samples, and what each asks for (the request alignment scores against).
+
+By default they are drawn from the eval split (captions for text models, labels for class models),
+so the request comes from the item's ground truth; prompts given in the config are parsed instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from attnlab.errors import AttnlabError, ConfigError
+from attnlab.evaluate.prompts import PARSERS, parse_request, request_from_item
+
+
+@dataclass
+class PromptSet:
+    """One sample's condition per position, the same for every variant and seed.
+
+    Attributes:
+        texts: prompts (text models) or None per sample.
+        labels: class ids (class models) or None per sample.
+        shown: how each sample's condition reads in the report.
+        requests: what each asks for (for alignment), or None where it cannot be scored.
+    """
+
+    texts: list[str | None]
+    labels: list[int | None]
+    shown: list[str]
+    requests: list[dict] | None
+
+    def __len__(self) -> int:
+        return len(self.shown)
+
+    def to_dict(self) -> dict:
+        return {"texts": self.texts, "labels": self.labels, "shown": self.shown, "requests": self.requests}
+
+
+def poc_prompts(cfg, eval_ds) -> PromptSet:
+    """The `budget.num_samples` conditions of a PoC (see the module docstring)."""
+    n, cond, name = cfg.budget.num_samples, cfg.model.cond, cfg.data.name
+    if cond == "none":
+        return PromptSet([None] * n, [None] * n, ["(unconditional)"] * n, None)
+    if cfg.prompts:
+        given = [cfg.prompts[i % len(cfg.prompts)] for i in range(n)]
+        return _named_classes(given, eval_ds, name) if cond == "class" else _given_texts(given, name)
+    rng = np.random.default_rng([cfg.data.seed, 7])
+    idx = rng.choice(len(eval_ds), size=n, replace=n > len(eval_ds)).tolist()
+    items = [eval_ds[i] for i in idx]
+    if cond == "class":
+        labels = [int(it["label"]) for it in items]
+        shown = [eval_ds.class_names[lab] if eval_ds.class_names else str(lab) for lab in labels]
+        return PromptSet([None] * n, labels, shown, _requests(lambda it: _class_request(name, it), items))
+    texts = [it["text"] for it in items]
+    return PromptSet(texts, [None] * n, texts, _requests(lambda it: request_from_item(name, it), items))
+
+
+def _given_texts(texts: list[str], dataset: str) -> PromptSet:
+    requests = None
+    if dataset in PARSERS:
+        try:
+            requests = [parse_request(dataset, t) for t in texts]
+        except ConfigError as e:
+            raise ConfigError(f"prompts: {e}") from None
+    return PromptSet(texts, [None] * len(texts), texts, requests)
+
+
+def _named_classes(names: list[str], eval_ds, dataset: str) -> PromptSet:
+    known = list(eval_ds.class_names or [])
+    for n in names:
+        if n not in known:
+            raise ConfigError(f"prompts: {n!r} is not a class of {dataset}; classes: {', '.join(known)}")
+    labels = [known.index(n) for n in names]
+    by_label = {}
+    for i in range(len(eval_ds)):
+        by_label.setdefault(int(eval_ds[i]["label"]), i)
+    items = [eval_ds[by_label[lab]] if lab in by_label else None for lab in labels]
+    requests = None if None in items else _requests(lambda it: _class_request(dataset, it), items)
+    return PromptSet([None] * len(names), labels, list(names), requests)
+
+
+def _class_request(dataset: str, item: dict) -> dict:
+    """What a class label asks for: the first object or note of its item (a class names no more)."""
+    if dataset == "shapes":
+        first = {k: item["objects"][0][k] for k in ("shape", "color")}
+        return {"objects": [first], "count": 1, "relation": None}
+    if dataset == "tones":
+        return {"notes": [{k: item["notes"][0][k] for k in ("waveform", "note", "pitch")}]}
+    return {"label": int(item["label"])}
+
+
+def _requests(make, items: list[dict]) -> list[dict] | None:
+    try:
+        return [make(it) for it in items]
+    except (AttnlabError, KeyError):
+        return None  # this data states no checkable request (e.g. an unlabelled folder)

@@ -1,0 +1,335 @@
+"""The PoC report: results.json/csv, figures, and report.md + a self-contained report.html that open
+with a plain-words summary, then the tables grouped by level, the plots, samples and heat maps."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Sequence
+from pathlib import Path
+
+from attnlab.io import write_text
+from attnlab.poc import figures
+from attnlab.poc.config import PocConfig, technique
+from attnlab.poc.document import (
+    Audio,
+    Bullets,
+    Cell,
+    Document,
+    Figure,
+    Heading,
+    Para,
+    Table,
+    to_html,
+    to_markdown,
+)
+from attnlab.poc.metrics import ALIGNMENT, ALL, COST, QUALITY, Metric, Stat, show, within_noise
+from attnlab.poc.prompts import PromptSet
+from attnlab.poc.results import compare, stats_of, write_results
+from attnlab.poc.sampling import SEED_STRIDE, load_samples
+from attnlab.poc.stages import variant_dirs
+from attnlab.poc.summary import Summary
+from attnlab.techniques import LEVELS
+
+
+def write_report(
+    cfg: PocConfig, out: Path, entries: list[dict], prompts: PromptSet, heat: list[dict], wall: float, res
+) -> dict:
+    """Write figures, results.json, results.csv, report.md and report.html; returns the results."""
+    reference = cfg.reference_name
+    summary = Summary(entries, reference)
+    results = {
+        "title": title_of(cfg),
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "priority": cfg.priority,
+        "reference": reference,
+        "seeds": list(cfg.seeds),
+        "prompts": prompts.shown,
+        "summary": summary.to_dict(cfg.priority),
+        "variants": entries,
+        "comparisons": compare(entries, reference),
+        "heatmaps": [{k: h[k] for k in ("variant", "prompt", "words", "file")} for h in heat],
+        "timing": {"wall_seconds_this_run": wall, **_compute(entries)},
+        "config": cfg.to_dict(),
+    }
+    write_results(out, results)
+    figs = _figures(cfg, out, entries, prompts)
+    doc = build_document(cfg, results, figs, heat)
+    write_text(out / "report.md", to_markdown(doc, out))
+    write_text(out / "report.html", to_html(doc))
+    return results
+
+
+def title_of(cfg: PocConfig) -> str:
+    if cfg.title:
+        return cfg.title
+    m = cfg.model
+    unit = "px" if m.dims == 2 else "samples"
+    return f"Attention designs on {cfg.data.name} ({m.size} {unit}, {m.backbone}, {m.cond}-conditioned)"
+
+
+def _compute(entries: list[dict]) -> dict:
+    trained = {e["trained_by"]: e["train"].get("train_seconds", 0.0) for e in entries}
+    return {
+        "train_seconds_total": sum(trained.values()),
+        "sampling_seconds_total": sum(e["sampling_seconds"] for e in entries),
+    }
+
+
+# Figures
+
+
+def _figures(cfg: PocConfig, out: Path, entries: list[dict], prompts: PromptSet) -> dict:
+    fig_dir = out / "figures"
+    made: dict = {}
+    sr = cfg.data.sample_rate if cfg.model.dims == 1 else None
+    cost = ALL["latency_s"]
+    panels = [m for m in (_first(entries, QUALITY), _first(entries, ALIGNMENT)) if m is not None]
+    if panels and any(cost.key in e["metrics"] for e in entries):
+        keys = [cost.key] + [m.key for m in panels]
+        made["tradeoff"] = figures.quality_vs_cost(
+            fig_dir / "quality_vs_cost.png", figures.points_of(entries, keys), cost, panels
+        )
+    logs = _loss_logs(out, entries)
+    if logs:
+        made["loss"] = figures.loss_curves(fig_dir / "loss_curves.png", logs)
+    seed = cfg.seeds[0]
+    samples = {e["name"]: load_samples(variant_dirs(out, e["name"]), seed) for e in entries}
+    made["side_by_side"] = figures.side_by_side(
+        fig_dir / "samples_side_by_side.png", samples, prompts.shown, sample_rate=sr
+    )
+    made["grids"] = {
+        n: figures.sample_grid(fig_dir / f"grid-{n}.png", x[:32], sample_rate=sr) for n, x in samples.items()
+    }
+    if cfg.model.dims == 1:
+        made["audio"] = {n: _wav(fig_dir / f"audio-{n}.wav", x[0], sr) for n, x in samples.items()}
+    return made
+
+
+def _first(entries: list[dict], family: Sequence[Metric]) -> Metric | None:
+    return next((m for m in family if any(m.key in e["metrics"] for e in entries)), None)
+
+
+def _loss_logs(out: Path, entries: list[dict]) -> dict:
+    from attnlab.train.log import read_log
+
+    logs = {}
+    for owner in dict.fromkeys(e["trained_by"] for e in entries):
+        path = variant_dirs(out, owner).model / "log.jsonl"
+        if path.is_file():
+            records = [r for r in read_log(path) if "loss" in r]
+            if records:
+                logs[owner] = records
+    return logs
+
+
+def _wav(path: Path, x, sample_rate: int) -> Path:
+    import soundfile as sf
+
+    from attnlab.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        sf.write(
+            str(tmp), x.reshape(-1).float().clamp(-1, 1).numpy(), sample_rate, format="WAV", subtype="PCM_16"
+        )
+    return path
+
+
+# The document
+
+
+def build_document(cfg: PocConfig, results: dict, figs: dict, heat: list[dict]) -> Document:
+    entries, ref = results["variants"], results["reference"]
+    doc = Document(results["title"])
+    doc.add(Para(_meta(cfg, results), "meta"))
+    doc.add(Heading("Summary"), Bullets(results["summary"]["sentences"], "summary"))
+    doc.add(Heading("Variants"), _variants_table(cfg, entries, ref))
+    comparisons = results["comparisons"]
+    for title, family, lead in (
+        ("Quality", QUALITY, "Sample quality against the eval split (lower is better)."),
+        (
+            "Condition alignment",
+            ALIGNMENT,
+            "How often a sample shows what its prompt asked for (higher is better, except errors).",
+        ),
+        ("Cost", COST, "What each design costs to sample and to train (lower is better)."),
+    ):
+        metrics = [m for m in family if any(m.key in e["metrics"] for e in entries)]
+        if metrics:
+            doc.add(Heading(title), Para(lead), metric_table(entries, metrics, comparisons, ref))
+    _figure_sections(doc, cfg, figs, heat)
+    doc.add(Heading("How this was measured"), Bullets(_method(cfg, results), "note"))
+    return doc
+
+
+def _meta(cfg: PocConfig, results: dict) -> str:
+    b = cfg.budget
+    train = f"{b.train_steps} training steps" if b.train_steps else f"{b.train_minutes:g} training minutes"
+    t = results["timing"]
+    return (
+        f"{len(cfg.variants)} variants · {train} per trained model · {b.sample_steps} {cfg.sample.sampler} steps, "
+        f"guidance {cfg.sample.guidance:g} · {b.num_samples} samples × {len(cfg.seeds)} seeds · priority: **{cfg.priority}** · "
+        f"compute: {t['train_seconds_total'] / 60:.1f} min training, {t['sampling_seconds_total'] / 60:.1f} min sampling · "
+        f"{results['created']}"
+    )
+
+
+def group_title(group: int) -> str:
+    return "reference and variants without a technique" if group == 0 else f"L{group} · {LEVELS[group]}"
+
+
+def _grouped(entries: list[dict], row) -> list[tuple[str, list[list[Cell]]]]:
+    groups: dict[int, list] = {}
+    for e in entries:
+        groups.setdefault(e["group"], []).append(row(e))
+    return [(group_title(g), groups[g]) for g in sorted(groups)]
+
+
+def _adds(e: dict) -> str:
+    parts = [f"`{n}`" + (f" ({_opts(o)})" if o else "") for n, o in e["techniques"].items()]
+    parts += [f"{k}={v}" for k, v in e["model"]["changes"].items()]
+    text = ", ".join(parts) or "nothing (the base model)"
+    return f"{text}: {e['note']}" if e["note"] else text
+
+
+def _opts(opts: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in opts.items())
+
+
+def _variants_table(cfg: PocConfig, entries: list[dict], ref: str) -> Table:
+    def row(e: dict) -> list[Cell]:
+        papers = sorted({technique(n).paper for n in e["techniques"]})
+        own = e["trained_by"] == e["name"]
+        model = (
+            f"trained ({e['train'].get('train_steps', '?')} steps)" if own else f"reuses `{e['trained_by']}`"
+        )
+        levels = ", ".join(f"L{lv}" for lv in e["levels"]) or "–"
+        name = f"`{e['name']}`" + (" (reference)" if e["name"] == ref else "")
+        return [Cell(name), Cell(levels), Cell(_adds(e)), Cell(model), Cell("; ".join(papers) or "–")]
+
+    return Table(["variant", "level", "adds", "model", "source"], _grouped(entries, row))
+
+
+def metric_table(entries: list[dict], metrics: list[Metric], comparisons: dict, ref: str) -> Table:
+    """One column per metric (best bold, '≈ best' when within noise of it), plus the headline versus the reference."""
+    lead = metrics[0]
+
+    def row(e: dict) -> list[Cell]:
+        stats = stats_of(e)
+        cells = [Cell(f"`{e['name']}`")]
+        for m in metrics:
+            c = comparisons.get(m.key, {}).get(e["name"], {})
+            note = "≈ best" if m.per_seed and c.get("within_noise_of_best") and not c.get("best") else ""
+            cells.append(
+                Cell(show(m, stats.get(m.key)), bold=bool(c.get("best")) and len(entries) > 1, note=note)
+            )
+        ref_stats = next((stats_of(x) for x in entries if x["name"] == ref), {})
+        cells.append(versus(lead, stats.get(lead.key), ref_stats.get(lead.key), e["name"] == ref))
+        return cells
+
+    header = ["variant"] + [m.label for m in metrics] + [f"{lead.label} vs reference"]
+    return Table(header, _grouped(entries, row), caption=_table_caption(metrics))
+
+
+def versus(m: Metric, s: Stat | None, ref: Stat | None, is_ref: bool) -> Cell:
+    """The difference from the reference with its verdict: better, worse, or within noise."""
+    if is_ref:
+        return Cell("reference")
+    if s is None or ref is None:
+        return Cell("–")
+    if m.key == "latency_s" or not m.per_seed:
+        text = f"{s.mean / ref.mean:.2f}×" if ref.mean else "–"
+    else:
+        diff = s.mean - ref.mean
+        text = f"{'+' if diff >= 0 else '−'}{m.fmt(abs(diff))}"
+    if m.per_seed and within_noise(s, ref):
+        return Cell(text, note="within noise")
+    if s.mean == ref.mean:
+        return Cell(text, note="same")
+    return Cell(text, note="better" if m.better(s.mean, ref.mean) else "worse")
+
+
+def _table_caption(metrics: list[Metric]) -> str:
+    seeds = any(m.per_seed for m in metrics)
+    parts = ["**bold**: best"]
+    if seeds:
+        parts.append("mean ± std over the sampling seeds; ≈ best: within noise of the best")
+    if any(not m.per_seed for m in metrics):
+        parts.append("FLOPs, parameters, memory and training time are measured once")
+    return "; ".join(parts) + "."
+
+
+def _figure_sections(doc: Document, cfg: PocConfig, figs: dict, heat: list[dict]) -> None:
+    if "tradeoff" in figs:
+        doc.add(
+            Heading("Quality versus cost"),
+            Figure(
+                figs["tradeoff"],
+                "Each point is a variant (colour: level), with its spread over the sampling seeds as error bars. Better designs sit toward the low-cost side with better quality.",
+            ),
+        )
+    if "loss" in figs:
+        doc.add(
+            Heading("Training loss"),
+            Figure(
+                figs["loss"],
+                "Training loss per trained model (thin: per logging window; thick: smoothed).",
+                width=760,
+            ),
+        )
+    doc.add(Heading("Samples"))
+    what = "spectrograms" if cfg.model.dims == 1 else "samples"
+    doc.add(
+        Figure(
+            figs["side_by_side"],
+            f"The first prompts, drawn by every variant with the same noise (seed {cfg.seeds[0]}): rows are variants, {what} in columns.",
+        )
+    )
+    doc.add(Heading("Sample grid per variant", 3))
+    for name, path in figs["grids"].items():
+        doc.add(
+            Figure(
+                path,
+                f"`{name}`: its first samples of seed {cfg.seeds[0]}",
+                width=None if cfg.model.dims == 1 else 560,
+            )
+        )
+    for name, path in figs.get("audio", {}).items():
+        doc.add(Audio(path, f"`{name}`: first sample"))
+    if heat:
+        doc.add(
+            Heading("Heat maps"),
+            Para(
+                "Per-word cross-attention maps (DAAM): where each word of the prompt acted on the sample, summed over steps and layers."
+            ),
+        )
+        for h in heat:
+            doc.add(
+                Figure(
+                    Path(h["path"]),
+                    f"`{h['variant']}`: “{h['prompt']}”",
+                    width=None if cfg.model.dims == 1 else 720,
+                )
+            )
+
+
+def _method(cfg: PocConfig, results: dict) -> list[str]:
+    b, n_seeds = cfg.budget, len(cfg.seeds)
+    source = "given in the config" if cfg.prompts else "drawn from the eval split (its captions or labels)"
+    ev = cfg.evaluator or f"the built-in `{cfg.data.name}` evaluator"
+    return [
+        f"Every variant drew the same {b.num_samples} prompts ({source}) for each of the {n_seeds} sampling seeds "
+        f"{', '.join(map(str, cfg.seeds))}; sample k of seed s starts from the noise of seed s·{SEED_STRIDE}+k, so variants differ only by design.",
+        f"Each number is the mean ± standard deviation (n − 1) over the {n_seeds} seeds. Two variants are **within noise** "
+        "when their means differ by no more than √(std₁² + std₂²): such a difference is not a finding at this budget.",
+        f"FID and KID compare the features of {ev} for each seed's {b.num_samples} samples with the {cfg.data.num_eval} eval items. "
+        "With few samples FID is biased upward: compare variants within this report, not with published numbers.",
+        "Condition alignment: the evaluator reads each sample and checks what its prompt asked for "
+        "(shape, colour, position, count for shapes; pitch by FFT and waveform for tones; the class otherwise); "
+        "'all asked right' is the share of samples with everything right.",
+        f"Latency is wall time per sample in batches of {b.batch_size} on this machine; FLOPs per sample count one whole "
+        "sampling run (classifier-free guidance, extra guidance calls and cached or gated attention included); "
+        "peak memory is the most tensor bytes alive at once while sampling.",
+        f"Variants with the same architecture share one trained model ({', '.join(sorted({e['trained_by'] for e in results['variants']}))}); "
+        "training-free variants add their techniques at sampling time only.",
+        "Files: results.json (every number, per seed), results.csv (one row per variant), variants/NAME/ (models, samples, stage records).",
+    ]

@@ -1,0 +1,299 @@
+"""Running a PoC: train each distinct architecture once, sample every variant with the same seeds and
+prompts, evaluate quality, alignment and cost, and write the report. Every finished stage is kept,
+so an interrupted run (Ctrl-C, a kill) resumes where it stopped and a finished one redoes nothing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from attnlab.io import write_json
+from attnlab.poc.config import PocConfig, VariantConfig, model_owner, own_levels, sampling_spec, variant_model
+from attnlab.poc.progress import Progress
+from attnlab.poc.prompts import PromptSet, poc_prompts
+from attnlab.poc.results import metric_stats
+from attnlab.poc.sampling import (
+    OBJECT_WORDS,
+    VariantSampler,
+    items_for,
+    load_samples,
+    sample_fingerprint,
+    sample_stage,
+)
+from attnlab.poc.scoring import cost_stage, evaluate_stage, evaluator_fingerprint, real_features
+from attnlab.poc.stages import fingerprint, variant_dirs
+from attnlab.poc.training import budget_steps, learning_fingerprint, run_config, train_stage
+
+
+@dataclass
+class Resources:
+    """What every stage shares, built on first use (a rerun with nothing left to do builds little)."""
+
+    cfg: PocConfig
+    out: Path
+    models: dict = field(default_factory=dict)
+
+    @cached_property
+    def eval_ds(self):
+        from attnlab.data import build_dataset
+
+        return build_dataset(self.cfg.data, "eval")
+
+    @cached_property
+    def train_ds(self):
+        from attnlab.data import build_dataset
+
+        return build_dataset(self.cfg.data, "train")
+
+    @cached_property
+    def encoder(self):
+        if self.cfg.model.cond != "text":
+            return None
+        from attnlab.conditioning.text import get_text_encoder
+
+        return get_text_encoder()
+
+    @cached_property
+    def train_data(self):
+        from attnlab.train.batches import prepare_training_data
+
+        return prepare_training_data(self.train_ds, self.cfg.model.cond, self.encoder)
+
+    @cached_property
+    def evaluator(self):
+        from attnlab.evaluate import Evaluator
+
+        return Evaluator.load(self.cfg.evaluator or self.cfg.data.name)
+
+    @cached_property
+    def real(self):
+        return real_features(self.evaluator, self.eval_ds.tensors(), self.out)
+
+    @cached_property
+    def prompts(self) -> PromptSet:
+        return poc_prompts(self.cfg, self.eval_ds)
+
+    def run_config(self, owner: VariantConfig, steps: int | None = None):
+        ds, enc = self.train_ds, self.encoder
+        steps = steps if steps is not None else (self.cfg.budget.train_steps or 1)
+        return run_config(self.cfg, owner, self.train_data, ds.num_classes, enc.dim if enc else None, steps)
+
+    def model(self, owner: str, ckpt: Path, ema: bool):
+        from attnlab.train import load_model
+
+        if owner not in self.models:
+            self.models.clear()  # one model in memory at a time
+            self.models[owner] = load_model(ckpt, ema=ema)[0]
+        return self.models[owner]
+
+
+def run_poc(
+    cfg: PocConfig, out: str | Path, *, progress: bool = True, echo: Callable[[str], None] | None = None
+) -> dict:
+    """Run (or resume) a proof of concept and write its report.
+
+    Args:
+        cfg: the PoC config (see `load_poc_config`).
+        out: the PoC directory: variants/, figures/, report.md, report.html, results.json, results.csv.
+        progress: show the progress display.
+        echo: where stage lines go (default: the progress display).
+    Returns:
+        The results (what results.json holds).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    write_json(out / "poc.json", cfg.to_dict())
+    res = Resources(cfg, out)
+    owners = _owners(cfg)
+    per_variant = 2 * len(cfg.seeds) + ("cost" in cfg.metrics)
+    bar = Progress(len(owners) + per_variant * len(cfg.variants) + 2, enabled=progress, echo=echo)
+    start = time.perf_counter()
+    trained = {o.name: _train(res, o, bar) for o in owners}
+    entries = [_variant(res, v, trained, bar) for v in cfg.variants]
+    heat = _heatmaps(res, trained, bar)
+    from attnlab.poc.report import write_report
+
+    with bar.stage("report", "write report.md, report.html, results.json, results.csv"):
+        results = write_report(cfg, out, entries, res.prompts, heat, time.perf_counter() - start, res)
+    bar.close()
+    return results
+
+
+def _owners(cfg: PocConfig) -> list[VariantConfig]:
+    seen: dict[str, VariantConfig] = {}
+    for v in cfg.variants:
+        o = model_owner(cfg, v)
+        seen.setdefault(o.name, o)
+    return list(seen.values())
+
+
+# Stages
+
+
+@dataclass
+class Trained:
+    rc: object
+    record: dict
+    model_fp: str
+
+
+def _train(res: Resources, owner: VariantConfig, bar: Progress) -> Trained:
+    dirs = variant_dirs(res.out, owner.name)
+    with bar.stage(owner.name, "train") as st:
+        steps = res.cfg.budget.train_steps
+        if steps is None:
+            steps = budget_steps(res.cfg, res.run_config(owner, 1), res.train_data, dirs)
+        rc = res.run_config(owner, steps)
+        record = train_stage(rc, dirs, res.train_data)
+        st.skipped = record["skipped"]
+        st.detail = f"{record['steps']} steps, {record['train_seconds'] / 60:.1f} min of training"
+    ema = res.cfg.sample.ema and res.cfg.train.ema_decay > 0
+    return Trained(rc, record, fingerprint("model", learning_fingerprint(rc), ema))
+
+
+def _variant(res: Resources, v: VariantConfig, trained: dict[str, Trained], bar: Progress) -> dict:
+    cfg = res.cfg
+    owner = model_owner(cfg, v)
+    t = trained[owner.name]
+    dirs, owner_dirs = variant_dirs(res.out, v.name), variant_dirs(res.out, owner.name)
+    spec = sampling_spec(cfg, v)
+    ema = cfg.sample.ema and cfg.train.ema_decay > 0
+    model = _LazyModel(res, owner.name, owner_dirs.root / t.record["checkpoint"], ema)
+    sampler = _LazySampler(model, t.rc, spec, res, cfg.excite_words or OBJECT_WORDS.get(cfg.data.name, ()))
+    per_seed, sampled = {}, {}
+    ev_fp = None
+    for seed in cfg.seeds:
+        fp = sample_fingerprint(t.model_fp, spec, t.rc, res.prompts, seed, ema)
+        with bar.stage(v.name, f"sample seed {seed}") as st:
+            rec = sample_stage(sampler, dirs, res.prompts, seed, fp, cfg.budget.batch_size)
+            st.skipped, st.detail = rec["skipped"], f"{rec['latency_s'] * 1000:.0f} ms per sample"
+        sampled[seed] = rec
+        with bar.stage(v.name, f"evaluate seed {seed}") as st:
+            ev_fp = ev_fp or evaluator_fingerprint(res.evaluator)
+            efp = fingerprint("evaluate", fp, ev_fp, cfg.metrics)
+            rec_e = evaluate_stage(
+                load_samples(dirs, seed),
+                dataset=cfg.data.name,
+                metrics=cfg.metrics,
+                prompts=res.prompts,
+                ev=res.evaluator,
+                real=res.real,
+                dirs=dirs,
+                seed=seed,
+                fp=efp,
+            )
+            st.skipped = rec_e["skipped"]
+        per_seed[seed] = {**rec_e["scores"], "latency_s": rec["latency_s"]}
+    cost = {}
+    if "cost" in cfg.metrics:
+        with bar.stage(v.name, "cost") as st:
+            cfp = fingerprint(
+                "cost",
+                t.model_fp,
+                spec,
+                t.rc.sample.to_dict() if hasattr(t.rc.sample, "to_dict") else vars(t.rc.sample),
+            )
+            cost = cost_stage(sampler, res.prompts, owner_dirs.model, dirs, cfp)
+            st.skipped = cost["skipped"]
+    return _entry(cfg, v, owner, spec, per_seed, cost, t, sampled)
+
+
+def _heatmaps(res: Resources, trained: dict[str, Trained], bar: Progress) -> list[dict]:
+    """Heat maps of every variant that has them, else of the reference model when the config asks."""
+    cfg = res.cfg
+    if cfg.model.cond != "text":
+        bar.skip("heat maps (the model reads no text)")
+        return []
+    from attnlab.poc.heatmaps import heatmap_stage
+
+    names = [v.name for v in cfg.variants if "heatmaps" in sampling_spec(cfg, v)]
+    if not names and cfg.heatmaps:
+        names = [cfg.reference_name]
+    out = []
+    with bar.stage(", ".join(names) or "-", "heat maps") as st:
+        for name in names:
+            v = cfg.variant(name)
+            owner = model_owner(cfg, v)
+            t = trained[owner.name]
+            spec = sampling_spec(cfg, v)
+            ema = cfg.sample.ema and cfg.train.ema_decay > 0
+            model = _LazyModel(
+                res, owner.name, variant_dirs(res.out, owner.name).root / t.record["checkpoint"], ema
+            )
+            sampler = _LazySampler(model, t.rc, spec, res, ())
+            prompt = res.prompts.texts[0]
+            seed = items_for(res.prompts, cfg.seeds[0])[0].seed
+            fp = fingerprint("heatmaps", t.model_fp, spec, prompt, seed)
+            rec = heatmap_stage(sampler, prompt, seed, variant_dirs(res.out, name), fp, cfg.data.sample_rate)
+            st.skipped = rec["skipped"]
+            out.append({"variant": name, **rec, "path": str(variant_dirs(res.out, name).root / rec["file"])})
+    return out
+
+
+def _entry(
+    cfg: PocConfig,
+    v: VariantConfig,
+    owner: VariantConfig,
+    spec: dict,
+    per_seed: dict,
+    cost: dict,
+    t: Trained,
+    sampled: dict,
+) -> dict:
+    levels = own_levels(cfg, v)
+    cost = {k: val for k, val in cost.items() if k not in ("fingerprint", "skipped")}
+    train = {k: val for k, val in t.record.items() if k not in ("fingerprint", "skipped")}
+    return {
+        "name": v.name,
+        "group": max(levels) if levels else 0,
+        "levels": levels,
+        "techniques": {n: dict(o or {}) for n, o in v.techniques.items()},
+        "sampling": spec,
+        "model": {"techniques": variant_model(cfg, v).techniques, "changes": dict(v.model)},
+        "base": v.base,
+        "trained_by": owner.name,
+        "note": v.note,
+        "metrics": {k: s.to_dict() for k, s in metric_stats(per_seed, cost).items()},
+        "per_seed": {str(s): scores for s, scores in per_seed.items()},
+        "cost": cost,
+        "train": train,
+        "samples": {str(s): r["file"] for s, r in sampled.items()},
+        "sampling_seconds": sum(r["seconds"] for r in sampled.values()),
+    }
+
+
+# A rerun that finds every stage done should not load models or encoders it will not use.
+
+
+class _LazyModel:
+    def __init__(self, res: Resources, owner: str, ckpt: Path, ema: bool):
+        self.args = (owner, ckpt, ema)
+        self.res = res
+
+    def get(self):
+        return self.res.model(*self.args)
+
+
+class _LazySampler:
+    """A VariantSampler built on first use."""
+
+    def __init__(self, model: _LazyModel, rc, spec: dict, res: Resources, excite_words):
+        self._args = (model, rc, spec, res, tuple(excite_words))
+        self._built: VariantSampler | None = None
+        self.rc, self.spec = rc, spec
+
+    def _get(self) -> VariantSampler:
+        if self._built is None:
+            model, rc, spec, res, words = self._args
+            self._built = VariantSampler(model.get(), rc, spec, res.encoder, words)
+        return self._built
+
+    def __getattr__(self, name):
+        return getattr(self._get(), name)

@@ -1,0 +1,142 @@
+"""The sampling stage of a PoC: each variant draws the same prompts with the same noise seeds, with its
+training-free techniques installed, and the wall time per sample is kept as its latency."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from attnlab.attention import control
+from attnlab.cli.generate import Item, generate
+from attnlab.config import RunConfig
+from attnlab.control.plan import SamplingPlan, sampling_plan
+from attnlab.io import atomic_path
+from attnlab.poc.prompts import PromptSet
+from attnlab.poc.stages import VariantDirs, done, fingerprint, mark
+
+SEED_STRIDE = 100_000  # sample k of sampling seed s draws its noise from seed s * SEED_STRIDE + k
+# Techniques the generic plan leaves out because they need the prompts of each batch (bound here).
+BOUND_HERE = ("heatmaps", "attend_excite")
+# Default words Attend-and-Excite strengthens, per dataset: the words that name objects.
+OBJECT_WORDS = {
+    "shapes": ("circle", "square", "triangle", "diamond", "cross"),
+    "tones": ("sine", "square", "saw", "triangle"),
+}
+
+
+@dataclass
+class VariantSampler:
+    """Draws samples the way a variant does: its plan of controls and guidance terms, plus the
+    prompt-bound techniques (heat-map recording, Attend-and-Excite)."""
+
+    model: nn.Module
+    rc: RunConfig
+    spec: dict[str, dict]
+    encoder: object = None
+    excite_words: Sequence[str] = ()
+    plan: SamplingPlan = field(init=False)
+
+    def __post_init__(self):
+        self.plan = sampling_plan({k: v for k, v in self.spec.items() if k not in BOUND_HERE})
+
+    def draw(self, items: Sequence[Item], batch_size: int, progress: bool = False) -> Tensor:
+        """(N, C, *spatial) samples of `items`, in batches of `batch_size`."""
+        out = []
+        with ExitStack() as stack:
+            stack.enter_context(self.plan.installed(self.model))
+            if "heatmaps" in self.spec:
+                from attnlab.control import HeatMaps
+
+                stack.enter_context(control(self.model, HeatMaps(**self.spec["heatmaps"])))
+            for i in range(0, len(items), batch_size):
+                out.append(self._batch(items[i : i + batch_size], progress))
+        return torch.cat(out)
+
+    def _batch(self, chunk: Sequence[Item], progress: bool) -> Tensor:
+        extra = list(self.plan.guidances)
+        if "attend_excite" in self.spec:
+            extra.append(self._excite([it.prompt for it in chunk]))
+        s = self.rc.sample
+        return generate(
+            self.model,
+            self.rc,
+            chunk,
+            sampler=s.sampler,
+            steps=s.steps,
+            guidance=self.plan.guidance(s.guidance),
+            encoder=self.encoder,
+            batch_size=len(chunk),
+            guidances=extra,
+            progress=progress,
+        )
+
+    def _excite(self, prompts: list[str]):
+        from attnlab.control import AttendExcite
+
+        tokens, spans = [], []
+        for p in prompts:
+            span = (1, len(self.encoder.tokens_of(p)) - 1)  # the text tokens, without [CLS] and [SEP]
+            idx = sorted(
+                {
+                    i
+                    for w in self.excite_words
+                    if _has_word(p, w)
+                    for i in self.encoder.word_token_indices(p, w)
+                }
+            )
+            tokens.append(idx or list(range(*span)))
+            spans.append(span)
+        return AttendExcite(**self.spec["attend_excite"]).bind(tokens, spans)
+
+
+def _has_word(prompt: str, word: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt, re.IGNORECASE) is not None
+
+
+def items_for(prompts: PromptSet, seed: int) -> list[Item]:
+    """The items of sampling seed `seed`: one per prompt, each with its own noise seed."""
+    return [
+        Item(t, lab, seed * SEED_STRIDE + k) for k, (t, lab) in enumerate(zip(prompts.texts, prompts.labels))
+    ]
+
+
+def sample_fingerprint(
+    model_fp: str, spec: dict, rc: RunConfig, prompts: PromptSet, seed: int, ema: bool
+) -> str:
+    s = rc.sample
+    return fingerprint(
+        "sample", model_fp, spec, s.sampler, s.steps, s.guidance, prompts.texts, prompts.labels, seed, ema
+    )
+
+
+def sample_stage(
+    sampler: VariantSampler, dirs: VariantDirs, prompts: PromptSet, seed: int, fp: str, batch_size: int
+) -> dict:
+    """Draw (or find) the samples of one seed; records latency_s (wall seconds per sample)."""
+    stage = f"sampled-{seed}"
+    record = done(dirs.marker(stage), fp)
+    if record is not None and dirs.samples_file(seed).is_file():
+        return {**record, "skipped": True}
+    start = time.perf_counter()
+    x = sampler.draw(items_for(prompts, seed), batch_size)
+    seconds = time.perf_counter() - start
+    with atomic_path(dirs.samples_file(seed)) as tmp:
+        save_file({"x": x.contiguous()}, str(tmp), metadata={"fingerprint": fp})
+    record = {
+        "file": str(dirs.samples_file(seed).relative_to(dirs.root)),
+        "seconds": seconds,
+        "latency_s": seconds / len(x),
+        "n": len(x),
+    }
+    return {**mark(dirs.marker(stage), fp, record), "skipped": False}
+
+
+def load_samples(dirs: VariantDirs, seed: int) -> Tensor:
+    return load_file(str(dirs.samples_file(seed)))["x"]

@@ -1,0 +1,106 @@
+"""The evaluation stages of a PoC: FID/KID and condition alignment per sampling seed, and the cost of
+each variant (parameters, FLOPs, peak memory, training time), each kept in a stage marker."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from attnlab.evaluate import (
+    Evaluator,
+    alignment,
+    count_flops,
+    count_parameters,
+    denoiser_flops,
+    peak_memory,
+    training_time,
+)
+from attnlab.evaluate.quality import extract_features, fid_kid_from_features
+from attnlab.io import atomic_path
+from attnlab.poc.prompts import PromptSet
+from attnlab.poc.sampling import VariantSampler, items_for
+from attnlab.poc.stages import VariantDirs, done, fingerprint, mark
+
+COST_SAMPLES = 4  # samples in the runs that count FLOPs and peak memory
+
+
+def evaluator_fingerprint(ev: Evaluator) -> str:
+    """Identifies an evaluator by its weights, so changed weights redo every evaluation."""
+    parts = [(k, v.float().sum().item(), tuple(v.shape)) for k, v in sorted(ev.net.state_dict().items())]
+    return fingerprint("evaluator", ev.name, parts)
+
+
+def real_features(ev: Evaluator, eval_x: Tensor, out: Path) -> Tensor:
+    """Evaluator features of the eval split, computed once per evaluator and kept in `out/real/`."""
+    fp = evaluator_fingerprint(ev)
+    path = out / "real" / f"features-{fp}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["features"]
+    feats = extract_features(eval_x, ev.feature_net())
+    with atomic_path(path) as tmp:
+        save_file({"features": feats.contiguous()}, str(tmp))
+    return feats
+
+
+def evaluate_stage(
+    samples: Tensor,
+    *,
+    dataset: str,
+    metrics: list[str],
+    prompts: PromptSet,
+    ev: Evaluator,
+    real: Tensor,
+    dirs: VariantDirs,
+    seed: int,
+    fp: str,
+) -> dict:
+    """FID, KID and alignment of one seed's samples; skipped when done for these samples and evaluator."""
+    stage = f"evaluated-{seed}"
+    record = done(dirs.marker(stage), fp)
+    if record is not None:
+        return {**record, "skipped": True}
+    scores: dict = {}
+    if "fid" in metrics or "kid" in metrics:
+        q = fid_kid_from_features(real, extract_features(samples, ev.feature_net()))
+        scores.update({k: q[k] for k in ("fid", "kid_mean") if k.split("_")[0] in metrics})
+    if "alignment" in metrics and prompts.requests is not None and ev.task.kind != "pretext":
+        found = alignment(dataset, samples, prompts.requests, ev)
+        scores.update({k: v for k, v in found.items() if k != "n"})
+    return {**mark(dirs.marker(stage), fp, {"scores": _finite(scores)}), "skipped": False}
+
+
+def cost_stage(
+    sampler: VariantSampler,
+    prompts: PromptSet,
+    run_dir: Path,
+    dirs: VariantDirs,
+    fp: str,
+    memory: bool = True,
+) -> dict:
+    """Parameters, FLOPs per denoiser call and per sample, peak memory and training time of a variant."""
+    record = done(dirs.marker("cost"), fp)
+    if record is not None:
+        return {**record, "skipped": True}
+    model, m = sampler.model, sampler.rc.model
+    shape = (m.in_channels, *([m.size] * m.dims))
+    items = items_for(prompts, 0)[:COST_SAMPLES]
+    from attnlab.cli.generate import condition_for
+
+    cond = condition_for(sampler.rc, items[:1], sampler.encoder)
+    out = {
+        "params": count_parameters(model),
+        "flops_per_call": denoiser_flops(model, shape, cond),
+        "flops_per_sample": count_flops(lambda: sampler.draw(items[:1], 1)),
+    }
+    if memory:
+        out["peak_mem_bytes"] = peak_memory(lambda: sampler.draw(items, len(items)))
+    out.update(training_time(run_dir))
+    return {**mark(dirs.marker("cost"), fp, out), "skipped": False}
+
+
+def _finite(d: dict) -> dict:
+    """nan (nothing to score) becomes None, so results are valid JSON."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}

@@ -1,0 +1,203 @@
+"""The summary a PoC report opens with, in plain words: the best design for quality, for condition
+alignment and for cost, which differences are within noise, and a recommendation for the priority."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from attnlab.poc.metrics import ALL, Metric, Stat, headline, show, within_noise
+from attnlab.poc.results import best_name, stats_of
+from attnlab.techniques import LEVELS
+
+FAMILY_WORDS = {"quality": "quality", "alignment": "condition alignment", "cost": "cost"}
+PRIORITY_FAMILY = {"quality": "quality", "control": "alignment", "speed": "cost"}
+
+
+def level_phrase(levels: Sequence[int]) -> str:
+    """'an L3 design (time: how the timestep shapes attention)', or the reference's wording."""
+    if not levels:
+        return "the reference design (no technique added)"
+    names = " + ".join(f"L{lv}" for lv in levels)
+    what = "; ".join(LEVELS[lv] for lv in levels)
+    return f"an {names} design ({what})"
+
+
+class Summary:
+    """Reads the variants' stats once and answers the summary's questions.
+
+    Args:
+        variants: results.json variant entries (with "metrics" and "levels").
+        reference: the reference variant's name.
+    """
+
+    def __init__(self, variants: Sequence[dict], reference: str):
+        self.variants = {v["name"]: v for v in variants}
+        self.stats = {v["name"]: stats_of(v) for v in variants}
+        self.reference = reference
+        keys = {k for s in self.stats.values() for k in s}
+        self.headlines = {f: headline(f, sorted(keys)) for f in ("quality", "alignment", "cost")}
+
+    # Facts
+
+    def have(self, metric: Metric) -> dict[str, Stat]:
+        return {n: s[metric.key] for n, s in self.stats.items() if metric.key in s}
+
+    def best(self, family: str) -> tuple[Metric, str, list[str]] | None:
+        """(headline metric, best variant, variants within noise of the best) of a family."""
+        metric = self.headlines[family]
+        if metric is None:
+            return None
+        have = self.have(metric)
+        best = best_name(metric, have)
+        ties = [n for n in have if n != best and within_noise(have[n], have[best])]
+        return metric, best, ties
+
+    def noise_ties_with_reference(self) -> dict[str, list[str]]:
+        """variant -> the headline metrics on which it is within noise of the reference."""
+        out: dict[str, list[str]] = {}
+        for metric in filter(None, self.headlines.values()):
+            have = self.have(metric)
+            ref = have.get(self.reference)
+            for n, s in have.items():
+                if n != self.reference and ref is not None and within_noise(s, ref):
+                    out.setdefault(n, []).append(metric.label)
+        return out
+
+    # Words
+
+    def _val(self, name: str, metric: Metric) -> str:
+        return show(metric, self.stats[name].get(metric.key))
+
+    def _who(self, name: str) -> str:
+        lv = self.variants[name]["levels"]
+        tag = ", ".join(f"L{x}" for x in lv) if lv else "reference"
+        return f"`{name}` ({tag})"
+
+    def best_sentence(self, family: str) -> str | None:
+        found = self.best(family)
+        if found is None:
+            return None
+        metric, best, ties = found
+        label = {"quality": "Best quality", "alignment": "Best condition alignment", "cost": "Lowest cost"}[
+            family
+        ]
+        text = f"**{label}:** {self._who(best)} with {metric.label} {self._val(best, metric)}"
+        if (
+            best != self.reference
+            and self.reference in self.stats
+            and metric.key in self.stats[self.reference]
+        ):
+            text += f" (reference `{self.reference}`: {self._val(self.reference, metric)})"
+        if family == "cost":
+            text += self._exact_costs()
+        if ties:
+            text += f"; {_names(ties)} {'is' if len(ties) == 1 else 'are'} within noise of it"
+        return text + "."
+
+    def _exact_costs(self) -> str:
+        parts = []
+        for key, what in (("flops_per_sample", "fewest FLOPs per sample"), ("params", "fewest parameters")):
+            have = self.have(ALL[key])
+            if have:
+                n = best_name(ALL[key], have)
+                parts.append(f"{what}: `{n}` ({ALL[key].fmt(have[n].mean)})")
+        return f"; {'; '.join(parts)}" if parts else ""
+
+    def noise_sentence(self) -> str:
+        ties = self.noise_ties_with_reference()
+        if not ties:
+            return f"**Within noise:** every variant differs from the reference `{self.reference}` by more than the seed-to-seed spread on every headline metric."
+        listed = "; ".join(f"`{n}` on {', '.join(ms)}" for n, ms in ties.items())
+        return (
+            f"**Within noise** of the reference `{self.reference}` (a difference no larger than the spread over the "
+            f"sampling seeds, so not a real difference at this budget): {listed}."
+        )
+
+    def recommendation(self, priority: str) -> str:
+        family = PRIORITY_FAMILY[priority]
+        if priority == "speed":
+            return self._speed()
+        found = self.best(family)
+        if found is None:
+            return f"**Recommendation ({priority}):** nothing measured the {FAMILY_WORDS[family]} here; add it to `metrics`."
+        metric, best, _ = found
+        head = f"**Recommendation ({priority}):** "
+        ref = self.have(metric).get(self.reference)
+        if best == self.reference:
+            return (
+                head + f"keep the reference `{best}`, {level_phrase([])}: no variant beat its {metric.label}."
+            )
+        level = level_phrase(self.variants[best]["levels"])
+        if ref is not None and within_noise(self.have(metric)[best], ref):
+            return head + (
+                f"`{best}`, {level}, scored the best {metric.label}, but within noise of the reference; the evidence "
+                f"is weak at this budget. Keep the reference, or rerun with a larger budget (more training steps, "
+                f"samples or seeds) before adopting `{best}`."
+            )
+        return (
+            head
+            + f"use `{best}`, {level}: its {metric.label} beats the reference by more than the noise{self._price(best)}."
+        )
+
+    def _price(self, name: str) -> str:
+        lat = self.have(ALL["latency_s"])
+        if name not in lat or self.reference not in lat:
+            return ""
+        ratio = lat[name].mean / max(lat[self.reference].mean, 1e-12)
+        return f", at {ratio:.2f}x the reference's sampling latency"
+
+    def _speed(self) -> str:
+        head = "**Recommendation (speed):** "
+        lat = self.have(ALL["latency_s"])
+        if self.reference not in lat:
+            return head + "latency was not measured; add `cost` to `metrics`."
+        ok = [n for n in lat if self._keeps_quality(n)]
+        fastest = min(ok, key=lambda n: lat[n].mean)
+        if fastest == self.reference or within_noise(lat[fastest], lat[self.reference]):
+            return (
+                head
+                + f"keep the reference `{self.reference}`: no variant that keeps its quality and alignment samples faster beyond the noise."
+            )
+        gain = 1 - lat[fastest].mean / lat[self.reference].mean
+        return head + (
+            f"use `{fastest}`, {level_phrase(self.variants[fastest]['levels'])}: {100 * gain:.0f}% less sampling time per sample "
+            f"than the reference, with quality and alignment no worse beyond the noise."
+        )
+
+    def _keeps_quality(self, name: str) -> bool:
+        """Not worse than the reference beyond the noise on the quality and alignment headlines."""
+        for family in ("quality", "alignment"):
+            metric = self.headlines[family]
+            if metric is None:
+                continue
+            have = self.have(metric)
+            s, ref = have.get(name), have.get(self.reference)
+            if s is None or ref is None:
+                continue
+            if metric.better(ref.mean, s.mean) and not within_noise(s, ref):
+                return False
+        return True
+
+    def sentences(self, priority: str) -> list[str]:
+        found = [self.best_sentence(f) for f in ("quality", "alignment", "cost")]
+        return [s for s in found if s] + [self.noise_sentence(), self.recommendation(priority)]
+
+    def to_dict(self, priority: str) -> dict:
+        out = {"priority": priority, "reference": self.reference, "sentences": self.sentences(priority)}
+        for family in ("quality", "alignment", "cost"):
+            found = self.best(family)
+            if found:
+                metric, best, ties = found
+                out[f"best_{family}"] = {
+                    "metric": metric.key,
+                    "variant": best,
+                    "levels": self.variants[best]["levels"],
+                    "within_noise": ties,
+                }
+        out["within_noise_of_reference"] = self.noise_ties_with_reference()
+        return out
+
+
+def _names(names: Sequence[str]) -> str:
+    quoted = [f"`{n}`" for n in names]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
