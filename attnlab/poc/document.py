@@ -46,6 +46,14 @@ class Table:
     header: list[str]
     groups: list[tuple[str, list[list[Cell]]]]
     caption: str = ""
+    left: int = 1  # leading columns of text (left-aligned); the rest are numbers
+
+
+@dataclass
+class Gallery:
+    """Figures side by side where the page is wide enough."""
+
+    figures: list[Figure]
 
 
 @dataclass
@@ -95,6 +103,8 @@ def _md(b, base: Path) -> list[str]:
         return [f"![{b.caption}]({_rel(b.path, base)})", "", f"*{b.caption}*" if b.caption else ""]
     if isinstance(b, Audio):
         return [f"[{b.caption or b.path.name}]({_rel(b.path, base)})"]
+    if isinstance(b, Gallery):
+        return [line for f in b.figures for line in _md(f, base) + [""]]
     raise TypeError(f"unknown block {type(b).__name__}")
 
 
@@ -110,7 +120,7 @@ def _md_table(t: Table) -> list[str]:
             lines.append("| " + " | ".join([f"*{title}*"] + [""] * (len(t.header) - 1)) + " |")
         lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
     if t.caption:
-        lines += ["", f"*{t.caption}*"]
+        lines += ["", t.caption]
     return lines
 
 
@@ -139,7 +149,7 @@ code { font: 13px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; back
 .meta { color: #5a6470; margin: 0 0 18px; }
 table { border-collapse: collapse; margin: 6px 0 4px; font-size: 13.5px; }
 th, td { padding: 5px 11px; text-align: right; border-bottom: 1px solid #e9ecef; white-space: nowrap; }
-th:first-child, td:first-child { text-align: left; }
+th.l, td.l { text-align: left; white-space: normal; }
 thead th { background: #f1f3f5; border-bottom: 2px solid #d7dbe0; font-weight: 600; }
 tr.group th { background: #fafbfc; text-align: left; color: #2f6fb3; font-weight: 600; font-size: 12.5px;
               letter-spacing: .02em; padding-top: 9px; }
@@ -150,6 +160,8 @@ td .tag.better { color: #1e7b34; } td .tag.worse { color: #b42318; } td .tag.noi
 figure { margin: 12px 0 18px; }
 figure img { max-width: 100%; border: 1px solid #eceff2; border-radius: 4px; }
 figcaption { color: #5a6470; font-size: 13px; margin-top: 4px; }
+.gallery { display: flex; flex-wrap: wrap; gap: 6px 26px; }
+.gallery figure { margin: 6px 0; }
 .caption { color: #5a6470; font-size: 13px; margin-top: 2px; }
 audio { height: 30px; vertical-align: middle; }
 """
@@ -187,26 +199,32 @@ def _html(b) -> str:
         style = f" style='width:{b.width}px'" if b.width else ""
         src = _data_uri(b.path, "image/png")
         return f"<figure><img src='{src}' alt='{html.escape(b.caption)}'{style}><figcaption>{inline(b.caption)}</figcaption></figure>"
+    if isinstance(b, Gallery):
+        return "<div class='gallery'>" + "".join(_html(f) for f in b.figures) + "</div>"
     if isinstance(b, Audio):
         return f"<div><audio controls src='{_data_uri(b.path, 'audio/wav')}'></audio> <span class='caption'>{inline(b.caption)}</span></div>"
     raise TypeError(f"unknown block {type(b).__name__}")
 
 
-def _html_cell(c: Cell) -> str:
+def _html_cell(c: Cell, left: bool) -> str:
     tag = ""
     if c.note:
         kind = "better" if "better" in c.note else "worse" if "worse" in c.note else "noise"
         tag = f"<span class='tag {kind}'>{html.escape(c.note)}</span>"
-    return f"<td{' class=best' if c.bold else ''}>{inline(c.text)}{tag}</td>"
+    classes = " ".join(k for k, on in (("best", c.bold), ("l", left)) if on)
+    attr = f' class="{classes}"' if classes else ""
+    return f"<td{attr}>{inline(c.text)}{tag}</td>"
 
 
 def _html_table(t: Table) -> str:
-    head = "".join(f"<th>{inline(h)}</th>" for h in t.header)
+    head = "".join(f"<th{' class=l' if i < t.left else ''}>{inline(h)}</th>" for i, h in enumerate(t.header))
     rows = []
     for title, group in t.groups:
         if title:
             rows.append(f"<tr class='group'><th colspan='{len(t.header)}'>{inline(title)}</th></tr>")
-        rows += ["<tr>" + "".join(_html_cell(c) for c in row) + "</tr>" for row in group]
+        rows += [
+            "<tr>" + "".join(_html_cell(c, i < t.left) for i, c in enumerate(row)) + "</tr>" for row in group
+        ]
     caption = f"<div class='caption'>{inline(t.caption)}</div>" if t.caption else ""
     return f"<div class='tablewrap'><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>{caption}"
 

@@ -25,15 +25,36 @@ def _save(fig: Figure, path: Path, dpi: int = 110) -> Path:
     return path
 
 
+def _axis(m: Metric) -> tuple[float, str]:
+    """Plot scale and unit of a metric: latency in ms, rates in %, the rest as they are."""
+    if m.key == "latency_s":
+        return 1000.0, " (ms)"
+    if m.family == "alignment" and not m.lower_is_better:
+        return 100.0, " (%)"
+    return 1.0, ""
+
+
 def _scatter(ax, points: Sequence[dict], x: Metric, y: Metric) -> None:
     """One point per variant with seed-spread error bars, coloured by level, labelled by name."""
+    (kx, ux), (ky, uy) = _axis(x), _axis(y)
     for p in points:
         sx, sy = p[x.key], p[y.key]
         color = LEVEL_COLORS[p["group"]]
-        ax.errorbar(sx.mean, sy.mean, xerr=sx.std, yerr=sy.std, fmt="o", color=color, capsize=3, ms=7)
-        ax.annotate(p["name"], (sx.mean, sy.mean), textcoords="offset points", xytext=(6, 5), fontsize=8)
-    ax.set_xlabel(f"{x.label} ({'lower' if x.lower_is_better else 'higher'} is better)", fontsize=9)
-    ax.set_ylabel(f"{y.label} ({'lower' if y.lower_is_better else 'higher'} is better)", fontsize=9)
+        ax.errorbar(
+            kx * sx.mean,
+            ky * sy.mean,
+            xerr=kx * sx.std,
+            yerr=ky * sy.std,
+            fmt="o",
+            color=color,
+            capsize=3,
+            ms=7,
+        )
+        ax.annotate(
+            p["name"], (kx * sx.mean, ky * sy.mean), textcoords="offset points", xytext=(6, 5), fontsize=8
+        )
+    ax.set_xlabel(f"{x.label}{ux}, {'lower' if x.lower_is_better else 'higher'} is better", fontsize=9)
+    ax.set_ylabel(f"{y.label}{uy}, {'lower' if y.lower_is_better else 'higher'} is better", fontsize=9)
     ax.grid(alpha=0.3)
 
 

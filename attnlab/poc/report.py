@@ -4,6 +4,7 @@ with a plain-words summary, then the tables grouped by level, the plots, samples
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,15 +27,23 @@ from attnlab.poc.metrics import ALIGNMENT, ALL, COST, QUALITY, Metric, Stat, sho
 from attnlab.poc.prompts import PromptSet
 from attnlab.poc.results import compare, stats_of, write_results
 from attnlab.poc.sampling import SEED_STRIDE, load_samples
-from attnlab.poc.stages import variant_dirs
+from attnlab.poc.stages import done, fingerprint, mark, variant_dirs
 from attnlab.poc.summary import Summary
 from attnlab.techniques import LEVELS
 
+REPORT_FILES = ("report.md", "report.html", "results.json", "results.csv")
+
 
 def write_report(
-    cfg: PocConfig, out: Path, entries: list[dict], prompts: PromptSet, heat: list[dict], wall: float, res
+    cfg: PocConfig, out: Path, entries: list[dict], prompts: PromptSet, heat: list[dict], wall: float
 ) -> dict:
-    """Write figures, results.json, results.csv, report.md and report.html; returns the results."""
+    """Write figures, results.json, results.csv, report.md and report.html; returns the results
+    (with "skipped": True when the report of exactly these results is already there)."""
+    heat = [{k: h[k] for k in ("variant", "prompt", "words", "file", "path")} for h in heat]
+    fp = fingerprint("report", cfg.to_dict(), entries, prompts.shown, heat)
+    marker = out / "stages" / "report.json"
+    if done(marker, fp) is not None and all((out / f).is_file() for f in REPORT_FILES):
+        return {**json.loads((out / "results.json").read_text()), "skipped": True}
     reference = cfg.reference_name
     summary = Summary(entries, reference)
     results = {
@@ -56,7 +65,8 @@ def write_report(
     doc = build_document(cfg, results, figs, heat)
     write_text(out / "report.md", to_markdown(doc, out))
     write_text(out / "report.html", to_html(doc))
-    return results
+    mark(marker, fp, {"files": list(REPORT_FILES)})
+    return {**results, "skipped": False}
 
 
 def title_of(cfg: PocConfig) -> str:
@@ -206,7 +216,7 @@ def _variants_table(cfg: PocConfig, entries: list[dict], ref: str) -> Table:
         name = f"`{e['name']}`" + (" (reference)" if e["name"] == ref else "")
         return [Cell(name), Cell(levels), Cell(_adds(e)), Cell(model), Cell("; ".join(papers) or "–")]
 
-    return Table(["variant", "level", "adds", "model", "source"], _grouped(entries, row))
+    return Table(["variant", "level", "adds", "model", "source"], _grouped(entries, row), left=5)
 
 
 def metric_table(entries: list[dict], metrics: list[Metric], comparisons: dict, ref: str) -> Table:
@@ -250,7 +260,7 @@ def versus(m: Metric, s: Stat | None, ref: Stat | None, is_ref: bool) -> Cell:
 
 def _table_caption(metrics: list[Metric]) -> str:
     seeds = any(m.per_seed for m in metrics)
-    parts = ["**bold**: best"]
+    parts = ["Bold: best"]
     if seeds:
         parts.append("mean ± std over the sampling seeds; ≈ best: within noise of the best")
     if any(not m.per_seed for m in metrics):
@@ -314,8 +324,8 @@ def _figure_sections(doc: Document, cfg: PocConfig, figs: dict, heat: list[dict]
 
 def _method(cfg: PocConfig, results: dict) -> list[str]:
     b, n_seeds = cfg.budget, len(cfg.seeds)
-    source = "given in the config" if cfg.prompts else "drawn from the eval split (its captions or labels)"
-    ev = cfg.evaluator or f"the built-in `{cfg.data.name}` evaluator"
+    source = "given in the config" if cfg.prompts else "captions or labels drawn from the eval split"
+    ev = f"the evaluator `{cfg.evaluator}`" if cfg.evaluator else f"the built-in `{cfg.data.name}` evaluator"
     return [
         f"Every variant drew the same {b.num_samples} prompts ({source}) for each of the {n_seeds} sampling seeds "
         f"{', '.join(map(str, cfg.seeds))}; sample k of seed s starts from the noise of seed s·{SEED_STRIDE}+k, so variants differ only by design.",

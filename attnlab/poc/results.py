@@ -39,7 +39,7 @@ def compare(variants: Sequence[dict], reference: str) -> dict[str, dict[str, dic
         have = {n: s[key] for n, s in stats.items() if key in s}
         best = best_name(metric, have)
         ref = have.get(reference)
-        out[key] = {n: _comparison(s, ref, have[best], n == best) for n, s in have.items()}
+        out[key] = {n: _comparison(s, ref, have[best], s.mean == have[best].mean) for n, s in have.items()}
     return out
 
 

@@ -4,6 +4,7 @@ so an interrupted run (Ctrl-C, a kill) resumes where it stopped and a finished o
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -120,8 +121,9 @@ def run_poc(
     heat = _heatmaps(res, trained, bar)
     from attnlab.poc.report import write_report
 
-    with bar.stage("report", "write report.md, report.html, results.json, results.csv"):
-        results = write_report(cfg, out, entries, res.prompts, heat, time.perf_counter() - start, res)
+    with bar.stage("report", "write report.md, report.html, results.json, results.csv") as st:
+        results = write_report(cfg, out, entries, res.prompts, heat, time.perf_counter() - start)
+        st.skipped = results.pop("skipped")
     bar.close()
     return results
 
@@ -194,12 +196,7 @@ def _variant(res: Resources, v: VariantConfig, trained: dict[str, Trained], bar:
     cost = {}
     if "cost" in cfg.metrics:
         with bar.stage(v.name, "cost") as st:
-            cfp = fingerprint(
-                "cost",
-                t.model_fp,
-                spec,
-                t.rc.sample.to_dict() if hasattr(t.rc.sample, "to_dict") else vars(t.rc.sample),
-            )
+            cfp = fingerprint("cost", t.model_fp, spec, dataclasses.asdict(t.rc.sample))
             cost = cost_stage(sampler, res.prompts, owner_dirs.model, dirs, cfp)
             st.skipped = cost["skipped"]
     return _entry(cfg, v, owner, spec, per_seed, cost, t, sampled)

@@ -3,6 +3,7 @@ each variant (parameters, FLOPs, peak memory, training time), each kept in a sta
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -28,9 +29,12 @@ COST_SAMPLES = 4  # samples in the runs that count FLOPs and peak memory
 
 
 def evaluator_fingerprint(ev: Evaluator) -> str:
-    """Identifies an evaluator by its weights, so changed weights redo every evaluation."""
-    parts = [(k, v.float().sum().item(), tuple(v.shape)) for k, v in sorted(ev.net.state_dict().items())]
-    return fingerprint("evaluator", ev.name, parts)
+    """Identifies an evaluator by the bytes of its weights, so changed weights redo every evaluation."""
+    h = hashlib.sha256()
+    for k, v in sorted(ev.net.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return fingerprint("evaluator", ev.name, h.hexdigest())
 
 
 def real_features(ev: Evaluator, eval_x: Tensor, out: Path) -> Tensor:

@@ -88,10 +88,10 @@ class Summary:
             and metric.key in self.stats[self.reference]
         ):
             text += f" (reference `{self.reference}`: {self._val(self.reference, metric)})"
-        if family == "cost":
-            text += self._exact_costs()
         if ties:
             text += f"; {_names(ties)} {'is' if len(ties) == 1 else 'are'} within noise of it"
+        if family == "cost":
+            text += self._exact_costs()
         return text + "."
 
     def _exact_costs(self) -> str:
@@ -101,7 +101,7 @@ class Summary:
             if have:
                 n = best_name(ALL[key], have)
                 parts.append(f"{what}: `{n}` ({ALL[key].fmt(have[n].mean)})")
-        return f"; {'; '.join(parts)}" if parts else ""
+        return f". Exactly counted, {'; '.join(parts)}" if parts else ""
 
     def noise_sentence(self) -> str:
         ties = self.noise_ties_with_reference()

@@ -1,0 +1,224 @@
+"""The PoC end to end at a tiny budget: every table and file of the report, a rerun that does no work
+twice, and an interrupted run that keeps what it finished and resumes."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import attnlab.poc.sampling as poc_sampling
+import attnlab.poc.training as poc_training
+from attnlab.evaluate import Evaluator
+from attnlab.evaluate.network import EvaluatorNet
+from attnlab.evaluate.tasks import ShapesTask
+from attnlab.poc import load_poc_config, run_poc
+
+TINY = {
+    "data": {"name": "shapes", "size": 16, "num": 48, "num_eval": 16},
+    "model": {
+        "backbone": "unet",
+        "cond": "text",
+        "width": 16,
+        "channel_mult": [1, 2],
+        "attn_resolutions": [8],
+        "heads": 2,
+        "norm_groups": 4,
+    },
+    "train": {"batch_size": 4, "warmup": 1, "log_every": 1, "ckpt_every": 2, "progress": False},
+    "sample": {"sampler": "ddim", "guidance": 2.0},
+    "budget": {"train_steps": 2, "sample_steps": 2, "num_samples": 4, "batch_size": 4},
+    "variants": [
+        {"name": "base"},
+        {
+            "name": "attn16",
+            "model": {"attn_resolutions": [16, 8]},
+            "level": 2,
+            "note": "attention at 16 px too",
+        },
+        {"name": "pag", "base": "base", "techniques": {"pag": {"scale": 2.0}}},
+    ],
+    "seeds": [0, 1, 2],
+}
+
+
+@pytest.fixture(scope="module")
+def evaluator_dir(tmp_path_factory):
+    """An untrained shapes evaluator: the numbers are meaningless, the pipeline is the same."""
+    torch.manual_seed(0)
+    task = ShapesTask()
+    path = tmp_path_factory.mktemp("evaluator")
+    Evaluator(task, EvaluatorNet(task.network(2, 3)).eval(), {"name": "untrained"}).save(path / "evaluator")
+    return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy machine cannot stall it at an OpenMP barrier."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(tmp_path, evaluator_dir, **changes):
+    path = tmp_path / "poc.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "evaluator": str(evaluator_dir), **changes}))
+    return load_poc_config(path)
+
+
+class Counter:
+    """Wraps a function and counts its calls; `fail_at` raises KeyboardInterrupt at that call."""
+
+    def __init__(self, fn, fail_at=None):
+        self.fn, self.calls, self.fail_at = fn, 0, fail_at
+
+    def __call__(self, *a, **k):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt
+        return self.fn(*a, **k)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    def install(fail_at=None):
+        train = Counter(poc_training.train)
+        sample = Counter(poc_sampling.generate, fail_at)
+        monkeypatch.setattr(poc_training, "train", train)
+        monkeypatch.setattr(poc_sampling, "generate", sample)
+        return train, sample
+
+    return install
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, evaluator_dir, one_thread):
+    tmp = tmp_path_factory.mktemp("poc")
+    cfg = tiny_config(tmp, evaluator_dir)
+    out = tmp / "out"
+    results = run_poc(cfg, out, progress=False, echo=lambda line: None)
+    return cfg, out, results
+
+
+def test_report_holds_every_table_and_figure(finished):
+    _, out, _ = finished
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    sections = ["## Summary", "## Variants", "## Quality", "## Condition alignment", "## Cost"]
+    sections += [
+        "## Quality versus cost",
+        "## Training loss",
+        "## Samples",
+        "## Heat maps",
+        "## How this was measured",
+    ]
+    for s in sections:
+        assert s in md, s
+        assert f"<h2>{s[3:]}</h2>" in html, s
+    assert md.index("## Summary") < md.index("## Variants")  # the report opens with the summary
+    for phrase in (
+        "Best quality",
+        "Best condition alignment",
+        "Lowest cost",
+        "Within noise",
+        "Recommendation (quality)",
+    ):
+        assert phrase in md, phrase
+    for header in (
+        "| variant | FID | KID ×10³ |",
+        "all asked right",
+        "latency / sample",
+        "FLOPs / denoiser call",
+    ):
+        assert header in md, header
+    assert "L2 · internal" in md and "L5 · output" in md  # rows grouped by level
+    assert "± " in md  # spreads over seeds
+
+
+def test_html_is_self_contained(finished):
+    _, out, _ = finished
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 6  # trade-off, loss, side by side, 3 grids, heat maps
+    assert "src='http" not in html and 'src="http' not in html and "<link" not in html
+    assert "src='figures" not in html
+
+
+def test_results_json_and_csv(finished):
+    cfg, out, results = finished
+    data = json.loads((out / "results.json").read_text())
+    assert set(data) >= {
+        "summary",
+        "variants",
+        "comparisons",
+        "seeds",
+        "prompts",
+        "config",
+        "timing",
+        "heatmaps",
+    }
+    names = [v["name"] for v in data["variants"]]
+    assert names == ["base", "attn16", "pag"]
+    for v in data["variants"]:
+        assert set(v["per_seed"]) == {"0", "1", "2"}
+        for key in ("fid", "kid_mean", "all_correct", "latency_s"):
+            stat = v["metrics"][key]
+            assert len(stat["values"]) == 3 and stat["std"] >= 0
+        for key in ("params", "flops_per_call", "flops_per_sample", "peak_mem_bytes", "train_seconds"):
+            assert key in v["metrics"], key
+    by_name = {v["name"]: v for v in data["variants"]}
+    assert by_name["pag"]["trained_by"] == "base" and by_name["attn16"]["trained_by"] == "attn16"
+    assert by_name["pag"]["levels"] == [5] and by_name["attn16"]["levels"] == [2]
+    # PAG adds a perturbed pass per step: more FLOPs per sample on the same model
+    assert (
+        by_name["pag"]["metrics"]["flops_per_sample"]["mean"]
+        > by_name["base"]["metrics"]["flops_per_sample"]["mean"]
+    )
+    assert by_name["pag"]["metrics"]["params"] == by_name["base"]["metrics"]["params"]
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("variant,levels,techniques,trained_by,fid_mean,fid_std")
+    assert len(csv_lines) == 4
+    assert data["summary"]["best_quality"]["variant"] in names
+
+
+def test_rerun_does_no_work_twice(finished, counted):
+    cfg, out, _ = finished
+    markers = {p: p.stat().st_mtime_ns for p in (out / "variants").rglob("stages/*.json")}
+    train, sample = counted()
+    lines = []
+    run_poc(cfg, out, progress=False, echo=lines.append)
+    assert train.calls == 0 and sample.calls == 0
+    assert {p: p.stat().st_mtime_ns for p in markers} == markers
+    assert sum("done before, kept" in line for line in lines) == len(markers) + 1  # and the report
+
+
+def test_more_sampling_seeds_only_add_work(finished, counted, evaluator_dir, tmp_path):
+    cfg, out, _ = finished
+    cfg.seeds = [0, 1, 2, 3]
+    train, sample = counted()
+    results = run_poc(cfg, out, progress=False, echo=lambda line: None)
+    assert train.calls == 0
+    assert sample.calls == 3  # seed 3 of each variant; training, cost and other seeds are kept
+    assert all(len(v["per_seed"]) == 4 for v in results["variants"])
+
+
+def test_interrupt_keeps_finished_stages_and_resumes(tmp_path, evaluator_dir, counted):
+    cfg = tiny_config(tmp_path, evaluator_dir, variants=TINY["variants"][:1])
+    out = tmp_path / "out"
+    train, sample = counted(fail_at=3)  # Ctrl-C while drawing the third seed
+    with pytest.raises(KeyboardInterrupt):
+        run_poc(cfg, out, progress=False, echo=lambda line: None)
+    stages = out / "variants" / "base" / "stages"
+    assert {p.name for p in stages.iterdir()} == {
+        "trained.json",
+        "sampled-0.json",
+        "evaluated-0.json",
+        "sampled-1.json",
+        "evaluated-1.json",
+    }
+    assert not list(out.rglob("*.tmp")) and not (out / "report.md").exists()
+    train, sample = counted()
+    run_poc(cfg, out, progress=False, echo=lambda line: None)
+    assert train.calls == 0  # the trained model was kept
+    assert sample.calls == 1 + 2  # seed 2, then the cost stage's two runs (FLOPs, peak memory)
+    assert (out / "report.html").is_file()
