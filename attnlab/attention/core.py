@@ -4,14 +4,16 @@ The module computes q, k, v and hands them to a kernel: the fused SDPA kernel by
 explicit softmax path when an installed control needs the probabilities. Controls (see
 `attnlab.attention.bus`) see each call as an `AttnCall` and may change the input tokens, the
 probabilities or the output. With no control installed, `forward` costs one list check on top of
-the bare computation.
+the bare computation. A layer built with a `kernel` (linear or windowed attention, say) runs it
+instead of softmax over all tokens; the kernel also supplies explicit probabilities, so controls
+work on such a layer unchanged.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,7 +28,7 @@ class AttnCall:
 
     Attributes:
         name: the layer's stable name (its dotted module path, same in every model built from one config).
-        kind: "self" or "cross".
+        kind: "self", "cross" (to condition tokens) or "xscale" (to features of another resolution).
         grid: token grid shape of the query sequence, e.g. (16, 16) for a 2D map or (256,) for 1D.
         heads: number of heads.
         step: sampling step index (0-based) or None outside a sampling loop.
@@ -38,7 +40,7 @@ class AttnCall:
     """
 
     name: str
-    kind: Literal["self", "cross"]
+    kind: Literal["self", "cross", "xscale"]
     grid: tuple[int, ...]
     heads: int
     step: int | None
@@ -78,6 +80,20 @@ def attention_probs(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
     return scores.softmax(dim=-1)
 
 
+class AttnKernel(Protocol):
+    """How a self-attention layer mixes tokens when it is not softmax over all of them.
+
+    Both methods see q, k, v as (B, heads, N, d) on the token grid `grid` and must agree:
+    `attend(q, k, v, grid) == probs(q, k, grid) @ v` up to float error.
+    """
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, ...]) -> Tensor:
+        """The efficient path; returns (B, heads, N, d)."""
+
+    def probs(self, q: Tensor, k: Tensor, grid: tuple[int, ...]) -> Tensor:
+        """The explicit attention matrix (B, heads, N, N), rows summing to 1, for controls."""
+
+
 class Attention(nn.Module):
     """Multi-head self- or cross-attention with a pluggable control chain.
 
@@ -86,14 +102,29 @@ class Attention(nn.Module):
         heads: number of heads (`dim` must be divisible by it).
         context_dim: width of the context tokens; given means cross-attention.
         qkv_bias: whether the q/k/v projections have a bias.
+        kernel: for self-attention, the kernel that replaces softmax over all tokens (None: SDPA).
+        kind: "xscale" marks a layer whose context is features of another resolution rather than
+            condition tokens, so controls that read words (heat maps, editing) leave it alone.
     """
 
-    def __init__(self, dim: int, heads: int = 4, context_dim: int | None = None, qkv_bias: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 4,
+        context_dim: int | None = None,
+        qkv_bias: bool = False,
+        kernel: AttnKernel | None = None,
+        kind: Literal["xscale"] | None = None,
+    ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention dim {dim} is not divisible by heads={heads}")
-        self.dim, self.heads = dim, heads
-        self.kind: Literal["self", "cross"] = "cross" if context_dim is not None else "self"
+        if kernel is not None and context_dim is not None:
+            raise ValueError("an attention kernel replaces self-attention only; this layer has context_dim")
+        self.dim, self.heads, self.kernel = dim, heads, kernel
+        self.kind: Literal["self", "cross", "xscale"] = kind or (
+            "cross" if context_dim is not None else "self"
+        )
         if self.kind == "self":
             self.to_qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)  # one matmul for q, k, v
         else:
@@ -127,20 +158,35 @@ class Attention(nn.Module):
         Returns:
             (B, N, dim).
         """
-        if self.kind == "cross" and context is None:
-            raise ValueError(f"cross-attention layer {self.name or '?'} was called without context tokens")
+        if self.kind != "self" and context is None:
+            raise ValueError(
+                f"{self.kind}-attention layer {self.name or '?'} was called without context tokens"
+            )
         if self.controls:
             return self._forward_controlled(x, context, context_mask, grid or (x.shape[1],))
         q, k, v = self.project(x, context)
+        if self.kernel is not None:
+            return self.to_out(merge_heads(self.kernel.attend(q, k, v, grid or (x.shape[1],))))
         mask = key_padding_bias(context_mask) if self.kind == "cross" else None
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, d)
         return self.to_out(merge_heads(h))
 
-    def forward_math(self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None):
+    def forward_math(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        grid: tuple[int, ...] | None = None,
+    ):
         """The explicit path; returns (output, probabilities). Equals `forward` up to float error."""
         q, k, v = self.project(x, context)
-        p = attention_probs(q, k, key_padding_bias(context_mask) if self.kind == "cross" else None)
+        p = self._probs(q, k, context_mask, grid or (x.shape[1],))
         return self.to_out(merge_heads(p @ v)), p
+
+    def _probs(self, q: Tensor, k: Tensor, context_mask: Tensor | None, grid: tuple[int, ...]) -> Tensor:
+        if self.kernel is not None:
+            return self.kernel.probs(q, k, grid)
+        return attention_probs(q, k, key_padding_bias(context_mask) if self.kind == "cross" else None)
 
     def _forward_controlled(self, x, context, context_mask, grid):
         st = self.state
@@ -171,12 +217,14 @@ class Attention(nn.Module):
 
     def _attend(self, call, active, x, context, context_mask):
         q, k, v = self.project(x, context)
-        mask = key_padding_bias(context_mask) if self.kind == "cross" else None
         if any(c.needs_probs(call) for c in active):
-            p = attention_probs(q, k, mask)  # (B, heads, N, L)
+            p = self._probs(q, k, context_mask, call.grid)  # (B, heads, N, L)
             for c in active:
                 p = c.probs(call, p)
             h = p @ v
+        elif self.kernel is not None:
+            h = self.kernel.attend(q, k, v, call.grid)
         else:
+            mask = key_padding_bias(context_mask) if self.kind == "cross" else None
             h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out(merge_heads(h))
