@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.attention import Attention
-from attnlab.errors import ConfigError
 from attnlab.models.specs import AttnSpec
 
 Context = tuple[Tensor, Tensor] | None  # (tokens (B, L, D), mask (B, L) bool) for cross-attention
@@ -126,21 +125,18 @@ class Upsample(nn.Module):
 # Transformer block
 
 
-def make_self_attention(spec: AttnSpec, dim: int) -> nn.Module:
-    """The self-attention sub-layer a spec asks for."""
-    if spec.mixer == "global":
-        return Attention(dim, spec.heads)
-    raise ConfigError(f"attention mixer {spec.mixer!r} is not available; available: global")
+ATTENTION_SUBLAYERS = ("self", "chan", "cross")
 
 
 class TransformerBlock(nn.Module):
-    """Residual sub-layers over tokens as `spec` lists them: self-attention "self", cross-attention
-    "cross" (to the condition tokens), MLP "mlp".
+    """Residual sub-layers over tokens as `spec` lists them: self-attention "self", channel attention
+    "chan", cross-attention "cross" (to the condition tokens), MLP "mlp".
 
     With spec.modulation == "adaln_zero" each sub-layer's norm is scaled and shifted, and its output
     gated, by values regressed from the conditioning vector; the regression starts at zero, so the
     block starts as the identity (DiT's adaLN-Zero). Otherwise the norms are learned and the output
-    projections start at zero, which makes the block start as the identity too.
+    projections start at zero, which makes the block start as the identity too. A time gate, if the
+    spec has one, further scales each attention residual.
 
     Args:
         dim: token width.
@@ -157,7 +153,9 @@ class TransformerBlock(nn.Module):
             nn.LayerNorm(dim, elementwise_affine=not adaln, eps=1e-6) for _ in self.subs
         )
         if spec.self_attn:
-            self.add_module("self", make_self_attention(spec, dim))
+            self.add_module("self", Attention(dim, spec.heads, kernel=spec.mixer))
+        if spec.channel_attn is not None:
+            self.chan = spec.channel_attn(dim, spec.heads)
         if spec.cross_attn:
             self.add_module("cross", Attention(dim, spec.heads, context_dim=context_dim))
         if spec.mlp_ratio > 0:
@@ -165,10 +163,20 @@ class TransformerBlock(nn.Module):
             self.mlp = nn.Sequential(
                 nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
             )
-        self.ada = zero_(nn.Linear(emb_dim, 3 * len(self.subs) * dim)) if adaln else None
-        if not adaln:
+        self.ada = nn.Linear(emb_dim, 3 * len(self.subs) * dim) if adaln else None
+        gated = tuple(n for n in self.subs if n in ATTENTION_SUBLAYERS)
+        self.time_gate = spec.time_gate(emb_dim, dim, gated) if spec.time_gate is not None else None
+        self.zero_init()
+
+    def zero_init(self) -> None:
+        """Make the block the identity: zero the adaLN regression, or else every output projection."""
+        if self.ada is not None:
+            zero_(self.ada)
+        else:
             for name in self.subs:
                 zero_(self._out_proj(name))
+        if self.time_gate is not None:
+            self.time_gate.reset_parameters()
 
     def _out_proj(self, name: str) -> nn.Linear:
         layer = getattr(self, name)
@@ -177,19 +185,24 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor | None, ctx: Context, grid: tuple[int, ...]) -> Tensor:
         """x: (B, N, dim) tokens on `grid`; emb: (B, emb_dim) after SiLU; ctx: condition tokens and mask."""
         mods = self.ada(emb)[:, None].chunk(3 * len(self.subs), dim=-1) if self.ada is not None else None
+        tgates = self.time_gate(emb) if self.time_gate is not None else None  # name -> (B, 1, dim)
         for i, name in enumerate(self.subs):
             h = self.norms[i](x)
             if mods is not None:
                 shift, scale, gate = mods[3 * i : 3 * i + 3]  # 3 x (B, 1, dim)
                 h = self._run(name, torch.addcmul(shift, h, 1 + scale), ctx, grid)
-                x = torch.addcmul(x, gate, h)  # x + gate * sublayer(modulate(norm(x)))
             else:
-                x = x + self._run(name, h, ctx, grid)
+                gate, h = None, self._run(name, h, ctx, grid)
+            if tgates is not None and name in tgates:
+                gate = tgates[name] if gate is None else gate * tgates[name]
+            x = x + h if gate is None else torch.addcmul(x, gate, h)  # x + gate * sublayer(...)
         return x
 
     def _run(self, name: str, h: Tensor, ctx: Context, grid: tuple[int, ...]) -> Tensor:
         if name == "self":
             return self.self(h, grid=grid)
+        if name == "chan":
+            return self.chan(h)
         if name == "cross":
             return self.cross(h, ctx[0], ctx[1], grid=grid)
         return self.mlp(h)

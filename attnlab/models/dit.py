@@ -79,7 +79,7 @@ class DiT(nn.Module):
         if self.config.cond == "class":
             nn.init.normal_(self.cond_embed.table.weight, std=0.02)
         for blk in self.blocks:
-            zero_(blk.ada)
+            blk.zero_init()
         zero_(self.final.ada), zero_(self.final.linear)
 
     def embed(self, t: Tensor, cond: Condition | None, batch: int) -> tuple[Tensor, Context]:

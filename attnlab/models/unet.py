@@ -72,24 +72,24 @@ class UNet(nn.Module):
         self.cond_embed = CondEmbedding(cfg.cond, emb_dim, cfg.num_classes, cfg.context_dim, token_dim)
         self.conv_in = conv_nd(cfg.dims, cfg.in_channels, widths[0], 3)
 
-        def block(cin: int, cout: int, size: int | None) -> UNetBlock:
-            return UNetBlock(cin, cout, emb_dim, cfg, unet_attn_spec(cfg, size), token_dim)
+        def block(cin: int, cout: int, size: int | None, side: str) -> UNetBlock:
+            return UNetBlock(cin, cout, emb_dim, cfg, unet_attn_spec(cfg, size, side), token_dim)
 
         self.down, skips, ch = nn.ModuleList(), [widths[0]], widths[0]
         for i, (w, size) in enumerate(zip(widths, cfg.feature_sizes())):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(block(ch, w, size))
+                self.down.append(block(ch, w, size, "down"))
                 ch = w
                 skips.append(ch)
             if i < len(widths) - 1:
                 self.down.append(Downsample(ch, cfg.dims))
                 skips.append(ch)
-        self.mid = block(ch, ch, None)
+        self.mid = block(ch, ch, None, "mid")
         self.mid_out = ResBlock(ch, ch, emb_dim, cfg.dims, cfg.norm_groups)
         self.up = nn.ModuleList()
         for i, (w, size) in reversed(list(enumerate(zip(widths, cfg.feature_sizes())))):
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(block(ch + skips.pop(), w, size))
+                self.up.append(block(ch + skips.pop(), w, size, "up"))
                 ch = w
             if i > 0:
                 self.up.append(Upsample(ch, cfg.dims))
