@@ -105,6 +105,8 @@ class Attention(nn.Module):
         kernel: for self-attention, the kernel that replaces softmax over all tokens (None: SDPA).
         kind: "xscale" marks a layer whose context is features of another resolution rather than
             condition tokens, so controls that read words (heat maps, editing) leave it alone.
+        rotary: a module `rotary(q, k, grid) -> (q, k)` that rotates queries and keys by their grid
+            positions (RoPE, `attnlab.models.techniques.rope`); None: no relative positions.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class Attention(nn.Module):
         qkv_bias: bool = False,
         kernel: AttnKernel | None = None,
         kind: Literal["xscale"] | None = None,
+        rotary: nn.Module | None = None,
     ):
         super().__init__()
         if dim % heads:
@@ -131,17 +134,23 @@ class Attention(nn.Module):
             self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
             self.to_kv = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
         self.to_out = nn.Linear(dim, dim)
+        self.rotary = rotary
         self.name = ""  # set by attnlab.attention.bus.name_layers once the model is built
         self.controls: list[Control] = []
         self.state: BusState | None = None
 
-    def project(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def project(
+        self, x: Tensor, context: Tensor | None, grid: tuple[int, ...] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         if self.kind == "self":
             q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # 3 x (B, N, C)
         else:
             q = self.to_q(x)
             k, v = self.to_kv(context).chunk(2, dim=-1)  # 2 x (B, L, C)
-        return split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads)
+        q, k, v = split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads)
+        if self.rotary is not None:  # relative positions enter the scores through q and k only
+            q, k = self.rotary(q, k, grid or (x.shape[1],))
+        return q, k, v
 
     def forward(
         self,
@@ -153,7 +162,8 @@ class Attention(nn.Module):
         """Args:
             x: (B, N, dim) query tokens.
             context: (B, L, context_dim) condition tokens for cross-attention (ignored for self).
-            context_mask: (B, L) bool, True where the context token is real; padding gets no attention.
+            context_mask: (B, L) bool, True where the key token is real (the context tokens, or for
+                self-attention the input tokens, e.g. padded in-context text); padding gets no attention.
             grid: the query tokens' grid shape, reported to controls (defaults to (N,)).
         Returns:
             (B, N, dim).
@@ -164,10 +174,10 @@ class Attention(nn.Module):
             )
         if self.controls:
             return self._forward_controlled(x, context, context_mask, grid or (x.shape[1],))
-        q, k, v = self.project(x, context)
+        q, k, v = self.project(x, context, grid)
         if self.kernel is not None:
             return self.to_out(merge_heads(self.kernel.attend(q, k, v, grid or (x.shape[1],))))
-        mask = key_padding_bias(context_mask) if self.kind == "cross" else None
+        mask = key_padding_bias(context_mask)  # key padding, cross- or self-attention
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, d)
         return self.to_out(merge_heads(h))
 
@@ -179,14 +189,14 @@ class Attention(nn.Module):
         grid: tuple[int, ...] | None = None,
     ):
         """The explicit path; returns (output, probabilities). Equals `forward` up to float error."""
-        q, k, v = self.project(x, context)
+        q, k, v = self.project(x, context, grid)
         p = self._probs(q, k, context_mask, grid or (x.shape[1],))
         return self.to_out(merge_heads(p @ v)), p
 
     def _probs(self, q: Tensor, k: Tensor, context_mask: Tensor | None, grid: tuple[int, ...]) -> Tensor:
         if self.kernel is not None:
             return self.kernel.probs(q, k, grid)
-        return attention_probs(q, k, key_padding_bias(context_mask) if self.kind == "cross" else None)
+        return attention_probs(q, k, key_padding_bias(context_mask))
 
     def _forward_controlled(self, x, context, context_mask, grid):
         st = self.state
@@ -216,7 +226,7 @@ class Attention(nn.Module):
         return out
 
     def _attend(self, call, active, x, context, context_mask):
-        q, k, v = self.project(x, context)
+        q, k, v = self.project(x, context, call.grid)
         if any(c.needs_probs(call) for c in active):
             p = self._probs(q, k, context_mask, call.grid)  # (B, heads, N, L)
             for c in active:
@@ -225,6 +235,5 @@ class Attention(nn.Module):
         elif self.kernel is not None:
             h = self.kernel.attend(q, k, v, call.grid)
         else:
-            mask = key_padding_bias(context_mask) if self.kind == "cross" else None
-            h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            h = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_bias(context_mask))
         return self.to_out(merge_heads(h))
