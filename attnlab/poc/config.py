@@ -202,16 +202,20 @@ def validate(cfg: PocConfig) -> None:
             v.name,
             "letters, digits and _ . + - (a directory name)",
         )
-        _check(names.count(v.name) == 1, f"{key}.name", v.name, "a name no other variant has")
-        _validate_variant(cfg, v, key, names)
+        _check(v.name not in names[:i], f"{key}.name", v.name, "a name no other variant has")
+        _check(
+            v.base is None or v.base in names, f"{key}.base", v.base, f"another variant ({', '.join(names)})"
+        )
+    for v in cfg.variants:
+        lineage(cfg, v)  # a cycle of bases is an error
+    for i, v in enumerate(cfg.variants):
+        _validate_variant(cfg, v, f"variants[{i}]")
     _check(
         cfg.reference is None or cfg.reference in names,
         "reference",
         cfg.reference,
         f"one of the variants ({', '.join(names)})",
     )
-    for v in cfg.variants:
-        model_owner(cfg, v)  # a cycle of bases is an error
 
 
 def _validate_lists(cfg: PocConfig) -> None:
@@ -257,8 +261,7 @@ def _validate_lists(cfg: PocConfig) -> None:
         )
 
 
-def _validate_variant(cfg: PocConfig, v: VariantConfig, key: str, names: list[str]) -> None:
-    _check(v.base is None or v.base in names, f"{key}.base", v.base, f"another variant ({', '.join(names)})")
+def _validate_variant(cfg: PocConfig, v: VariantConfig, key: str) -> None:
     _check(v.base != v.name, f"{key}.base", v.base, "another variant, not the variant itself")
     _check(v.level is None or 1 <= v.level <= 5, f"{key}.level", v.level, "1 to 5")
     for name, opts in v.techniques.items():
@@ -327,14 +330,24 @@ def _check_technique(cfg: PocConfig, v: VariantConfig, tech, opts: dict, key: st
 # Variants
 
 
+def lineage(cfg: PocConfig, v: VariantConfig) -> list[VariantConfig]:
+    """The variant, its base, its base's base, ... (the last one trains).
+
+    Raises:
+        ConfigError: the bases form a cycle.
+    """
+    chain = [v]
+    while chain[-1].base is not None:
+        nxt = cfg.variant(chain[-1].base)
+        if nxt in chain:
+            names = " -> ".join(x.name for x in [*chain, nxt])
+            raise ConfigError(f"variants: the bases form a cycle ({names})")
+        chain.append(nxt)
+    return chain
+
+
 def model_owner(cfg: PocConfig, v: VariantConfig) -> VariantConfig:
     """The variant whose trained model `v` samples: follows `base`, else the first variant with the same model."""
-    seen = [v.name]
-    while v.base is not None:
-        v = cfg.variant(v.base)
-        if v.name in seen:
-            raise ConfigError(f"variants: bases form a cycle ({' -> '.join([*seen, v.name])})")
-        seen.append(v.name)
     mine = variant_model(cfg, v)
     return next(o for o in cfg.variants if o.base is None and variant_model(cfg, o) == mine)
 
@@ -344,8 +357,7 @@ def variant_model(cfg: PocConfig, v: VariantConfig, key: str = "") -> ModelConfi
     from attnlab.models.specs import check_techniques
 
     key = key or f"variant {v.name!r}"
-    if v.base is not None:
-        return variant_model(cfg, cfg.variant(v.base))
+    v = lineage(cfg, v)[-1]
     arch = {n: dict(o or {}) for n, o in v.techniques.items() if not _training_free(n)}
     fields = {**cfg.model.to_dict(), **v.model, "techniques": arch}
     try:
@@ -358,9 +370,10 @@ def variant_model(cfg: PocConfig, v: VariantConfig, key: str = "") -> ModelConfi
 
 def sampling_spec(cfg: PocConfig, v: VariantConfig) -> dict[str, dict]:
     """The training-free techniques a variant samples with: its own, after its base's."""
-    inherited = sampling_spec(cfg, cfg.variant(v.base)) if v.base is not None else {}
-    own = {n: dict(o or {}) for n, o in v.techniques.items() if _training_free(n)}
-    return {**inherited, **own}
+    spec: dict[str, dict] = {}
+    for x in reversed(lineage(cfg, v)):
+        spec.update({n: dict(o or {}) for n, o in x.techniques.items() if _training_free(n)})
+    return spec
 
 
 def own_levels(cfg: PocConfig, v: VariantConfig) -> list[int]:
