@@ -10,7 +10,13 @@ from typer.core import TyperGroup
 from attnlab.errors import AttnlabError
 
 # Command modules of other rooms; each, if present, exposes register(app).
-PLUGINS = ("attnlab.cli.control", "attnlab.cli.techniques", "attnlab.cli.poc", "attnlab.cli.evaluator")
+PLUGINS = (
+    "attnlab.cli.control",
+    "attnlab.cli.techniques",
+    "attnlab.cli.poc",
+    "attnlab.cli.evaluator",
+    "attnlab.cli.cost",
+)
 BUILTINS = ("attnlab.cli.datasets", "attnlab.cli.train", "attnlab.cli.sample")
 
 
