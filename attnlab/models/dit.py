@@ -13,19 +13,22 @@ from attnlab.conditioning import Condition
 from attnlab.models.blocks import Context, TransformerBlock, as_map, conv_nd, to_tokens, zero_
 from attnlab.models.config import ModelConfig
 from attnlab.models.embeddings import CondEmbedding, TimestepEmbedding, batch_timesteps, sincos_pos_embed
-from attnlab.models.specs import dit_block_specs
+from attnlab.models.specs import built_techniques, dit_block_specs
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated norm, then a linear map from each token to its patch's values (zero at init)."""
+    """adaLN-modulated norm (or a learned norm when the time enters the tokens instead), then a linear
+    map from each token to its patch's values (zero at init)."""
 
-    def __init__(self, dim: int, patch_values: int):
+    def __init__(self, dim: int, patch_values: int, modulated: bool = True):
         super().__init__()
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.ada = nn.Linear(dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=not modulated, eps=1e-6)
+        self.ada = nn.Linear(dim, 2 * dim) if modulated else None
         self.linear = nn.Linear(dim, patch_values)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        if self.ada is None:
+            return self.linear(self.norm(x))
         shift, scale = self.ada(c)[:, None].chunk(2, dim=-1)  # 2 x (B, 1, dim)
         return self.linear(torch.addcmul(shift, self.norm(x), 1 + scale))
 
@@ -59,7 +62,11 @@ class DiT(nn.Module):
         self.time_embed = TimestepEmbedding(256, d)
         self.cond_embed = CondEmbedding(cfg.cond, d, cfg.num_classes, cfg.context_dim, d)
         self.blocks = nn.ModuleList(TransformerBlock(d, s, d, d) for s in dit_block_specs(cfg))
-        self.final = FinalLayer(d, p**cfg.dims * cfg.in_channels)
+        tech = built_techniques(cfg)
+        time, skips = tech.get("time_embedding"), tech.get("long_skips")
+        self.time_input = time.time_input(d) if time is not None else None  # time in the tokens
+        self.long_skips = skips.skips(cfg.depth, d) if skips is not None else None
+        self.final = FinalLayer(d, p**cfg.dims * cfg.in_channels, modulated=self.time_input is None)
         self.init_weights()
         name_layers(self)
 
@@ -80,7 +87,9 @@ class DiT(nn.Module):
             nn.init.normal_(self.cond_embed.table.weight, std=0.02)
         for blk in self.blocks:
             blk.zero_init()
-        zero_(self.final.ada), zero_(self.final.linear)
+        if self.final.ada is not None:
+            zero_(self.final.ada)
+        zero_(self.final.linear)
 
     def embed(self, t: Tensor, cond: Condition | None, batch: int) -> tuple[Tensor, Context]:
         """The adaLN input SiLU(time + class / pooled-text embedding) (B, width) and the context."""
@@ -99,6 +108,15 @@ class DiT(nn.Module):
         """
         c, ctx = self.embed(t, cond, x.shape[0])
         h = to_tokens(self.patchify(as_map(x, self.dims))) + self.pos  # (B, N, width)
+        n = h.shape[1]
+        if self.time_input is not None:
+            h = self.time_input(h, c)  # (B, N or N + 1, width): the time joins the tokens
+        h = self.run_blocks(h, c, ctx)[:, :n]  # tokens past the grid are dropped
+        return unpatchify(self.final(h, c), self.grid, self.config.patch, self.config.in_channels)
+
+    def run_blocks(self, h: Tensor, c: Tensor, ctx: Context) -> Tensor:
+        if self.long_skips is not None:
+            return self.long_skips(self.blocks, h, c, ctx, self.grid)
         for blk in self.blocks:
             h = blk(h, c, ctx, self.grid)
-        return unpatchify(self.final(h, c), self.grid, self.config.patch, self.config.in_channels)
+        return h

@@ -26,28 +26,52 @@ from attnlab.models.blocks import (
 )
 from attnlab.models.config import ModelConfig
 from attnlab.models.embeddings import CondEmbedding, TimestepEmbedding, batch_timesteps
-from attnlab.models.specs import AttnSpec, unet_attn_spec
+from attnlab.models.specs import AttnSpec, built_techniques, unet_attn_spec
 
 
 class UNetBlock(nn.Module):
-    """A residual block, then, where the spec asks for one, a transformer block over the map's tokens."""
+    """A residual block, then, where the spec asks for one, a transformer block over the map's tokens.
+
+    Techniques may add: a gate on the skip map (`skip_gate(skip, x)`), and a layer after the block
+    that reads encoder maps of other resolutions (`cross_scale(x, encoder)`).
+    """
 
     def __init__(
-        self, cin: int, cout: int, emb_dim: int, cfg: ModelConfig, spec: AttnSpec | None, context_dim: int
+        self,
+        cin: int,
+        cout: int,
+        emb_dim: int,
+        cfg: ModelConfig,
+        spec: AttnSpec | None,
+        context_dim: int,
+        res_block: type[ResBlock] = ResBlock,
+        skip_gate: nn.Module | None = None,
+        cross_scale: nn.Module | None = None,
     ):
         super().__init__()
         self.dims = cfg.dims
-        self.res = ResBlock(cin, cout, emb_dim, cfg.dims, cfg.norm_groups)
+        self.res = res_block(cin, cout, emb_dim, cfg.dims, cfg.norm_groups)
         self.attn = TransformerBlock(cout, spec, emb_dim, context_dim) if spec is not None else None
+        self.skip_gate, self.cross_scale = skip_gate, cross_scale
 
-    def forward(self, x: Tensor, emb: Tensor, ctx: Context, skip: Tensor | None = None) -> Tensor:
-        """x: (B, cin, H, W), or with `skip` (an encoder map of the same size) their channel concat."""
-        x = x if skip is None else torch.cat([x, skip], dim=1)  # (B, C_x + C_skip, H, W)
+    def forward(
+        self,
+        x: Tensor,
+        emb: Tensor,
+        ctx: Context,
+        skip: Tensor | None = None,
+        encoder: dict[int, Tensor] | None = None,
+    ) -> Tensor:
+        """x: (B, cin, H, W), or with `skip` (an encoder map of the same size) their channel concat;
+        `encoder`: the encoder maps by feature size, for a cross-scale layer."""
+        if skip is not None:
+            skip = skip if self.skip_gate is None else self.skip_gate(skip, x)
+            x = torch.cat([x, skip], dim=1)  # (B, C_x + C_skip, H, W)
         x = self.res(x, emb)
-        if self.attn is None:
-            return x
-        _, _, h, w = x.shape
-        return to_map(self.attn(to_tokens(x), emb, ctx, grid_of(x, self.dims)), h, w)
+        if self.attn is not None:
+            _, _, h, w = x.shape
+            x = to_map(self.attn(to_tokens(x), emb, ctx, grid_of(x, self.dims)), h, w)
+        return x if self.cross_scale is None else self.cross_scale(x, encoder)
 
 
 class UNet(nn.Module):
@@ -71,9 +95,26 @@ class UNet(nn.Module):
         self.time_embed = TimestepEmbedding(cfg.width, emb_dim)
         self.cond_embed = CondEmbedding(cfg.cond, emb_dim, cfg.num_classes, cfg.context_dim, token_dim)
         self.conv_in = conv_nd(cfg.dims, cfg.in_channels, widths[0], 3)
+        tech = built_techniques(cfg)
+        time, gate, xscale = (
+            tech.get(n) for n in ("time_embedding", "attention_gate", "cross_scale_attention")
+        )
+        res_block = time.res_block() if time is not None else ResBlock
 
-        def block(cin: int, cout: int, size: int | None, side: str) -> UNetBlock:
-            return UNetBlock(cin, cout, emb_dim, cfg, unet_attn_spec(cfg, size, side), token_dim)
+        def block(cin: int, cout: int, size: int | None, side: str, skip: int = 0) -> UNetBlock:
+            spec = unet_attn_spec(cfg, size, side)
+            up = side == "up"
+            return UNetBlock(
+                cin + skip,
+                cout,
+                emb_dim,
+                cfg,
+                spec,
+                token_dim,
+                res_block,
+                gate.gate(cfg, size, skip, cin) if up and gate is not None else None,
+                xscale.layer(cfg, size, cout) if up and xscale is not None else None,
+            )
 
         self.down, skips, ch = nn.ModuleList(), [widths[0]], widths[0]
         for i, (w, size) in enumerate(zip(widths, cfg.feature_sizes())):
@@ -85,17 +126,18 @@ class UNet(nn.Module):
                 self.down.append(Downsample(ch, cfg.dims))
                 skips.append(ch)
         self.mid = block(ch, ch, None, "mid")
-        self.mid_out = ResBlock(ch, ch, emb_dim, cfg.dims, cfg.norm_groups)
+        self.mid_out = res_block(ch, ch, emb_dim, cfg.dims, cfg.norm_groups)
         self.up = nn.ModuleList()
         for i, (w, size) in reversed(list(enumerate(zip(widths, cfg.feature_sizes())))):
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(block(ch + skips.pop(), w, size, "up"))
+                self.up.append(block(ch, w, size, "up", skips.pop()))
                 ch = w
             if i > 0:
                 self.up.append(Upsample(ch, cfg.dims))
         self.out = nn.Sequential(
             group_norm(ch, cfg.norm_groups), nn.SiLU(), zero_(conv_nd(cfg.dims, ch, cfg.in_channels, 3))
         )
+        self.needs_encoder = xscale is not None
         name_layers(self)
 
     def embed(self, t: Tensor, cond: Condition | None, batch: int) -> tuple[Tensor, Context]:
@@ -119,7 +161,8 @@ class UNet(nn.Module):
         for blk in self.down:
             h = blk(h, emb, ctx) if isinstance(blk, UNetBlock) else blk(h)
             skips.append(h)
+        encoder = {m.shape[-1]: m for m in skips} if self.needs_encoder else None  # last map per size
         h = self.mid_out(self.mid(h, emb, ctx), emb)
         for blk in self.up:
-            h = blk(h, emb, ctx, skips.pop()) if isinstance(blk, UNetBlock) else blk(h)
+            h = blk(h, emb, ctx, skips.pop(), encoder) if isinstance(blk, UNetBlock) else blk(h)
         return from_map(self.out(h), self.dims)
