@@ -8,7 +8,7 @@ from torch import nn
 
 from attnlab.models.config import PRESETS, ModelConfig, preset
 from attnlab.models.dit import DiT
-from attnlab.models.specs import AttnSpec, check_techniques
+from attnlab.models.specs import AttnSpec, built_techniques, check_techniques
 from attnlab.models.unet import UNet
 from attnlab.techniques.registry import _PROVIDERS
 
@@ -29,7 +29,11 @@ def build_model(cfg: ModelConfig | Mapping) -> nn.Module:
     """
     cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_dict(dict(cfg))
     check_techniques(cfg)
-    return BACKBONE_CLASSES[cfg.backbone](cfg)
+    model = BACKBONE_CLASSES[cfg.backbone](cfg)
+    for tech in built_techniques(cfg).values():
+        if hasattr(tech, "attach"):  # techniques that act through the attention bus (tome) stay on
+            tech.attach(model)
+    return model
 
 
 __all__ = ["PRESETS", "AttnSpec", "DiT", "ModelConfig", "UNet", "build_model", "preset"]

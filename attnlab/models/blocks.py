@@ -153,7 +153,8 @@ class TransformerBlock(nn.Module):
             nn.LayerNorm(dim, elementwise_affine=not adaln, eps=1e-6) for _ in self.subs
         )
         if spec.self_attn:
-            self.add_module("self", Attention(dim, spec.heads, kernel=spec.mixer))
+            rotary = spec.rotary(dim, spec.heads) if spec.rotary is not None else None
+            self.add_module("self", Attention(dim, spec.heads, kernel=spec.mixer, rotary=rotary))
         if spec.channel_attn is not None:
             self.chan = spec.channel_attn(dim, spec.heads)
         if spec.cross_attn:
@@ -182,25 +183,35 @@ class TransformerBlock(nn.Module):
         layer = getattr(self, name)
         return layer[-1] if name == "mlp" else layer.to_out
 
-    def forward(self, x: Tensor, emb: Tensor | None, ctx: Context, grid: tuple[int, ...]) -> Tensor:
-        """x: (B, N, dim) tokens on `grid`; emb: (B, emb_dim) after SiLU; ctx: condition tokens and mask."""
+    def forward(
+        self,
+        x: Tensor,
+        emb: Tensor | None,
+        ctx: Context,
+        grid: tuple[int, ...],
+        key_mask: Tensor | None = None,
+    ) -> Tensor:
+        """x: (B, N, dim) tokens on `grid` (then any extra tokens); emb: (B, emb_dim) after SiLU; ctx:
+        condition tokens and mask; key_mask: (B, N) bool, False for padding tokens among x's extras."""
         mods = self.ada(emb)[:, None].chunk(3 * len(self.subs), dim=-1) if self.ada is not None else None
         tgates = self.time_gate(emb) if self.time_gate is not None else None  # name -> (B, 1, dim)
         for i, name in enumerate(self.subs):
             h = self.norms[i](x)
             if mods is not None:
                 shift, scale, gate = mods[3 * i : 3 * i + 3]  # 3 x (B, 1, dim)
-                h = self._run(name, torch.addcmul(shift, h, 1 + scale), ctx, grid)
+                h = self._run(name, torch.addcmul(shift, h, 1 + scale), ctx, grid, key_mask)
             else:
-                gate, h = None, self._run(name, h, ctx, grid)
+                gate, h = None, self._run(name, h, ctx, grid, key_mask)
             if tgates is not None and name in tgates:
                 gate = tgates[name] if gate is None else gate * tgates[name]
             x = x + h if gate is None else torch.addcmul(x, gate, h)  # x + gate * sublayer(...)
         return x
 
-    def _run(self, name: str, h: Tensor, ctx: Context, grid: tuple[int, ...]) -> Tensor:
+    def _run(
+        self, name: str, h: Tensor, ctx: Context, grid: tuple[int, ...], key_mask: Tensor | None
+    ) -> Tensor:
         if name == "self":
-            return self.self(h, grid=grid)
+            return self.self(h, None, key_mask, grid=grid)
         if name == "chan":
             return self.chan(h)
         if name == "cross":

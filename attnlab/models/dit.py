@@ -58,17 +58,36 @@ class DiT(nn.Module):
         self.config, self.dims, d, p = cfg, cfg.dims, cfg.width, cfg.patch
         self.grid = (cfg.size // p,) * 2 if cfg.dims == 2 else (cfg.size // p,)
         self.patchify = conv_nd(cfg.dims, cfg.in_channels, d, p, stride=p, padding=0)
-        self.register_buffer("pos", sincos_pos_embed(self.grid, d)[None], persistent=False)  # (1, N, d)
+        tech = built_techniques(cfg)
+        self.set_positions(tech.get("abs_pos") or tech.get("rope"), d)
         self.time_embed = TimestepEmbedding(256, d)
         self.cond_embed = CondEmbedding(cfg.cond, d, cfg.num_classes, cfg.context_dim, d)
         self.blocks = nn.ModuleList(TransformerBlock(d, s, d, d) for s in dit_block_specs(cfg))
-        tech = built_techniques(cfg)
+        mask, self.in_context = tech.get("mask_cond"), tech.get("in_context")
+        self.mask_in = (  # inpainting input: known data + region, added to every patch token
+            mask.input_layer(cfg.in_channels, d, lambda i, o: conv_nd(cfg.dims, i, o, p, stride=p, padding=0))
+            if mask is not None
+            else None
+        )
         time, skips = tech.get("time_embedding"), tech.get("long_skips")
         self.time_input = time.time_input(d) if time is not None else None  # time in the tokens
         self.long_skips = skips.skips(cfg.depth, d) if skips is not None else None
         self.final = FinalLayer(d, p**cfg.dims * cfg.in_channels, modulated=self.time_input is None)
         self.init_weights()
         name_layers(self)
+
+    def set_positions(self, technique, dim: int) -> None:
+        """`pos`: the (1, N, dim) table added to the patch tokens: fixed sin-cos (DiT), or what a
+        position technique asks for (a learned table; none with rotary positions)."""
+        pos = (
+            sincos_pos_embed(self.grid, dim)[None]
+            if technique is None
+            else technique.dit_table(self.grid, dim)
+        )
+        if isinstance(pos, nn.Parameter):
+            self.pos = pos
+        else:
+            self.register_buffer("pos", pos, persistent=False)
 
     def init_weights(self) -> None:
         """DiT's initialisation: xavier-uniform linears (the patch embedding as a linear map), N(0, 0.02)
@@ -92,9 +111,12 @@ class DiT(nn.Module):
         zero_(self.final.linear)
 
     def embed(self, t: Tensor, cond: Condition | None, batch: int) -> tuple[Tensor, Context]:
-        """The adaLN input SiLU(time + class / pooled-text embedding) (B, width) and the context."""
+        """The adaLN input SiLU(time + class / pooled-text embedding) (B, width) and the context
+        (with in-context conditioning: SiLU(time) and the condition tokens with their mask)."""
         vec, tokens, mask = self.cond_embed(cond, batch)
-        c = self.time_embed(batch_timesteps(t, batch, self.pos.device))
+        c = self.time_embed(batch_timesteps(t, batch, self.patchify.weight.device))
+        if self.in_context is not None:  # the condition enters as tokens only
+            return F.silu(c), self.in_context.condition_tokens(vec, tokens, mask)
         c = c if vec is None else c + vec
         return F.silu(c), (tokens, mask) if tokens is not None else None
 
@@ -107,16 +129,20 @@ class DiT(nn.Module):
             The prediction, shaped like x.
         """
         c, ctx = self.embed(t, cond, x.shape[0])
-        h = to_tokens(self.patchify(as_map(x, self.dims))) + self.pos  # (B, N, width)
-        n = h.shape[1]
+        x = as_map(x, self.dims)
+        h = self.patchify(x) if self.mask_in is None else self.patchify(x) + self.mask_in(cond, x)
+        h = to_tokens(h) if self.pos is None else to_tokens(h) + self.pos  # (B, N, width)
+        n, key_mask = h.shape[1], None
         if self.time_input is not None:
             h = self.time_input(h, c)  # (B, N or N + 1, width): the time joins the tokens
-        h = self.run_blocks(h, c, ctx)[:, :n]  # tokens past the grid are dropped
+        if self.in_context is not None:
+            (h, key_mask), ctx = self.in_context.join(h, ctx), None  # the condition joins the tokens
+        h = self.run_blocks(h, c, ctx, key_mask)[:, :n]  # tokens past the grid are dropped
         return unpatchify(self.final(h, c), self.grid, self.config.patch, self.config.in_channels)
 
-    def run_blocks(self, h: Tensor, c: Tensor, ctx: Context) -> Tensor:
+    def run_blocks(self, h: Tensor, c: Tensor, ctx: Context, key_mask: Tensor | None = None) -> Tensor:
         if self.long_skips is not None:
-            return self.long_skips(self.blocks, h, c, ctx, self.grid)
+            return self.long_skips(self.blocks, h, c, ctx, self.grid, key_mask)
         for blk in self.blocks:
-            h = blk(h, c, ctx, self.grid)
+            h = blk(h, c, ctx, self.grid, key_mask)
         return h

@@ -21,6 +21,12 @@ Modulation = Literal["none", "adaln_zero"]
 
 # Architectural techniques the backbones implement: registry name -> backbones that take it.
 SUPPORTED_TECHNIQUES: dict[str, tuple[str, ...]] = {
+    # L1 input
+    "abs_pos": ("unet", "dit"),
+    "rope": ("unet", "dit"),
+    "in_context": ("dit",),
+    "mask_cond": ("unet", "dit"),
+    "tome": ("unet", "dit"),  # also a sampling-time control (training_free in the registry)
     # L2 internal
     "attn_placement": ("unet", "dit"),
     "cross_attention": ("unet", "dit"),
@@ -54,6 +60,7 @@ class AttnSpec:
             after self-attention); None: no such sub-layer.
         time_gate: factory (emb_dim, dim, sub-layer names) -> module mapping the conditioning vector
             to a gate per attention sub-layer, which scales its residual; None: no gate.
+        rotary: factory (dim, heads) -> the self-attention's rotary position module (RoPE); None: none.
     """
 
     heads: int
@@ -64,6 +71,7 @@ class AttnSpec:
     mixer: AttnKernel | None = None
     channel_attn: Callable[[int, int], nn.Module] | None = None
     time_gate: Callable[[int, int, tuple[str, ...]], nn.Module] | None = None
+    rotary: Callable[[int, int], nn.Module] | None = None
 
     def sublayers(self) -> tuple[str, ...]:
         """Sub-layer names in the order they run."""

@@ -32,8 +32,9 @@ from attnlab.models.specs import AttnSpec, built_techniques, unet_attn_spec
 class UNetBlock(nn.Module):
     """A residual block, then, where the spec asks for one, a transformer block over the map's tokens.
 
-    Techniques may add: a gate on the skip map (`skip_gate(skip, x)`), and a layer after the block
-    that reads encoder maps of other resolutions (`cross_scale(x, encoder)`).
+    Techniques may add: a gate on the skip map (`skip_gate(skip, x)`), a layer after the block
+    that reads encoder maps of other resolutions (`cross_scale(x, encoder)`), and a position table
+    added to the attention block's tokens (`positions(tokens)`).
     """
 
     def __init__(
@@ -47,12 +48,13 @@ class UNetBlock(nn.Module):
         res_block: type[ResBlock] = ResBlock,
         skip_gate: nn.Module | None = None,
         cross_scale: nn.Module | None = None,
+        positions: nn.Module | None = None,
     ):
         super().__init__()
         self.dims = cfg.dims
         self.res = res_block(cin, cout, emb_dim, cfg.dims, cfg.norm_groups)
         self.attn = TransformerBlock(cout, spec, emb_dim, context_dim) if spec is not None else None
-        self.skip_gate, self.cross_scale = skip_gate, cross_scale
+        self.skip_gate, self.cross_scale, self.positions = skip_gate, cross_scale, positions
 
     def forward(
         self,
@@ -70,7 +72,8 @@ class UNetBlock(nn.Module):
         x = self.res(x, emb)
         if self.attn is not None:
             _, _, h, w = x.shape
-            x = to_map(self.attn(to_tokens(x), emb, ctx, grid_of(x, self.dims)), h, w)
+            tokens = to_tokens(x) if self.positions is None else self.positions(to_tokens(x))
+            x = to_map(self.attn(tokens, emb, ctx, grid_of(x, self.dims)), h, w)
         return x if self.cross_scale is None else self.cross_scale(x, encoder)
 
 
@@ -96,10 +99,21 @@ class UNet(nn.Module):
         self.cond_embed = CondEmbedding(cfg.cond, emb_dim, cfg.num_classes, cfg.context_dim, token_dim)
         self.conv_in = conv_nd(cfg.dims, cfg.in_channels, widths[0], 3)
         tech = built_techniques(cfg)
-        time, gate, xscale = (
-            tech.get(n) for n in ("time_embedding", "attention_gate", "cross_scale_attention")
+        time, gate, xscale, pos, mask = (
+            tech.get(n)
+            for n in ("time_embedding", "attention_gate", "cross_scale_attention", "abs_pos", "mask_cond")
         )
         res_block = time.res_block() if time is not None else ResBlock
+        self.mask_in = (  # inpainting input: known data + region, added to the first map
+            mask.input_layer(cfg.in_channels, widths[0], lambda i, o: conv_nd(cfg.dims, i, o, 3))
+            if mask is not None
+            else None
+        )
+
+        def positions(size: int, dim: int, spec: AttnSpec | None) -> nn.Module | None:
+            if pos is None or spec is None or not spec.self_attn:
+                return None
+            return pos.unet_positions((size,) * cfg.dims, dim)
 
         def block(cin: int, cout: int, size: int | None, side: str, skip: int = 0) -> UNetBlock:
             spec = unet_attn_spec(cfg, size, side)
@@ -114,6 +128,7 @@ class UNet(nn.Module):
                 res_block,
                 gate.gate(cfg, size, skip, cin) if up and gate is not None else None,
                 xscale.layer(cfg, size, cout) if up and xscale is not None else None,
+                positions(size or cfg.feature_sizes()[-1], cout, spec),
             )
 
         self.down, skips, ch = nn.ModuleList(), [widths[0]], widths[0]
@@ -156,7 +171,8 @@ class UNet(nn.Module):
             The prediction, shaped like x.
         """
         emb, ctx = self.embed(t, cond, x.shape[0])
-        h = self.conv_in(as_map(x, self.dims))
+        x = as_map(x, self.dims)
+        h = self.conv_in(x) if self.mask_in is None else self.conv_in(x) + self.mask_in(cond, x)
         skips = [h]
         for blk in self.down:
             h = blk(h, emb, ctx) if isinstance(blk, UNetBlock) else blk(h)

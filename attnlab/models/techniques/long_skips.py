@@ -27,13 +27,15 @@ class LongSkips(nn.Module):
         super().__init__()
         self.fuse = nn.ModuleList(nn.Linear(2 * dim, dim) for _ in range(depth // 2))
 
-    def forward(self, blocks: nn.ModuleList, h: Tensor, c: Tensor, ctx, grid: tuple[int, ...]) -> Tensor:
+    def forward(
+        self, blocks: nn.ModuleList, h: Tensor, c: Tensor, ctx, grid: tuple[int, ...], key_mask=None
+    ) -> Tensor:
         n, first_out = len(self.fuse), len(blocks) - len(self.fuse)
         saved = []
         for i, blk in enumerate(blocks):
             if i >= first_out:
                 h = self.fuse[i - first_out](torch.cat([h, saved.pop()], dim=-1))  # (B, N, 2d) -> (B, N, d)
-            h = blk(h, c, ctx, grid)
+            h = blk(h, c, ctx, grid, key_mask)
             if i < n:
                 saved.append(h)
         return h
