@@ -49,6 +49,7 @@ class AttentionGate(nn.Module):
     level=4,
     paper="Attention U-Net (Oktay et al., 2018, arXiv:1804.03999)",
     training_free=False,
+    backbones=("unet",),
     summary=(
         "decoder features gate the encoder skip maps position by position: suppresses irrelevant "
         "skip detail; three 1x1 convolutions per gated skip"

@@ -52,6 +52,7 @@ class CrossScaleAttention(nn.Module):
     level=4,
     paper="multi-scale cross-attention (CrossViT, Chen et al., 2021, arXiv:2103.14899) in a U-Net decoder",
     training_free=False,
+    backbones=("unet",),
     summary=(
         "decoder tokens attend to encoder tokens of the next finer (or coarser) resolution: "
         "long-range detail transfer; O(N_dec N_enc) per layer"

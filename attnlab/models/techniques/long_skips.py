@@ -46,6 +46,7 @@ class LongSkips(nn.Module):
     level=4,
     paper="U-ViT long skip connections (Bao et al., 2023, arXiv:2209.12152)",
     training_free=False,
+    backbones=("dit",),
     summary=(
         "U-Net-like skips between mirrored DiT blocks: low-level features reach the output blocks, "
         "faster convergence in U-ViT; one 2 dim x dim linear per skip"
