@@ -23,7 +23,7 @@ from attnlab.evaluate.train import TrainSettings
 SETTINGS = {
     "shapes": TrainSettings(steps=1500, batch_size=48, lr=3e-3),
     "digits": TrainSettings(steps=400, batch_size=64, lr=3e-3),
-    "tones": TrainSettings(steps=800, batch_size=32, lr=3e-3),
+    "tones": TrainSettings(steps=1500, batch_size=32, lr=3e-3),
 }
 TRAIN_ITEMS = {"shapes": 2500, "digits": 0, "tones": 1500}  # per data config; digits uses all it has
 

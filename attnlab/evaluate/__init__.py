@@ -19,6 +19,11 @@ Condition alignment: does each sample show what its prompt asked for?
     alignment("folder", x, labels, evaluator="runs/my-evaluator")
     parse_request("shapes", "a red circle left of a blue square")  # caption -> request dict
 
+Both at once, as a proof of concept scores each variant (real features computed once):
+
+    real_f = extract_features(real, feature_network("shapes"))
+    score_samples("shapes", fake, requests, real_features=real_f)  # fid, kid_*, and the alignment keys
+
 Cost:
 
     cost(model, sample_shape, cond, sampler=lambda: sample(...), n_samples=16, run_dir=run)
@@ -45,6 +50,7 @@ from attnlab.evaluate.inception import FIDInception, load_inception
 from attnlab.evaluate.pitch import cents, fft_pitch
 from attnlab.evaluate.prompts import parse_request, request_from_item
 from attnlab.evaluate.quality import extract_features, fid_kid, fid_kid_from_features
+from attnlab.evaluate.score import score_samples
 
 __all__ = [
     "BUILTIN",
@@ -66,6 +72,7 @@ __all__ = [
     "peak_memory",
     "request_from_item",
     "sampling_latency",
+    "score_samples",
     "timed",
     "training_time",
 ]

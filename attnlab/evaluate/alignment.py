@@ -142,15 +142,17 @@ def alignment(
     requests: Sequence[dict | str | int],
     evaluator: Evaluator | str | None = None,
     *,
+    sample_rate: int | None = None,
     per_sample: bool = False,
 ) -> dict:
     """How well samples match what was asked.
 
     Args:
         dataset: "shapes", "tones", "digits" or any labelled dataset (scored as classes).
-        samples: (N, C, *spatial) samples in [-1, 1] (audio at the evaluator's sample rate).
+        samples: (N, C, *spatial) samples in [-1, 1].
         requests: N requests: dicts (see `attnlab.evaluate.prompts`), built-in captions, or class ids.
         evaluator: an Evaluator, a name/path for `Evaluator.load`, or None for the dataset's built-in.
+        sample_rate: audio only: the samples' rate, when it is not the evaluator's (they are resampled).
         per_sample: also return each sample's scores under "per_sample".
 
     Returns:
@@ -162,6 +164,7 @@ def alignment(
         raise ConfigError(f"alignment got {len(samples)} samples but {len(requests)} requests")
     ev = _evaluator_for(dataset, evaluator)
     reqs = _requests(dataset, requests)
+    samples = ev.resample(samples, sample_rate)
     kind = ev.task.kind
     if kind == "shapes":
         scores = [score_shapes(r, f) for r, f in zip(reqs, ev.predict(samples))]

@@ -109,7 +109,7 @@ class Evaluator:
     @torch.no_grad()
     def outputs(self, x: Tensor, batch_size: int = 256, sample_rate: int | None = None) -> dict[str, Tensor]:
         """Raw head outputs for a batch of samples in [-1, 1], batched to bound memory."""
-        x = self._resample(x, sample_rate)
+        x = self.resample(x, sample_rate)
         parts = [self.net(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
@@ -124,7 +124,8 @@ class Evaluator:
             return {"frame_s": self.net.dense_stride / self.sample_rate}
         return {}
 
-    def _resample(self, x: Tensor, sample_rate: int | None) -> Tensor:
+    def resample(self, x: Tensor, sample_rate: int | None) -> Tensor:
+        """Audio at `sample_rate` -> audio at the evaluator's rate (images and None pass through)."""
         if self.net.cfg.dims != 1 or sample_rate is None or sample_rate == self.sample_rate:
             return x
         from scipy.signal import resample_poly

@@ -37,6 +37,8 @@ class EvaluatorConfig:
         dense_heads: head name -> (kind, size) predicted per pixel / per frame.
         dense_level: encoder level whose grid the dense heads predict on (0: the input grid,
             -1: the coarsest level).
+        stft: 1D only: (n_fft, hop) of a log-magnitude STFT front end, so the CNN runs over frames
+            with frequency bins as channels (cheap, and pitch is explicit); None: raw samples.
     """
 
     dims: Literal[1, 2] = 2
@@ -48,6 +50,7 @@ class EvaluatorConfig:
     global_heads: dict[str, tuple[str, int]] = field(default_factory=dict)
     dense_heads: dict[str, tuple[str, int]] = field(default_factory=dict)
     dense_level: int = 1
+    stft: tuple[int, int] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +59,7 @@ class EvaluatorConfig:
     def from_dict(cls, d: dict) -> EvaluatorConfig:
         d = dict(d)
         d["mult"] = tuple(d.get("mult", cls.mult))
+        d["stft"] = tuple(d["stft"]) if d.get("stft") else None
         for key in ("global_heads", "dense_heads"):
             d[key] = {k: (str(v[0]), int(v[1])) for k, v in d.get(key, {}).items()}
         unknown = set(d) - set(cls.__dataclass_fields__)
@@ -88,8 +92,11 @@ class EvaluatorNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, chans = cfg.dims, [cfg.width * m for m in cfg.mult]
-        k = 3 if d == 2 else 9  # 1D: a wider kernel spans a few periods of a low note
-        self.stem = nn.Sequential(ConvBlock(d, cfg.in_channels, chans[0], 15 if d == 1 else 3))
+        k = 3 if d == 2 or cfg.stft else 9  # on raw audio a wider kernel spans a few periods of a low note
+        cin = cfg.stft[0] // 2 + 1 if cfg.stft else cfg.in_channels  # STFT bins are the channels
+        self.stem = nn.Sequential(ConvBlock(d, cin, chans[0], 15 if d == 1 and not cfg.stft else 3))
+        if cfg.stft:
+            self.register_buffer("window", torch.hann_window(cfg.stft[0]), persistent=False)
         self.down = nn.ModuleList(
             nn.Sequential(ConvBlock(d, cin, cout, k, stride=2), ConvBlock(d, cout, cout, k))
             for cin, cout in zip(chans[:-1], chans[1:])
@@ -109,14 +116,15 @@ class EvaluatorNet(nn.Module):
     @property
     def dense_stride(self) -> int:
         """Input pixels / samples per dense-head cell along each axis."""
-        return 2**self.dense_level
+        return 2**self.dense_level * (self.cfg.stft[1] if self.cfg.stft else 1)
 
     @property
     def num_features(self) -> int:
         return self.cfg.feature_dim
 
     def prepare(self, x: Tensor) -> Tensor:
-        """Bring a batch to the network's input: 2D resized to input_size, grey <-> RGB matched."""
+        """Bring a batch to the network's input: 2D resized to input_size, grey <-> RGB matched;
+        1D with `stft`: the log-magnitude spectrogram."""
         x = x.float()
         if self.cfg.dims == 2:
             if x.shape[-1] != self.cfg.input_size or x.shape[-2] != self.cfg.input_size:
@@ -127,6 +135,10 @@ class EvaluatorNet(nn.Module):
                     if self.cfg.in_channels == 1
                     else x.expand(-1, self.cfg.in_channels, -1, -1)
                 )
+        elif self.cfg.stft:
+            n_fft, hop = self.cfg.stft
+            spec = torch.stft(x.mean(1), n_fft, hop, window=self.window, center=True, return_complex=True)
+            x = torch.log1p(spec.abs())  # (B, n_fft // 2 + 1, 1 + T // hop)
         return x
 
     def encode(self, x: Tensor) -> list[Tensor]:

@@ -53,10 +53,11 @@ class Group:
 
 @torch.no_grad()
 def make_group(net: EvaluatorNet, task: Task, items: list[dict], x: Tensor) -> Group:
-    """Prepare a split (items and its stacked 'x') for training: inputs at network size, targets."""
-    x = net.prepare(x)
+    """Prepare a split (items and its stacked 'x') for training: images resized once to the network's
+    input (resizing again is a no-op), audio kept raw (degradations act on the waveform), targets."""
+    x = net.prepare(x) if net.cfg.dims == 2 else x.float()
     grid = _dense_grid(net, x)
-    return Group(x, task.targets(items, grid))
+    return Group(x, task.targets(items, grid, net.dense_stride))
 
 
 def _dense_grid(net: EvaluatorNet, x: Tensor) -> tuple[int, ...]:

@@ -29,8 +29,9 @@ class Task:
         """The network shape this task needs (heads sized by the vocabulary)."""
         raise NotImplementedError
 
-    def targets(self, items: list[dict], grid: tuple[int, ...]) -> dict[str, Tensor]:
-        """Training targets of a list of dataset items; dense targets on the network's output grid."""
+    def targets(self, items: list[dict], grid: tuple[int, ...], stride: int = 1) -> dict[str, Tensor]:
+        """Training targets of a list of dataset items; dense targets on the network's output grid,
+        whose cells are `stride` input pixels/samples apart."""
         raise NotImplementedError
 
     def transform(self, x: Tensor, targets: dict[str, Tensor], gen: torch.Generator):
@@ -60,4 +61,5 @@ def runs(active: Tensor) -> list[tuple[int, int]]:
     """[start, stop) index ranges of consecutive True values in a 1D bool tensor."""
     padded = torch.cat([active.new_zeros(1), active, active.new_zeros(1)]).int()
     edges = torch.diff(padded)
-    return list(zip(torch.flatnonzero(edges == 1).tolist(), torch.flatnonzero(edges == -1).tolist()))
+    starts, stops = torch.nonzero(edges == 1).flatten(), torch.nonzero(edges == -1).flatten()
+    return list(zip(starts.tolist(), stops.tolist()))

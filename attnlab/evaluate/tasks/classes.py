@@ -26,7 +26,7 @@ class ClassesTask(Task):
     def network(self, dims: int, in_channels: int) -> EvaluatorConfig:
         return _network(dims, in_channels, {"label": ("class", len(self.vocab["label"]))})
 
-    def targets(self, items: list[dict], grid: tuple[int, ...]) -> dict[str, Tensor]:
+    def targets(self, items: list[dict], grid: tuple[int, ...], stride: int = 1) -> dict[str, Tensor]:
         return {"label": torch.tensor([int(it["label"]) for it in items])}
 
     @torch.no_grad()
@@ -46,7 +46,7 @@ class PretextTask(Task):
         self.vocab["transform"] = ["none", "rot90", "rot180", "rot270"] if dims == 2 else ["none", "reversed"]
         return _network(dims, in_channels, {"transform": ("class", len(self.vocab["transform"]))})
 
-    def targets(self, items: list[dict], grid: tuple[int, ...]) -> dict[str, Tensor]:
+    def targets(self, items: list[dict], grid: tuple[int, ...], stride: int = 1) -> dict[str, Tensor]:
         return {"transform": torch.zeros(len(items), dtype=torch.long)}
 
     def transform(self, x: Tensor, targets: dict[str, Tensor], gen: torch.Generator):

@@ -55,7 +55,7 @@ class ShapesTask(Task):
             },
         )
 
-    def targets(self, items: list[dict], grid: tuple[int, ...]) -> dict[str, Tensor]:
+    def targets(self, items: list[dict], grid: tuple[int, ...], stride: int = 1) -> dict[str, Tensor]:
         n, v = len(items), self.vocab
         fg = torch.zeros(n, 1, *grid)
         dense = {a: torch.full((n, *grid), IGNORE, dtype=torch.long) for a in ("shape", "color", "position")}
