@@ -302,3 +302,29 @@ def test_channel_attention_in_every_transformer_block_off_the_bus(backbone):
     blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
     assert blocks and all(b.subs[:3] == ("self", "chan", "cross") for b in blocks)
     assert not any(isinstance(b.chan, Attention) for b in blocks)  # its map is over channels
+
+
+def test_linear_attention_ignores_padding_keys():
+    """In-context text joins the self-attention sequence with a padding mask; a linear-attention
+    layer must give padding keys no weight, on its fast and its explicit path, as softmax does."""
+    torch.manual_seed(0)
+    layer = Attention(12, heads=3, kernel=LinearKernel())
+    x = torch.randn(2, 10, 12)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, 7:] = False
+    out = layer(x, context_mask=mask)
+    garbage = x.clone()
+    garbage[0, 7:] = 1e3
+    torch.testing.assert_close(layer(garbage, context_mask=mask)[0, :7], out[0, :7])
+    explicit, p = layer.forward_math(garbage, context_mask=mask)
+    torch.testing.assert_close(explicit[0, :7], out[0, :7], atol=1e-5, rtol=1e-4)
+    assert (p[0, :, :, 7:] == 0).all()
+
+
+def test_window_attention_refuses_extra_tokens():
+    techniques = {"window_attention": {}, "in_context": {}}
+    with pytest.raises(ConfigError, match="window_attention cannot be combined with in_context"):
+        build_model(tiny_config("dit", 2, "class", techniques=techniques))
+    techniques = {"window_attention": {}, "time_embedding": {"mode": "token"}}
+    with pytest.raises(ConfigError, match="cannot be combined with time_embedding mode=token"):
+        build_model(tiny_config("dit", 2, techniques=techniques))

@@ -83,14 +83,17 @@ def attention_probs(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
 class AttnKernel(Protocol):
     """How a self-attention layer mixes tokens when it is not softmax over all of them.
 
-    Both methods see q, k, v as (B, heads, N, d) on the token grid `grid` and must agree:
-    `attend(q, k, v, grid) == probs(q, k, grid) @ v` up to float error.
+    Both methods see q, k, v as (B, heads, N, d) on the token grid `grid`, and `key_mask` (B, N)
+    bool (True = real token) or None, and must agree:
+    `attend(q, k, v, grid, key_mask) == probs(q, k, grid, key_mask) @ v` up to float error.
     """
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, ...]) -> Tensor:
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, ...], key_mask: Tensor | None
+    ) -> Tensor:
         """The efficient path; returns (B, heads, N, d)."""
 
-    def probs(self, q: Tensor, k: Tensor, grid: tuple[int, ...]) -> Tensor:
+    def probs(self, q: Tensor, k: Tensor, grid: tuple[int, ...], key_mask: Tensor | None) -> Tensor:
         """The explicit attention matrix (B, heads, N, N), rows summing to 1, for controls."""
 
 
@@ -176,7 +179,7 @@ class Attention(nn.Module):
             return self._forward_controlled(x, context, context_mask, grid or (x.shape[1],))
         q, k, v = self.project(x, context, grid)
         if self.kernel is not None:
-            return self.to_out(merge_heads(self.kernel.attend(q, k, v, grid or (x.shape[1],))))
+            return self.to_out(merge_heads(self.kernel.attend(q, k, v, grid or (x.shape[1],), context_mask)))
         mask = key_padding_bias(context_mask)  # key padding, cross- or self-attention
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, d)
         return self.to_out(merge_heads(h))
@@ -195,7 +198,7 @@ class Attention(nn.Module):
 
     def _probs(self, q: Tensor, k: Tensor, context_mask: Tensor | None, grid: tuple[int, ...]) -> Tensor:
         if self.kernel is not None:
-            return self.kernel.probs(q, k, grid)
+            return self.kernel.probs(q, k, grid, context_mask)
         return attention_probs(q, k, key_padding_bias(context_mask))
 
     def _forward_controlled(self, x, context, context_mask, grid):
@@ -233,7 +236,7 @@ class Attention(nn.Module):
                 p = c.probs(call, p)
             h = p @ v
         elif self.kernel is not None:
-            h = self.kernel.attend(q, k, v, call.grid)
+            h = self.kernel.attend(q, k, v, call.grid, context_mask)
         else:
             h = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_bias(context_mask))
         return self.to_out(merge_heads(h))

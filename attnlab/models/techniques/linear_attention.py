@@ -26,20 +26,27 @@ def feature_map(x: Tensor, kind: str) -> Tensor:
 @dataclass(frozen=True)
 class LinearKernel:
     """The kernel an Attention layer runs: out_i = phi(q_i) S / (phi(q_i) z), S = sum_j phi(k_j)^T v_j,
-    z = sum_j phi(k_j) (Katharopoulos et al., eq. 5). Grid-free; `eps` keeps relu rows finite."""
+    z = sum_j phi(k_j) (Katharopoulos et al., eq. 5). Grid-free; `eps` keeps relu rows finite;
+    padding keys (key_mask False) get phi = 0, so they add nothing to S or z."""
 
     feature: str = "elu"
     eps: float = 1e-6
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, ...]) -> Tensor:
-        q, k = feature_map(q, self.feature), feature_map(k, self.feature)  # (B, heads, N, d)
+    def keys(self, k: Tensor, key_mask: Tensor | None) -> Tensor:
+        k = feature_map(k, self.feature)
+        return k if key_mask is None else k * key_mask[:, None, :, None]  # (B, heads, N, d)
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, ...], key_mask: Tensor | None = None
+    ) -> Tensor:
+        q, k = feature_map(q, self.feature), self.keys(k, key_mask)  # (B, heads, N, d)
         kv = k.transpose(-2, -1) @ v  # (B, heads, d, d): the whole key-value summary
         z = k.sum(dim=-2, keepdim=True).transpose(-2, -1)  # (B, heads, d, 1)
         return (q @ kv) / (q @ z + self.eps)  # (B, heads, N, d)
 
-    def probs(self, q: Tensor, k: Tensor, grid: tuple[int, ...]) -> Tensor:
+    def probs(self, q: Tensor, k: Tensor, grid: tuple[int, ...], key_mask: Tensor | None = None) -> Tensor:
         """The same attention as an explicit (B, heads, N, N) matrix: phi(q) phi(k)^T, rows normalised."""
-        a = feature_map(q, self.feature) @ feature_map(k, self.feature).transpose(-2, -1)
+        a = feature_map(q, self.feature) @ self.keys(k, key_mask).transpose(-2, -1)
         return a / (a.sum(dim=-1, keepdim=True) + self.eps)
 
 

@@ -85,16 +85,18 @@ class WindowKernel:
     window: int
     shift: int = 0
 
-    def layout(self, q: Tensor, grid: tuple[int, ...]) -> WindowLayout:
-        if q.shape[2] != math.prod(grid):
+    def layout(self, q: Tensor, grid: tuple[int, ...], key_mask: Tensor | None) -> WindowLayout:
+        if q.shape[2] != math.prod(grid) or key_mask is not None:
             raise ConfigError(
                 f"window_attention needs exactly the grid's tokens: {q.shape[2]} tokens on grid {grid} "
                 "(merged or extra tokens, e.g. ToMe, in-context or time tokens, do not fit in windows)"
             )
         return window_layout(tuple(grid), self.window, self.shift)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, ...]) -> Tensor:
-        lay = self.layout(q, grid)
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, ...], key_mask: Tensor | None = None
+    ) -> Tensor:
+        lay = self.layout(q, grid, key_mask)
         b, h, n, d = q.shape
 
         def windowed(t: Tensor) -> Tensor:
@@ -103,9 +105,9 @@ class WindowKernel:
         out = F.scaled_dot_product_attention(windowed(q), windowed(k), windowed(v), attn_mask=lay.mask)
         return out.reshape(b, h, n, d)[:, :, lay.inverse]  # back to grid order, (B, heads, N, d)
 
-    def probs(self, q: Tensor, k: Tensor, grid: tuple[int, ...]) -> Tensor:
+    def probs(self, q: Tensor, k: Tensor, grid: tuple[int, ...], key_mask: Tensor | None = None) -> Tensor:
         """The (B, heads, N, N) map, zero outside each query's window."""
-        same = self.layout(q, grid).same
+        same = self.layout(q, grid, key_mask).same
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, heads, N, N)
         return scores.masked_fill(~same, float("-inf")).softmax(dim=-1)
 
@@ -150,6 +152,14 @@ class WindowAttention:
 
     def check(self, cfg) -> None:
         self.scope.check(cfg)
+        extra = [n for n in ("in_context", "tome") if n in cfg.techniques]
+        if cfg.techniques.get("time_embedding", {}).get("mode") == "token":
+            extra.append("time_embedding mode=token")
+        if extra:
+            raise ConfigError(
+                f"model.techniques.window_attention cannot be combined with {extra[0]}: windows need "
+                "exactly the grid's tokens (no merged or extra tokens)"
+            )
         if cfg.backbone == "dit":
             sizes = [cfg.size // cfg.patch]
         else:
