@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from torch import nn
+from torch import Tensor, nn
 
+from attnlab.conditioning import Condition
 from attnlab.models.config import PRESETS, ModelConfig, preset
 from attnlab.models.dit import DiT
 from attnlab.models.specs import AttnSpec, built_techniques, check_techniques
@@ -36,4 +37,13 @@ def build_model(cfg: ModelConfig | Mapping) -> nn.Module:
     return model
 
 
-__all__ = ["PRESETS", "AttnSpec", "DiT", "ModelConfig", "UNet", "build_model", "preset"]
+def training_condition(cfg: ModelConfig, x0: Tensor, cond: Condition | None, generator) -> Condition | None:
+    """The training batch's condition with what the config's techniques add from the clean data
+    (mask_cond: a random region to inpaint per sample); unchanged for every other model."""
+    for tech in built_techniques(cfg).values():
+        if hasattr(tech, "training_condition"):
+            cond = tech.training_condition(x0, cond, generator)
+    return cond
+
+
+__all__ = ["PRESETS", "AttnSpec", "DiT", "ModelConfig", "UNet", "build_model", "preset", "training_condition"]

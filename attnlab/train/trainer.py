@@ -22,6 +22,7 @@ from attnlab.config import RunConfig
 from attnlab.diffusion import alphas_cumprod, diffusion_loss
 from attnlab.errors import ConfigError
 from attnlab.io import write_json
+from attnlab.models import training_condition
 from attnlab.train import checkpoint as ckpt
 from attnlab.train.batches import TrainingData, prepare_training_data
 from attnlab.train.ema import EMA
@@ -213,6 +214,7 @@ class Trainer:
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))  # dropout layers, if any
         idx = torch.randint(0, len(data), (per_proc,), generator=g).to(self.acc.device)
         x0, cond = data.batch(idx)
+        cond = training_condition(cfg.model, x0, cond, g)  # e.g. mask_cond's regions to inpaint
         cond = drop_condition(cond, cfg.diffusion.cond_drop, g)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -258,4 +260,4 @@ def drop_condition(cond: Condition | None, p: float, g: torch.Generator) -> Cond
 
 
 def _device(cond: Condition):
-    return (cond.labels if cond.labels is not None else cond.tokens).device
+    return next(t for t in (cond.labels, cond.tokens, cond.inpaint) if t is not None).device
