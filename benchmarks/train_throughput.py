@@ -12,6 +12,8 @@ processes on a shared machine hits both alike; the ratio is the number to read.
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import time
 
 import torch
@@ -78,6 +80,7 @@ def diffusers_twin(cfg: ModelConfig) -> UNet2DModel:
         up_block_types=up,
         attention_head_dim=head_dim,
         resnet_time_scale_shift="scale_shift",
+        norm_num_groups=math.gcd(32, cfg.width),  # diffusers' 32 unless the width is smaller
     )
 
 
@@ -95,7 +98,8 @@ class Trainer:
         self.name, self.model, self.call = name, model.train(), call
         self.channels_last = channels_last
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        self.seconds, self.images = 0.0, 0
+        self.step_seconds: list[float] = []
+        self.batch = 0
 
     def loss(self, batch) -> torch.Tensor:
         x, t, noise = batch
@@ -109,14 +113,16 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
 
     def timed(self, batches) -> None:
-        start = time.perf_counter()
         for b in batches:
-            self.step(b)
-        self.seconds += time.perf_counter() - start
-        self.images += sum(b[0].shape[0] for b in batches)
+            self.step_seconds.append(_time(lambda b=b: self.step(b)))
+            self.batch = b[0].shape[0]
 
     def images_per_s(self) -> float:
-        return self.images / self.seconds
+        """Throughput at the median step time (a load burst on a shared machine moves it least)."""
+        return self.batch / statistics.median(self.step_seconds)
+
+    def images_per_s_mean(self) -> float:
+        return self.batch * len(self.step_seconds) / sum(self.step_seconds)
 
     def step_flops(self, batch) -> int:
         """FLOPs of one forward + backward, counted by torch's flop counter."""
@@ -189,11 +195,15 @@ def main() -> None:
         for tr in trainers if r % 2 == 0 else trainers[::-1]:  # alternate who goes first
             tr.timed(batches)
 
-    print()
+    print(f"\n{'images/s (median step | mean)':>40s}")
     for tr in trainers:
-        print(f"{tr.name:28s} {tr.images_per_s():8.1f} images/s")
+        print(f"{tr.name:28s} {tr.images_per_s():8.1f} | {tr.images_per_s_mean():6.1f}")
     for peer in peers:
-        print(f"ratio attnlab / {peer.name}: {ours.images_per_s() / peer.images_per_s():.2f}x")
+        median, mean = (
+            ours.images_per_s() / peer.images_per_s(),
+            ours.images_per_s_mean() / peer.images_per_s_mean(),
+        )
+        print(f"ratio attnlab / {peer.name}: {median:.2f}x (median step), {mean:.2f}x (mean)")
 
     peak = matmul_peak()
     print(f"\nfp32 matmul peak (best square matmul, 1024-3072): {peak:.1f} GFLOP/s")
