@@ -51,7 +51,9 @@ def _sides(grid: tuple[int, ...], window: int) -> tuple[int, ...]:
 
 
 @lru_cache(maxsize=64)
-def window_layout(grid: tuple[int, ...], window: int, shift: int) -> WindowLayout:
+def window_layout(
+    grid: tuple[int, ...], window: int, shift: int, device: torch.device | None = None
+) -> WindowLayout:
     """The windows of `grid` after a cyclic shift by `shift` tokens on every axis the window does not
     cover whole (a window covering an axis is never shifted, so a window covering the grid is global)."""
     sides = _sides(grid, window)
@@ -72,7 +74,11 @@ def window_layout(grid: tuple[int, ...], window: int, shift: int) -> WindowLayou
     if bool(region.any()):
         r = region[order].view(windows, per)
         mask = r[:, :, None] == r[:, None, :]  # (windows, L, L)
-    return WindowLayout(order, torch.argsort(order), windows, mask, same)
+    inverse = torch.argsort(order)
+    if device is not None:  # built once per device, not per call
+        order, inverse, same = order.to(device), inverse.to(device), same.to(device)
+        mask = None if mask is None else mask.to(device)
+    return WindowLayout(order, inverse, windows, mask, same)
 
 
 # Kernel
@@ -91,7 +97,7 @@ class WindowKernel:
                 f"window_attention needs exactly the grid's tokens: {q.shape[2]} tokens on grid {grid} "
                 "(merged or extra tokens, e.g. ToMe, in-context or time tokens, do not fit in windows)"
             )
-        return window_layout(tuple(grid), self.window, self.shift)
+        return window_layout(tuple(grid), self.window, self.shift, q.device)
 
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, ...], key_mask: Tensor | None = None
@@ -99,11 +105,12 @@ class WindowKernel:
         lay = self.layout(q, grid, key_mask)
         b, h, n, d = q.shape
 
-        def windowed(t: Tensor) -> Tensor:
-            return t[:, :, lay.order].view(b, h, lay.windows, n // lay.windows, d)  # (B, heads, W, L, d)
+        def windowed(t: Tensor) -> Tensor:  # windows as extra heads: 4D inputs keep SDPA's fused kernel
+            return t[:, :, lay.order].view(b, h * lay.windows, n // lay.windows, d)  # (B, heads * W, L, d)
 
-        out = F.scaled_dot_product_attention(windowed(q), windowed(k), windowed(v), attn_mask=lay.mask)
-        return out.reshape(b, h, n, d)[:, :, lay.inverse]  # back to grid order, (B, heads, N, d)
+        mask = None if lay.mask is None else lay.mask.repeat(h, 1, 1)  # (heads * W, L, L)
+        out = F.scaled_dot_product_attention(windowed(q), windowed(k), windowed(v), attn_mask=mask)
+        return out.view(b, h, n, d)[:, :, lay.inverse]  # back to grid order, (B, heads, N, d)
 
     def probs(self, q: Tensor, k: Tensor, grid: tuple[int, ...], key_mask: Tensor | None = None) -> Tensor:
         """The (B, heads, N, N) map, zero outside each query's window."""
