@@ -25,10 +25,12 @@ from attnlab.models import ModelConfig, build_model
 from attnlab.models.cost import example_inputs, guided
 
 BASES = {
-    # examples/unet-shapes-text.yaml's model
-    "unet": dict(backbone="unet", width=64, channel_mult=(1, 2, 2), attn_resolutions=(16, 8), heads=4),
-    # examples/dit-shapes-text.yaml's model, at 32 px (256 patch tokens)
-    "dit": dict(backbone="dit", width=192, depth=6, heads=6, patch=2),
+    # examples/unet-shapes-text.yaml's model (attention at 16 and 8 px for 32 px images)
+    "unet": lambda size: dict(
+        backbone="unet", width=64, channel_mult=(1, 2, 2), attn_resolutions=(size // 2, size // 4), heads=4
+    ),
+    # examples/dit-shapes-text.yaml's model (256 patch tokens for 32 px images)
+    "dit": lambda size: dict(backbone="dit", width=192, depth=6, heads=6, patch=2),
 }
 
 
@@ -73,7 +75,9 @@ def main() -> None:
     for backbone, base in BASES.items():
         models, rows = {}, {}
         for name, techniques in variants(args.window).items():
-            cfg = ModelConfig(**base, size=args.size, in_channels=3, cond="text", techniques=techniques)
+            cfg = ModelConfig(
+                **base(args.size), size=args.size, in_channels=3, cond="text", techniques=techniques
+            )
             models[name] = (build_model(cfg).eval(), cfg)
             rows[name] = (count_parameters(models[name][0]), *flops(*models[name]))
         inp = example_inputs(next(iter(models.values()))[1], args.batch)
