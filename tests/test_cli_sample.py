@@ -157,7 +157,9 @@ def test_class_model_and_label_range(tmp_path):
 
 def test_audio_model_writes_wavs_with_provenance(tmp_path):
     cfg = tmp_path / "tones.yaml"
-    cfg.write_text("data:\n  name: tones\n  size: 1024\nmodel:\n  cond: class\n  attn_resolutions: [512]\n")
+    cfg.write_text(
+        "data:\n  name: tones\n  size: 1024\nmodel:\n  cond: class\n  attn_resolutions: []\n  mid_attention: false\n"
+    )
     _ok(["train", cfg, *[o for o in TINY if "attn_resolutions" not in o], "--out", tmp_path / "run"])
     _ok(["sample", tmp_path / "run", "--label", "5", "-n", "2", "--steps", "2", "--out", tmp_path / "s"])
     files = json.loads((tmp_path / "s" / "request.json").read_text())["files"]

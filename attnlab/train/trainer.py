@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,8 @@ class Trainer:
         if state["step"] >= t.steps:
             self.acc.print(f"{self.out}: already trained to step {state['step']}")
             return start_ckpt
+        # channels-last convolutions hand DDP 1x1-conv grads in another stride order; it copies them, harmlessly
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         model, opt = self.acc.prepare(model, opt)
         return self._loop(model, ema, opt, state)
 
