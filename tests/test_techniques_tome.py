@@ -132,6 +132,29 @@ def test_bad_options_are_named(opts, message):
         build_model(tiny_config("dit", 2, techniques={"tome": opts}))
 
 
-def test_rotary_positions_and_merging_do_not_combine():
-    with pytest.raises(ConfigError, match="rope cannot rotate"):
-        build_model(tiny_config("dit", 2, techniques={"tome": {}, "rope": {}}))
+@pytest.mark.parametrize(
+    "cond, other, message",
+    [
+        ("none", "rope", "rope cannot rotate"),
+        ("none", "window_attention", "window_attention needs whole"),
+        ("text", "in_context", "in-context text tokens"),
+    ],
+)
+def test_techniques_that_need_every_grid_token_refuse_merging(cond, other, message):
+    with pytest.raises(ConfigError, match=message):
+        build_model(tiny_config("dit", 2, cond, techniques={"tome": {}, other: {}}))
+    model = build_model(tiny_config("dit", 2, cond, techniques={other: {}}))
+    with pytest.raises(ConfigError, match=message), control(model, TokenMerging()):
+        pass  # the sampling-time control checks the model it is installed on
+
+
+def test_merging_works_with_tokens_past_the_grid():
+    cfg = tiny_config(
+        "dit", 2, "class", techniques={"tome": {}, "in_context": {}, "time_embedding": {"mode": "token"}}
+    )
+    model = build_model(cfg)
+    rec = Lengths()
+    with control(model, rec):
+        out = model(*inputs(cfg))
+    assert set(rec.seen.values()) == {((4, 4), 16 - 8 + 2)}  # 8 of 16 merged; time and class tokens kept
+    assert out.shape == inputs(cfg)[0].shape

@@ -170,7 +170,8 @@ class TokenMerging(Control):
 
 
 def check_model(cfg) -> None:
-    """Merging cannot shrink a key padding mask it does not see, nor keep rotary positions."""
+    """Merging cannot shrink a key padding mask it does not see, keep rotary positions, or leave
+    windows whole."""
     techniques = getattr(cfg, "techniques", {}) or {}
     if "in_context" in techniques and cfg.cond == "text":
         raise ConfigError(
@@ -179,3 +180,7 @@ def check_model(cfg) -> None:
         )
     if "rope" in techniques:
         raise ConfigError("tome merges tokens across grid positions, so rope cannot rotate them; drop one")
+    if "window_attention" in techniques:
+        raise ConfigError(
+            "tome leaves fewer tokens than the grid, which window_attention needs whole; drop one"
+        )
