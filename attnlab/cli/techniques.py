@@ -13,6 +13,7 @@ def techniques_cmd(
     from rich.console import Console
     from rich.table import Table
 
+    import attnlab.models  # noqa: F401  (its import registers the architectural techniques)
     from attnlab.techniques.registry import LEVELS, techniques
     from attnlab.techniques.table import HEADER, _row, readme_block
 
