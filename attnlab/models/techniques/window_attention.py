@@ -64,7 +64,7 @@ def window_layout(
         moved = (c - sh) % n  # position after rolling the grid back by sh (Swin's torch.roll)
         window_id = window_id * (n // s) + moved // s
         inner = inner * s + moved % s
-        region = region * 2 + (moved >= n - sh).long() * (sh > 0)  # 1: wrapped around the border
+        region = region * 2 + (moved >= n - sh).long() if sh else region * 2  # 1: wrapped around
     window_id, inner, region = window_id.flatten(), inner.flatten(), region.flatten()  # (N,) each
     per = math.prod(sides)  # tokens per window
     windows = math.prod(grid) // per
@@ -95,7 +95,8 @@ class WindowKernel:
         if q.shape[2] != math.prod(grid) or key_mask is not None:
             raise ConfigError(
                 f"window_attention needs exactly the grid's tokens: {q.shape[2]} tokens on grid {grid} "
-                "(merged or extra tokens, e.g. ToMe, in-context or time tokens, do not fit in windows)"
+                "and no padding mask (merged, extra or padded tokens, e.g. ToMe, in-context or time tokens, "
+                "do not fit in windows)"
             )
         return window_layout(tuple(grid), self.window, self.shift, q.device)
 
