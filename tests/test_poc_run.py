@@ -128,8 +128,8 @@ def test_report_holds_every_table_and_figure(finished):
     for header in (
         "| variant | FID | KID ×10³ |",
         "all asked right",
-        "latency / sample",
-        "FLOPs / denoiser call",
+        "latency per sample",
+        "FLOPs per denoiser call",
     ):
         assert header in md, header
     assert "L2 · internal" in md and "L5 · output" in md  # rows grouped by level

@@ -19,6 +19,11 @@ from attnlab.models.config import ModelConfig
 
 METRICS = ("fid", "kid", "alignment", "cost")
 PRIORITIES = ("quality", "control", "speed")
+# Registered techniques a PoC cannot compare by sampling from prompts, and why.
+NOT_IN_POC = {
+    "p2p": "a sampling technique: p2p edits one prompt into another; use `attnlab edit`",
+    "mask_cond": "a technique a PoC can sample: mask_cond needs known data and a region to fill (inpainting)",
+}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
@@ -308,12 +313,7 @@ def _check_technique(cfg: PocConfig, v: VariantConfig, tech, opts: dict, key: st
             "no architectural technique in a variant with a base (it samples the base's model): drop base to train it",
         )
         return
-    _check(
-        tech.name != "p2p",
-        key,
-        opts,
-        "a sampling technique: p2p edits one prompt into another; use `attnlab edit`",
-    )
+    _check(tech.name not in NOT_IN_POC, key, opts, NOT_IN_POC.get(tech.name, ""))
     if tech.name in ("heatmaps", "attend_excite"):
         _check(
             cfg.model.cond == "text",

@@ -53,7 +53,7 @@ def _si(unit: str) -> Callable[[float], str]:
 
 
 def _seconds(v: float) -> str:
-    return f"{v * 1000:.0f} ms" if v < 1 else f"{v:.2f} s" if v < 120 else f"{v / 60:.1f} min"
+    return f"{v * 1000:.0f} ms" if v < 1 else f"{v:.2f} s" if v < 60 else f"{v / 60:.1f} min"
 
 
 def _bytes(v: float) -> str:
@@ -77,9 +77,9 @@ ALIGNMENT = [
     Metric("waveform_acc", "waveform", "alignment", False, _pct),
 ]
 COST = [
-    Metric("latency_s", "latency / sample", "cost", True, _seconds),
-    Metric("flops_per_sample", "FLOPs / sample", "cost", True, _si("FLOP"), per_seed=False),
-    Metric("flops_per_call", "FLOPs / denoiser call", "cost", True, _si("FLOP"), per_seed=False),
+    Metric("latency_s", "latency per sample", "cost", True, _seconds),
+    Metric("flops_per_sample", "FLOPs per sample", "cost", True, _si("FLOP"), per_seed=False),
+    Metric("flops_per_call", "FLOPs per denoiser call", "cost", True, _si("FLOP"), per_seed=False),
     Metric("params", "parameters", "cost", True, _si(""), per_seed=False),
     Metric("peak_mem_bytes", "peak memory", "cost", True, _bytes, per_seed=False),
     Metric("train_seconds", "training time", "cost", True, _seconds, per_seed=False),

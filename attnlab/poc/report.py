@@ -17,6 +17,7 @@ from attnlab.poc.document import (
     Cell,
     Document,
     Figure,
+    Gallery,
     Heading,
     Para,
     Table,
@@ -222,6 +223,10 @@ def _variants_table(cfg: PocConfig, entries: list[dict], ref: str) -> Table:
 def metric_table(entries: list[dict], metrics: list[Metric], comparisons: dict, ref: str) -> Table:
     """One column per metric (best bold, '≈ best' when within noise of it), plus the headline versus the reference."""
     lead = metrics[0]
+    differ = {
+        m.key: len({e["metrics"][m.key]["mean"] for e in entries if m.key in e["metrics"]}) > 1
+        for m in metrics
+    }
 
     def row(e: dict) -> list[Cell]:
         stats = stats_of(e)
@@ -230,7 +235,7 @@ def metric_table(entries: list[dict], metrics: list[Metric], comparisons: dict, 
             c = comparisons.get(m.key, {}).get(e["name"], {})
             note = "≈ best" if m.per_seed and c.get("within_noise_of_best") and not c.get("best") else ""
             cells.append(
-                Cell(show(m, stats.get(m.key)), bold=bool(c.get("best")) and len(entries) > 1, note=note)
+                Cell(show(m, stats.get(m.key)), bold=bool(c.get("best")) and differ[m.key], note=note)
             )
         ref_stats = next((stats_of(x) for x in entries if x["name"] == ref), {})
         cells.append(versus(lead, stats.get(lead.key), ref_stats.get(lead.key), e["name"] == ref))
@@ -295,14 +300,11 @@ def _figure_sections(doc: Document, cfg: PocConfig, figs: dict, heat: list[dict]
         )
     )
     doc.add(Heading("Sample grid per variant", 3))
-    for name, path in figs["grids"].items():
-        doc.add(
-            Figure(
-                path,
-                f"`{name}`: its first samples of seed {cfg.seeds[0]}",
-                width=None if cfg.model.dims == 1 else 560,
-            )
-        )
+    width = 520 if cfg.model.dims == 2 else None
+    grids = [
+        Figure(p, f"`{n}`: its first samples of seed {cfg.seeds[0]}", width) for n, p in figs["grids"].items()
+    ]
+    doc.add(Gallery(grids))
     for name, path in figs.get("audio", {}).items():
         doc.add(Audio(path, f"`{name}`: first sample"))
     if heat:
