@@ -7,7 +7,7 @@ techniques that exist to save compute (ToMe, linear and windowed attention) agai
     .venv/bin/python benchmarks/techniques_table.py --only tome window_attention --rounds 3
 
 Inputs are real: a batch of `shapes` images with their captions through the MiniLM encoder (text
-conditioning). A training step is forward + v-loss + backward + AdamW on `--batch` images; a
+conditioning). A training step is forward + denoising loss + backward + AdamW on `--batch` images; a
 sampling step is one classifier-free-guided denoiser call (2 x `--batch` rows), as the sampling loop
 makes it. Timing rounds are interleaved: every round times one training and one sampling step of
 every variant, the order reversing each round, so load from other processes on a shared machine hits

@@ -17,6 +17,7 @@ Inputs are noise and zero-valued conditions: costs depend on shapes, not values.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
@@ -67,11 +68,18 @@ def guided(cond: Condition | None) -> Condition | None:
     return None if cond is None else Condition.cat([cond.null_like(), cond])
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, inp: Inputs) -> float:
-    """One optimiser step on the v-prediction loss at the batch's timesteps."""
-    from attnlab.diffusion import add_noise, alphas_cumprod
+@lru_cache(maxsize=1)
+def _alpha_bar() -> Tensor:
+    from attnlab.diffusion import alphas_cumprod
 
-    ab = alphas_cumprod(1000, "squaredcos_cap_v2").to(inp.x.device)[inp.t]  # (B,)
+    return alphas_cumprod(1000, "squaredcos_cap_v2")  # built once, not inside a measured step
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, inp: Inputs) -> float:
+    """One optimiser step on the eps-prediction loss at the batch's timesteps."""
+    from attnlab.diffusion import add_noise
+
+    ab = _alpha_bar().to(inp.x.device)[inp.t]  # (B,)
     noise = torch.randn_like(inp.x)
     out = model(add_noise(inp.x, noise, ab), inp.t, inp.cond)
     loss = (out - noise).square().mean()  # the target's value does not change the cost
