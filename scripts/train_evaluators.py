@@ -37,7 +37,9 @@ def main() -> None:
         "--out", type=Path, default=WEIGHTS_DIR, help="directory for <name>.safetensors/.json"
     )
     parser.add_argument("--steps", type=int, default=None, help="override every evaluator's step count")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 stays fast on a busy machine)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.only or BUILTIN:

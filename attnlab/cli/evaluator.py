@@ -31,8 +31,11 @@ def train_command(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable rows and files.")] = False,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for torch.")] = 2,
 ):
-    """Train an evaluator on a folder dataset: a class head when the metadata has labels (class
-    accuracy for alignment), else a rotation/reversal pretext task (features for FID/KID only)."""
+    """Train an evaluator on a folder dataset (class head if labelled, else a pretext task).
+
+    With labels it reads classes (alignment: class accuracy); without, it learns features by
+    predicting a rotation (images) or time reversal (audio), for FID/KID only.
+    """
     import torch
 
     from attnlab.data import DataConfig

@@ -24,6 +24,10 @@ Both at once, as a proof of concept scores each variant (real features computed 
     real_f = extract_features(real, feature_network("shapes"))
     score_samples("shapes", fake, requests, real_features=real_f)  # fid, kid_*, and the alignment keys
 
+Heat-map localisation (a word's attention map against its object's mask):
+
+    heatmap_localisation(maps, masks)                     # -> {"iou", "pointing", "n"}
+
 Cost:
 
     cost(model, sample_shape, cond, sampler=lambda: sample(...), n_samples=16, run_dir=run)
@@ -47,6 +51,7 @@ from attnlab.evaluate.cost import (
 )
 from attnlab.evaluate.evaluator import BUILTIN, Evaluator, feature_network
 from attnlab.evaluate.inception import FIDInception, load_inception
+from attnlab.evaluate.localisation import heatmap_localisation
 from attnlab.evaluate.pitch import cents, fft_pitch
 from attnlab.evaluate.prompts import parse_request, request_from_item
 from attnlab.evaluate.quality import extract_features, fid_kid, fid_kid_from_features
@@ -67,6 +72,7 @@ __all__ = [
     "fft_pitch",
     "fid_kid",
     "fid_kid_from_features",
+    "heatmap_localisation",
     "load_inception",
     "parse_request",
     "peak_memory",

@@ -37,8 +37,10 @@ class EvaluatorConfig:
         dense_heads: head name -> (kind, size) predicted per pixel / per frame.
         dense_level: encoder level whose grid the dense heads predict on (0: the input grid,
             -1: the coarsest level).
-        stft: 1D only: (n_fft, hop) of a log-magnitude STFT front end, so the CNN runs over frames
-            with frequency bins as channels (cheap, and pitch is explicit); None: raw samples.
+        stft_sizes: 1D only: window lengths of log-magnitude STFT front ends, stacked as channels,
+            so the CNN runs over frames with frequency bins as channels (cheap, and pitch is
+            explicit); a long window resolves pitch, a short one resolves time. Empty: raw samples.
+        stft_hop: samples between STFT frames (all sizes share it).
     """
 
     dims: Literal[1, 2] = 2
@@ -50,7 +52,8 @@ class EvaluatorConfig:
     global_heads: dict[str, tuple[str, int]] = field(default_factory=dict)
     dense_heads: dict[str, tuple[str, int]] = field(default_factory=dict)
     dense_level: int = 1
-    stft: tuple[int, int] | None = None
+    stft_sizes: tuple[int, ...] = ()
+    stft_hop: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,7 +62,7 @@ class EvaluatorConfig:
     def from_dict(cls, d: dict) -> EvaluatorConfig:
         d = dict(d)
         d["mult"] = tuple(d.get("mult", cls.mult))
-        d["stft"] = tuple(d["stft"]) if d.get("stft") else None
+        d["stft_sizes"] = tuple(d.get("stft_sizes", ()))
         for key in ("global_heads", "dense_heads"):
             d[key] = {k: (str(v[0]), int(v[1])) for k, v in d.get(key, {}).items()}
         unknown = set(d) - set(cls.__dataclass_fields__)
@@ -92,11 +95,12 @@ class EvaluatorNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, chans = cfg.dims, [cfg.width * m for m in cfg.mult]
-        k = 3 if d == 2 or cfg.stft else 9  # on raw audio a wider kernel spans a few periods of a low note
-        cin = cfg.stft[0] // 2 + 1 if cfg.stft else cfg.in_channels  # STFT bins are the channels
-        self.stem = nn.Sequential(ConvBlock(d, cin, chans[0], 15 if d == 1 and not cfg.stft else 3))
-        if cfg.stft:
-            self.register_buffer("window", torch.hann_window(cfg.stft[0]), persistent=False)
+        raw_audio = d == 1 and not cfg.stft_sizes
+        k = 9 if raw_audio else 3  # on raw audio a wider kernel spans a few periods of a low note
+        cin = sum(n // 2 + 1 for n in cfg.stft_sizes) or cfg.in_channels  # STFT bins are the channels
+        self.stem = nn.Sequential(ConvBlock(d, cin, chans[0], 15 if raw_audio else 3))
+        for n in cfg.stft_sizes:
+            self.register_buffer(f"window_{n}", torch.hann_window(n), persistent=False)
         self.down = nn.ModuleList(
             nn.Sequential(ConvBlock(d, cin, cout, k, stride=2), ConvBlock(d, cout, cout, k))
             for cin, cout in zip(chans[:-1], chans[1:])
@@ -116,7 +120,7 @@ class EvaluatorNet(nn.Module):
     @property
     def dense_stride(self) -> int:
         """Input pixels / samples per dense-head cell along each axis."""
-        return 2**self.dense_level * (self.cfg.stft[1] if self.cfg.stft else 1)
+        return 2**self.dense_level * (self.cfg.stft_hop if self.cfg.stft_sizes else 1)
 
     @property
     def num_features(self) -> int:
@@ -124,7 +128,7 @@ class EvaluatorNet(nn.Module):
 
     def prepare(self, x: Tensor) -> Tensor:
         """Bring a batch to the network's input: 2D resized to input_size, grey <-> RGB matched;
-        1D with `stft`: the log-magnitude spectrogram."""
+        1D with `stft_sizes`: the log-magnitude spectrograms, stacked."""
         x = x.float()
         if self.cfg.dims == 2:
             if x.shape[-1] != self.cfg.input_size or x.shape[-2] != self.cfg.input_size:
@@ -135,11 +139,14 @@ class EvaluatorNet(nn.Module):
                     if self.cfg.in_channels == 1
                     else x.expand(-1, self.cfg.in_channels, -1, -1)
                 )
-        elif self.cfg.stft:
-            n_fft, hop = self.cfg.stft
-            spec = torch.stft(x.mean(1), n_fft, hop, window=self.window, center=True, return_complex=True)
-            x = torch.log1p(spec.abs())  # (B, n_fft // 2 + 1, 1 + T // hop)
+        elif self.cfg.stft_sizes:
+            x = torch.cat([self._log_stft(x.mean(1), n) for n in self.cfg.stft_sizes], 1)  # (B, bins, frames)
         return x
+
+    def _log_stft(self, x: Tensor, n_fft: int) -> Tensor:
+        window = getattr(self, f"window_{n_fft}")
+        spec = torch.stft(x, n_fft, self.cfg.stft_hop, window=window, center=True, return_complex=True)
+        return torch.log1p(spec.abs())  # (B, n_fft // 2 + 1, 1 + T // hop)
 
     def encode(self, x: Tensor) -> list[Tensor]:
         """Feature maps per level, finest first."""

@@ -1,10 +1,10 @@
 """The tones task: per-frame note, waveform and note-name heads, decoded into notes.
 
-The 1D network reads a log-magnitude STFT and predicts per frame (two STFT hops) whether a note
-sounds and, if so, its waveform and note name; notes are the runs of sounding frames with one note
-name, and an image-level head counts the notes. The
+The 1D network reads two log-magnitude STFTs (a long window for pitch, a short one for timing)
+and predicts per 8 ms frame whether a note sounds and, if so, its waveform and note name; notes
+are the runs of sounding frames with one note name, and a clip-level head counts the notes. The
 pitch itself is measured by FFT in alignment (an exact oracle); the network's note head is a
-second opinion and its pooled features feed FID/KID.
+second opinion, and its pooled features feed FID/KID.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ class TonesTask(Task):
             width=64,
             mult=(1, 1, 1),
             dense_level=1,
-            stft=(512, 64),  # 64 ms windows resolve a semitone at C4 (16 Hz); 8 ms hops
+            stft_sizes=(512, 128),  # 64 ms resolves a semitone at C4 (16 Hz); 16 ms resolves short notes
+            stft_hop=32,
             global_heads={
                 "count": ("class", MAX_NOTES),
                 "waveforms": ("multi", len(v["waveform"])),
@@ -88,7 +89,7 @@ class TonesTask(Task):
 
     def _notes(self, active: Tensor, probs: dict[str, Tensor], frame_s: float) -> list[dict]:
         """Runs of sounding frames with one note name. The count comes from the image-level head
-        instead: at 16 ms per frame the gap between two notes of a short clip can fall between frames."""
+        instead: the gap between two notes of a short clip can be shorter than a frame."""
         notes = []
         note = probs["note"].argmax(0)
         for a, b in runs(active):
