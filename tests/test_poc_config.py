@@ -113,3 +113,38 @@ def test_dry_run_lists_what_would_run(tmp_path):
     assert result.exit_code == 0, result.output
     assert "samples base's model" in result.output and (tmp_path / "o" / "poc.json").is_file()
     assert not (tmp_path / "o" / "variants").exists()
+
+
+def test_default_prompts_come_from_the_eval_split_with_their_ground_truth(tmp_path):
+    from attnlab.data import build_dataset
+    from attnlab.poc.prompts import poc_prompts
+
+    cfg = load_poc_config(write(tmp_path), ["budget.num_samples=6"])
+    ds = build_dataset(cfg.data, "eval")
+    a, b = poc_prompts(cfg, ds), poc_prompts(cfg, ds)
+    assert a.texts == b.texts and len(a) == 6 and set(a.texts) <= set(ds.texts())
+    for text, req in zip(a.texts, a.requests):
+        obj = req["objects"][0]
+        assert text == f"a {obj['color']} {obj['shape']}" and req["count"] == 1
+
+
+def test_given_prompts_and_class_names(tmp_path):
+    from attnlab.data import build_dataset
+    from attnlab.poc.prompts import poc_prompts
+
+    cfg = load_poc_config(
+        write(tmp_path, prompts=["a red circle", "a blue square"]), ["budget.num_samples=3"]
+    )
+    p = poc_prompts(cfg, build_dataset(cfg.data, "eval"))
+    assert p.texts == ["a red circle", "a blue square", "a red circle"]
+    assert p.requests[1]["objects"] == [{"shape": "square", "color": "blue"}]
+    model = {**BASE["model"], "cond": "class"}
+    cfg = load_poc_config(
+        write(tmp_path, model=model, prompts=["red circle", "blue square"]), ["budget.num_samples=2"]
+    )
+    p = poc_prompts(cfg, build_dataset(cfg.data, "eval"))
+    assert p.texts == [None, None] and p.shown == ["red circle", "blue square"]
+    assert [r["objects"][0]["color"] for r in p.requests] == ["red", "blue"]
+    cfg = load_poc_config(write(tmp_path, model=model, prompts=["red circles"]), ["budget.num_samples=2"])
+    with pytest.raises(ConfigError, match="'red circles' is not a class of shapes"):
+        poc_prompts(cfg, build_dataset(cfg.data, "eval"))

@@ -29,6 +29,10 @@ class Metric:
     lower_is_better: bool
     fmt: Callable[[float], str]
     per_seed: bool = True
+    say: str = "{label} {value}"  # how a sentence of the summary states a value
+
+    def sentence(self, value: str) -> str:
+        return self.say.format(label=self.label, value=value)
 
     def better(self, a: float, b: float) -> bool:
         return a < b if self.lower_is_better else a > b
@@ -65,8 +69,15 @@ QUALITY = [
     Metric("kid_mean", "KID ×10³", "quality", True, _num(2, 1e3)),
 ]
 ALIGNMENT = [
-    Metric("all_correct", "all asked right", "alignment", False, _pct),
-    Metric("class_acc", "class accuracy", "alignment", False, _pct),
+    Metric(
+        "all_correct",
+        "all asked right",
+        "alignment",
+        False,
+        _pct,
+        say="{value} of samples with everything asked right",
+    ),
+    Metric("class_acc", "class accuracy", "alignment", False, _pct, say="{value} class accuracy"),
     Metric("shape_acc", "shape", "alignment", False, _pct),
     Metric("color_acc", "colour", "alignment", False, _pct),
     Metric("position_acc", "position", "alignment", False, _pct),
@@ -77,7 +88,9 @@ ALIGNMENT = [
     Metric("waveform_acc", "waveform", "alignment", False, _pct),
 ]
 COST = [
-    Metric("latency_s", "latency per sample", "cost", True, _seconds),
+    Metric(
+        "latency_s", "latency per sample", "cost", True, _seconds, say="{value} sampling latency per sample"
+    ),
     Metric("flops_per_sample", "FLOPs per sample", "cost", True, _si("FLOP"), per_seed=False),
     Metric("flops_per_call", "FLOPs per denoiser call", "cost", True, _si("FLOP"), per_seed=False),
     Metric("params", "parameters", "cost", True, _si(""), per_seed=False),

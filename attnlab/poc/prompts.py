@@ -72,12 +72,22 @@ def _named_classes(names: list[str], eval_ds, dataset: str) -> PromptSet:
         if n not in known:
             raise ConfigError(f"prompts: {n!r} is not a class of {dataset}; classes: {', '.join(known)}")
     labels = [known.index(n) for n in names]
-    by_label = {}
-    for i in range(len(eval_ds)):
-        by_label.setdefault(int(eval_ds[i]["label"]), i)
-    items = [eval_ds[by_label[lab]] if lab in by_label else None for lab in labels]
-    requests = None if None in items else _requests(lambda it: _class_request(dataset, it), items)
-    return PromptSet([None] * len(names), labels, list(names), requests)
+    return PromptSet(
+        [None] * len(names),
+        labels,
+        list(names),
+        [_named_request(dataset, n, lab) for n, lab in zip(names, labels)],
+    )
+
+
+def _named_request(dataset: str, name: str, label: int) -> dict:
+    """What a class asks for, read from its name ("red circle", "sine C4") where the data has names."""
+    if dataset == "shapes":
+        return parse_request("shapes", f"a {name}")
+    if dataset == "tones":
+        waveform, note = name.split()
+        return parse_request("tones", f"a {waveform} tone at {note}")
+    return {"label": label}
 
 
 def _class_request(dataset: str, item: dict) -> dict:

@@ -94,11 +94,12 @@ def cost_stage(
     from attnlab.cli.generate import condition_for
 
     cond = condition_for(sampler.rc, items[:1], sampler.encoder)
-    out = {
-        "params": count_parameters(model),
-        "flops_per_call": denoiser_flops(model, shape, cond),
-        "flops_per_sample": count_flops(lambda: sampler.draw(items[:1], 1)),
-    }
+    out = {"params": count_parameters(model), "flops_per_call": denoiser_flops(model, shape, cond)}
+    try:
+        out["flops_per_sample"] = count_flops(lambda: sampler.draw(items[:1], 1))
+    except RuntimeError as e:
+        # The FLOP counter's backward hooks refuse torch.autograd.grad inside sampling (Attend-and-Excite).
+        out["flops_per_sample_not_counted"] = str(e).splitlines()[0]
     if memory:
         out["peak_mem_bytes"] = peak_memory(lambda: sampler.draw(items, len(items)))
     out.update(training_time(run_dir))

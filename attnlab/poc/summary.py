@@ -81,7 +81,7 @@ class Summary:
         label = {"quality": "Best quality", "alignment": "Best condition alignment", "cost": "Lowest cost"}[
             family
         ]
-        text = f"**{label}:** {self._who(best)} with {metric.label} {self._val(best, metric)}"
+        text = f"**{label}:** {self._who(best)}, {metric.sentence(self._val(best, metric))}"
         if (
             best != self.reference
             and self.reference in self.stats
@@ -125,7 +125,8 @@ class Summary:
         ref = self.have(metric).get(self.reference)
         if best == self.reference:
             return (
-                head + f"keep the reference `{best}`, {level_phrase([])}: no variant beat its {metric.label}."
+                head
+                + f"keep the reference `{best}`, {level_phrase([])}: no variant beat it on {metric.label}."
             )
         level = level_phrase(self.variants[best]["levels"])
         if ref is not None and within_noise(self.have(metric)[best], ref):
