@@ -10,6 +10,8 @@ DEMO_OUT ?= runs/demo
 # The demo trains as two single-threaded processes (torchrun, gloo): on 2 cores that is as fast as
 # one process with two threads, and it degrades gracefully when the cores are shared.
 DEMO_PROCS ?= 2
+# Idle OpenMP threads sleep rather than spin (spinning threads stall badly on shared cores).
+export OMP_WAIT_POLICY ?= PASSIVE
 DEMO_PROMPTS := --prompt "a red circle" --prompt "a blue square" --prompt "a green triangle" \
   --prompt "a yellow circle" --prompt "a red triangle" --prompt "a green square"
 

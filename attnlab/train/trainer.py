@@ -154,15 +154,12 @@ class Trainer:
 
     def _restore(self, found: Path | None, model, ema, opt) -> dict:
         if found is None:
-            LossLog(self.out / LOG, keep_bytes=0) if self.acc.is_main_process else None
             return {"step": 0, "log_bytes": 0, "wall": 0.0}
         ckpt.load_weights(model, found / ckpt.MODEL)
         if ema is not None:
             ema.load_state_dict(ckpt.read_tensors(found / ckpt.EMA_WEIGHTS))
         opt.load_state_dict(ckpt.read_optimizer_state(found / ckpt.OPTIMIZER))
         state = ckpt.read_trainer_state(found)
-        if self.acc.is_main_process:
-            LossLog(self.out / LOG, keep_bytes=state["log_bytes"])
         self.acc.print(f"resuming {self.out} from step {state['step']}")
         return state
 
@@ -174,6 +171,7 @@ class Trainer:
         data = self.data.to(acc.device)
         ab = alphas_cumprod(cfg.diffusion.num_train_timesteps, cfg.diffusion.beta_schedule).to(acc.device)
         per_proc = t.batch_size // acc.num_processes
+        # the log is cut back to its size at the checkpoint: the steps since are trained again
         log = LossLog(self.out / LOG, keep_bytes=state["log_bytes"]) if acc.is_main_process else None
         bar = tqdm(
             total=t.steps,
