@@ -72,6 +72,10 @@ class Resources:
         return Evaluator.load(self.cfg.evaluator or self.cfg.data.name)
 
     @cached_property
+    def evaluator_fp(self) -> str:
+        return evaluator_fingerprint(self.evaluator)
+
+    @cached_property
     def real(self):
         return real_features(self.evaluator, self.eval_ds.tensors(), self.out)
 
@@ -160,77 +164,92 @@ def _train(res: Resources, owner: VariantConfig, bar: Progress) -> Trained:
     return Trained(rc, record, fingerprint("model", learning_fingerprint(rc), ema))
 
 
+def _sampler(res: Resources, v: VariantConfig, t: Trained) -> _LazySampler:
+    """How variant `v` draws samples: its owner's trained model with its sampling-time techniques."""
+    cfg = res.cfg
+    owner = model_owner(cfg, v).name
+    ema = cfg.sample.ema and cfg.train.ema_decay > 0
+    model = _LazyModel(res, owner, variant_dirs(res.out, owner).root / t.record["checkpoint"], ema)
+    words = cfg.excite_words or OBJECT_WORDS.get(cfg.data.name, ())
+    return _LazySampler(model, t.rc, sampling_spec(cfg, v), res, words)
+
+
 def _variant(res: Resources, v: VariantConfig, trained: dict[str, Trained], bar: Progress) -> dict:
     cfg = res.cfg
     owner = model_owner(cfg, v)
     t = trained[owner.name]
-    dirs, owner_dirs = variant_dirs(res.out, v.name), variant_dirs(res.out, owner.name)
-    spec = sampling_spec(cfg, v)
-    ema = cfg.sample.ema and cfg.train.ema_decay > 0
-    model = _LazyModel(res, owner.name, owner_dirs.root / t.record["checkpoint"], ema)
-    sampler = _LazySampler(model, t.rc, spec, res, cfg.excite_words or OBJECT_WORDS.get(cfg.data.name, ()))
+    sampler = _sampler(res, v, t)
     per_seed, sampled = {}, {}
-    ev_fp = None
     for seed in cfg.seeds:
-        fp = sample_fingerprint(t.model_fp, spec, t.rc, res.prompts, seed, ema)
-        with bar.stage(v.name, f"sample seed {seed}") as st:
-            rec = sample_stage(sampler, dirs, res.prompts, seed, fp, cfg.budget.batch_size)
-            st.skipped, st.detail = rec["skipped"], f"{rec['latency_s'] * 1000:.0f} ms per sample"
-        sampled[seed] = rec
-        with bar.stage(v.name, f"evaluate seed {seed}") as st:
-            ev_fp = ev_fp or evaluator_fingerprint(res.evaluator)
-            efp = fingerprint("evaluate", fp, ev_fp, cfg.metrics)
-            rec_e = evaluate_stage(
-                load_samples(dirs, seed),
-                dataset=cfg.data.name,
-                metrics=cfg.metrics,
-                prompts=res.prompts,
-                ev=res.evaluator,
-                real=res.real,
-                dirs=dirs,
-                seed=seed,
-                fp=efp,
-            )
-            st.skipped = rec_e["skipped"]
-        per_seed[seed] = {**rec_e["scores"], "latency_s": rec["latency_s"]}
+        sampled[seed], per_seed[seed] = _seed(res, v, t, sampler, seed, bar)
     cost = {}
     if "cost" in cfg.metrics:
         with bar.stage(v.name, "cost") as st:
-            cfp = fingerprint("cost", t.model_fp, spec, dataclasses.asdict(t.rc.sample))
-            cost = cost_stage(sampler, res.prompts, owner_dirs.model, dirs, cfp)
+            fp = fingerprint("cost", t.model_fp, sampler.spec, dataclasses.asdict(t.rc.sample))
+            cost = cost_stage(
+                sampler,
+                res.prompts,
+                variant_dirs(res.out, owner.name).model,
+                variant_dirs(res.out, v.name),
+                fp,
+            )
             st.skipped = cost["skipped"]
-    return _entry(cfg, v, owner, spec, per_seed, cost, t, sampled)
+    return _entry(cfg, v, owner, sampler.spec, per_seed, cost, t, sampled)
+
+
+def _seed(
+    res: Resources, v: VariantConfig, t: Trained, sampler, seed: int, bar: Progress
+) -> tuple[dict, dict]:
+    """Sample and evaluate one seed of one variant; returns (sampling record, scores)."""
+    cfg, dirs = res.cfg, variant_dirs(res.out, v.name)
+    ema = cfg.sample.ema and cfg.train.ema_decay > 0
+    fp = sample_fingerprint(t.model_fp, sampler.spec, t.rc, res.prompts, seed, ema)
+    with bar.stage(v.name, f"sample seed {seed}") as st:
+        rec = sample_stage(sampler, dirs, res.prompts, seed, fp, cfg.budget.batch_size)
+        st.skipped, st.detail = rec["skipped"], f"{rec['latency_s'] * 1000:.0f} ms per sample"
+    with bar.stage(v.name, f"evaluate seed {seed}") as st:
+        efp = fingerprint("evaluate", fp, res.evaluator_fp, cfg.metrics)
+        scores = evaluate_stage(
+            lambda: load_samples(dirs, seed),
+            dataset=cfg.data.name,
+            metrics=cfg.metrics,
+            prompts=res.prompts,
+            ev=res.evaluator,
+            real=lambda: res.real,
+            dirs=dirs,
+            seed=seed,
+            fp=efp,
+        )
+        st.skipped = scores["skipped"]
+    return rec, {**scores["scores"], "latency_s": rec["latency_s"]}
 
 
 def _heatmaps(res: Resources, trained: dict[str, Trained], bar: Progress) -> list[dict]:
     """Heat maps of every variant that has them, else of the reference model when the config asks."""
     cfg = res.cfg
-    if cfg.model.cond != "text":
-        bar.skip("heat maps (the model reads no text)")
-        return []
-    from attnlab.poc.heatmaps import heatmap_stage
-
     names = [v.name for v in cfg.variants if "heatmaps" in sampling_spec(cfg, v)]
     if not names and cfg.heatmaps:
         names = [cfg.reference_name]
+    if cfg.model.cond != "text" or not names:
+        bar.skip(
+            "heat maps (" + ("the model reads no text)" if cfg.model.cond != "text" else "none asked for)")
+        )
+        return []
+    from attnlab.poc.heatmaps import heatmap_stage
+
     out = []
-    with bar.stage(", ".join(names) or "-", "heat maps") as st:
+    with bar.stage(", ".join(names), "heat maps") as st:
         for name in names:
             v = cfg.variant(name)
-            owner = model_owner(cfg, v)
-            t = trained[owner.name]
-            spec = sampling_spec(cfg, v)
-            ema = cfg.sample.ema and cfg.train.ema_decay > 0
-            model = _LazyModel(
-                res, owner.name, variant_dirs(res.out, owner.name).root / t.record["checkpoint"], ema
-            )
-            sampler = _LazySampler(model, t.rc, spec, res, ())
+            t = trained[model_owner(cfg, v).name]
+            sampler = _sampler(res, v, t)
             prompt = res.prompts.texts[0]
             seed = items_for(res.prompts, cfg.seeds[0])[0].seed
-            fp = fingerprint("heatmaps", t.model_fp, spec, prompt, seed)
-            rec = heatmap_stage(sampler, prompt, seed, variant_dirs(res.out, name), fp, cfg.data.sample_rate)
+            dirs = variant_dirs(res.out, name)
+            fp = fingerprint("heatmaps", t.model_fp, sampler.spec, prompt, seed)
+            rec = heatmap_stage(sampler, prompt, seed, dirs, fp, cfg.data.sample_rate)
             st.skipped = rec["skipped"]
-            out.append({"variant": name, **rec, "path": str(variant_dirs(res.out, name).root / rec["file"])})
+            out.append({"variant": name, **rec, "path": str(dirs.root / rec["file"])})
     return out
 
 

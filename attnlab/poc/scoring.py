@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -50,28 +51,30 @@ def real_features(ev: Evaluator, eval_x: Tensor, out: Path) -> Tensor:
 
 
 def evaluate_stage(
-    samples: Tensor,
+    samples: Callable[[], Tensor],
     *,
     dataset: str,
     metrics: list[str],
     prompts: PromptSet,
     ev: Evaluator,
-    real: Tensor,
+    real: Callable[[], Tensor],
     dirs: VariantDirs,
     seed: int,
     fp: str,
 ) -> dict:
-    """FID, KID and alignment of one seed's samples; skipped when done for these samples and evaluator."""
+    """FID, KID and alignment of one seed's samples; skipped when done for these samples and evaluator.
+
+    `samples` and `real` (eval-split features) are loaded only when the stage has work to do."""
     stage = f"evaluated-{seed}"
     record = done(dirs.marker(stage), fp)
     if record is not None:
         return {**record, "skipped": True}
-    scores: dict = {}
+    x, scores = samples(), {}
     if "fid" in metrics or "kid" in metrics:
-        q = fid_kid_from_features(real, extract_features(samples, ev.feature_net()))
+        q = fid_kid_from_features(real(), extract_features(x, ev.feature_net()))
         scores.update({k: q[k] for k in ("fid", "kid_mean") if k.split("_")[0] in metrics})
     if "alignment" in metrics and prompts.requests is not None and ev.task.kind != "pretext":
-        found = alignment(dataset, samples, prompts.requests, ev)
+        found = alignment(dataset, x, prompts.requests, ev)
         scores.update({k: v for k, v in found.items() if k != "n"})
     return {**mark(dirs.marker(stage), fp, {"scores": _finite(scores)}), "skipped": False}
 
