@@ -222,3 +222,13 @@ def test_interrupt_keeps_finished_stages_and_resumes(tmp_path, evaluator_dir, co
     assert train.calls == 0  # the trained model was kept
     assert sample.calls == 1 + 2  # seed 2, then the cost stage's two runs (FLOPs, peak memory)
     assert (out / "report.html").is_file()
+
+
+def test_a_missing_evaluator_stops_before_any_training(tmp_path, counted):
+    from attnlab.errors import CheckpointError
+
+    cfg = tiny_config(tmp_path, tmp_path / "no-evaluator")
+    train, _ = counted()
+    with pytest.raises(CheckpointError, match="no-evaluator"):
+        run_poc(cfg, tmp_path / "out", progress=False, echo=lambda line: None)
+    assert train.calls == 0 and not (tmp_path / "out" / "variants").exists()

@@ -344,4 +344,13 @@ def _method(cfg: PocConfig, results: dict) -> list[str]:
         f"Variants with the same architecture share one trained model ({', '.join(sorted({e['trained_by'] for e in results['variants']}))}); "
         "training-free variants add their techniques at sampling time only.",
         "Files: results.json (every number, per seed), results.csv (one row per variant), variants/NAME/ (models, samples, stage records).",
+    ] + _not_counted(results["variants"])
+
+
+def _not_counted(entries: list[dict]) -> list[str]:
+    names = [f"`{e['name']}`" for e in entries if "flops_per_sample_not_counted" in e["cost"]]
+    if not names:
+        return []
+    return [
+        f"FLOPs per sample are not counted for {', '.join(names)}: its sampling differentiates through the model, which the FLOP counter does not follow."
     ]

@@ -116,6 +116,8 @@ def run_poc(
         torch.set_num_threads(cfg.threads)
     write_json(out / "poc.json", cfg.to_dict())
     res = Resources(cfg, out)
+    if {"fid", "kid", "alignment"} & set(cfg.metrics):
+        res.evaluator  # noqa: B018  (a missing evaluator fails now, not after training)
     owners = _owners(cfg)
     per_variant = 2 * len(cfg.seeds) + ("cost" in cfg.metrics)
     bar = Progress(len(owners) + per_variant * len(cfg.variants) + 2, enabled=progress, echo=echo)
