@@ -74,3 +74,16 @@ def test_cost_with_a_sampler(tmp_path):
     assert out["flops_per_sample"] == pytest.approx(2 * out["flops_per_call"])
     assert out["latency_s"] > 0 and out["peak_mem_bytes"] > 0
     assert set(out) == {"params", "flops_per_call", "flops_per_sample", "latency_s", "peak_mem_bytes"}
+
+
+def test_flops_are_counted_through_gradients_taken_inside_sampling():
+    lin = nn.Linear(4, 4, bias=False)
+
+    def run():  # the shape of Attend-and-Excite: a gradient step on the latent inside sampling
+        with torch.enable_grad():
+            x = torch.randn(2, 4, requires_grad=True)
+            (grad,) = torch.autograd.grad(lin(x).sum(), x)
+        return grad
+
+    forward = 2 * 2 * 4 * 4
+    assert count_flops(run) == 2 * forward  # forward matmul + the input-gradient matmul

@@ -73,6 +73,9 @@ def test_evaluator_features_put_real_data_near_itself_and_far_from_noise(name):
     noise = fid_kid(real, (torch.randn_like(real) * 0.5).clamp(-1, 1), feature)
     assert abs(same["fid"]) < 1e-6
     assert noise["fid"] > 20 * split["fid"]
+    # The texture block: blurred, noisy copies of real data are worse than real data.
+    soft = fid_kid(real, degrade(other, torch.Generator().manual_seed(0)), feature)
+    assert soft["fid"] > 2 * split["fid"]
     assert noise["kid_mean"] > 20 * max(split["kid_mean"], 1e-4)
 
 

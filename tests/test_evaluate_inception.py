@@ -93,10 +93,10 @@ def test_wrong_files_name_the_file_and_what_was_expected(tmp_path, inception_fil
 
 def test_feature_network_prefers_local_inception_for_images_only(inception_file):
     from attnlab.errors import ConfigError
-    from attnlab.evaluate import feature_network
+    from attnlab.evaluate import Evaluator, feature_network
 
     path, _ = inception_file
     assert isinstance(feature_network("digits", inception=path), FIDInception)
-    assert feature_network("digits").num_features == 128
+    assert feature_network("digits").num_features == Evaluator.load("digits").net.num_features == 128 + 16
     with pytest.raises(ConfigError, match="Inception features are for images"):
         feature_network("tones", inception=path)

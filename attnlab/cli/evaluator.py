@@ -67,7 +67,7 @@ def show_command(
     ev = Evaluator.load(name)
     params = sum(p.numel() for p in ev.net.parameters())
     typer.echo(f"{ev.name}: {ev.task.kind} evaluator, {ev.info.get('modality')}, {params} parameters")
-    typer.echo(f"features for FID/KID: {ev.net.cfg.feature_dim}-d")
+    typer.echo(f"features for FID/KID: {ev.net.num_features}-d")
     for key, values in ev.task.vocab.items():
         typer.echo(f"{key}: {', '.join(map(str, values))}")
     for split, metrics in ev.info.get("metrics", {}).items():

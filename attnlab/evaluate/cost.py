@@ -43,17 +43,33 @@ def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's per-module tracker, so every count goes to "Global". The
+    tracker's backward hooks reject torch.autograd.grad inside the counted code, which sampling-time
+    optimisation (Attend-and-Excite) runs; attnlab only needs the total."""
+
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
 def _flop_counter() -> FlopCounterMode:
     extra = {}
     cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_sdpa is not None:
         extra[cpu_sdpa] = _cpu_sdpa_flop
-    return FlopCounterMode(display=False, custom_mapping=extra)
+    counter = FlopCounterMode(display=False, custom_mapping=extra)
+    counter.mod_tracker = _GlobalOnly()
+    return counter
 
 
 @torch.no_grad()
 def count_flops(run: Callable[[], Any]) -> int:
-    """Total FLOPs of the torch operators `run()` executes."""
+    """Total FLOPs of the torch operators `run()` executes (gradients it takes itself included)."""
     with _flop_counter() as counter:
         run()
     return int(counter.get_total_flops())

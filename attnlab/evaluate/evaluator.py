@@ -103,7 +103,7 @@ class Evaluator:
         return self.info.get("sample_rate")
 
     def feature_net(self) -> FeatureNet:
-        """The (B, feature_dim) feature module for `fid_kid`."""
+        """The (B, num_features) feature module for `fid_kid`."""
         return FeatureNet(self.net).eval()
 
     @torch.no_grad()

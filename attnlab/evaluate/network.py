@@ -1,8 +1,12 @@
 """The evaluator network: a small CNN (2D images or 1D audio) with image-level and dense heads.
 
 One encoder serves both jobs of evaluation. Its pooled bottleneck, after one linear layer, is the
-feature vector FID/KID compare (the "penultimate" features, as Inception's pool layer is for
-Heusel et al., 2017). Heads read labels off it: `global_heads` from the pooled features (class,
+"penultimate" embedding the heads read (as Inception's pool layer is for Heusel et al., 2017).
+The vector FID/KID compare is that embedding plus a texture block: the log energy of each stem
+filter's response, standardised on the training data and weighted to a quarter of the embedding's
+variance. The heads are trained to see through blur and noise (so they read imperfect samples),
+which leaves the embedding nearly blind to them; the texture block keeps FID sensitive to
+blurred, noisy or over-sharp samples while content (shape, colour, layout) still dominates. Heads read labels off it: `global_heads` from the pooled features (class,
 count, which shapes/colours are present) and `dense_heads` per pixel or per frame at the
 resolution of encoder level `dense_level`, reached through a U-Net-style decoder (Ronneberger et
 al., 2015, with skips added rather than concatenated, to keep it cheap on a CPU); dense outputs are
@@ -116,6 +120,10 @@ class EvaluatorNet(nn.Module):
         self.up = nn.ModuleList(ConvBlock(d, cs, cs, k) for cs in skips)
         dense_out = sum(s for _, s in cfg.dense_heads.values())
         self.dense = _conv(d, chans[self.dense_level], dense_out, 1) if dense_out else None
+        # Texture statistics of the training data (see `calibrate_texture`); weight 0 until calibrated.
+        self.register_buffer("texture_mean", torch.zeros(chans[0]))
+        self.register_buffer("texture_std", torch.ones(chans[0]))
+        self.register_buffer("texture_weight", torch.zeros(()))
 
     @property
     def dense_stride(self) -> int:
@@ -124,7 +132,29 @@ class EvaluatorNet(nn.Module):
 
     @property
     def num_features(self) -> int:
-        return self.cfg.feature_dim
+        """Length of the FID/KID feature vector: the embedding plus one texture value per stem filter."""
+        return self.cfg.feature_dim + self.stem[0][0].out_channels
+
+    def texture(self, x: Tensor) -> Tensor:
+        """(B, stem filters) log energy of the stem convolution's responses, before normalisation."""
+        response = self.stem[0][0](self.prepare(x))
+        return torch.log(response.pow(2).flatten(2).mean(-1) + 1e-4)
+
+    @torch.no_grad()
+    def calibrate_texture(self, batches: list[Tensor], share: float = 0.25) -> None:
+        """Standardise the texture block on training data and weight it so its total variance is
+        `share` of the embedding's."""
+        emb = torch.cat([self.embed(self.encode(x)[-1].flatten(2).mean(-1)) for x in batches])
+        tex = torch.cat([self.texture(x) for x in batches])
+        self.texture_mean.copy_(tex.mean(0))
+        self.texture_std.copy_(tex.std(0).clamp(min=1e-3))
+        self.texture_weight.fill_(float((share * emb.var(0).sum() / tex.shape[1]).sqrt()))
+
+    def features(self, x: Tensor) -> Tensor:
+        """(B, num_features): the embedding and the weighted, standardised texture block."""
+        emb = self.embed(self.encode(x)[-1].flatten(2).mean(-1))  # (B, feature_dim)
+        tex = (self.texture(x) - self.texture_mean) / self.texture_std * self.texture_weight
+        return torch.cat([emb, tex], 1)
 
     def prepare(self, x: Tensor) -> Tensor:
         """Bring a batch to the network's input: 2D resized to input_size, grey <-> RGB matched;
@@ -175,14 +205,13 @@ class EvaluatorNet(nn.Module):
 
 
 class FeatureNet(nn.Module):
-    """The evaluator's feature vector alone, as FID/KID want it: x -> (B, feature_dim)."""
+    """The evaluator's FID/KID feature vector alone: x -> (B, num_features)."""
 
     def __init__(self, net: EvaluatorNet):
         super().__init__()
         self.net = net
-        self.num_features = net.cfg.feature_dim
+        self.num_features = net.num_features
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        maps = self.net.encode(x)
-        return self.net.embed(maps[-1].flatten(2).mean(-1))
+        return self.net.features(x)

@@ -90,7 +90,9 @@ def _fit(
     log(
         f"{name}: {sum(p.numel() for p in net.parameters())} parameters, {sum(len(d) for d in train_sets)} samples"
     )
-    stats = train_network(net, task, _groups(net, task, train_sets), settings, log)
+    groups = _groups(net, task, train_sets)
+    stats = train_network(net, task, groups, settings, log)
+    net.calibrate_texture([g.x[i : i + 256] for g in groups for i in range(0, len(g.x), 256)])
     round_to_stored(net)
     evaluator = Evaluator(task, net, {**info, "training": {**asdict(settings), **stats}})
     dataset_name = name if name in ("shapes", "tones", "digits") else "folder"
