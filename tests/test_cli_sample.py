@@ -1,6 +1,7 @@
 """`attnlab train` + `attnlab sample` end to end: files, grid, request.json, provenance that regenerates."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from typer.testing import CliRunner
 from attnlab.cli.main import app
 from attnlab.cli.outputs import read_png, read_provenance, to_uint8
 from attnlab.cli.sample import regenerate
+from attnlab.train import latest_checkpoint
 
 TINY = [
     "model.width=16",
@@ -108,6 +110,20 @@ def test_regenerate_from_provenance_gives_the_same_pixels(text_run, tmp_path):
     assert np.array_equal(to_uint8(x), read_png(out / files[4]))
     _ok(["regenerate", out / files[4], "--out", tmp_path / "again"])
     assert np.array_equal(read_png(tmp_path / "again" / files[4]), read_png(out / files[4]))
+
+
+def test_regenerate_from_a_moved_model_checks_its_weights(text_run, tmp_path):
+    out = tmp_path / "s"
+    _ok(["sample", text_run, "-p", "a red square", "-n", "1", "--steps", "2", "--out", out])
+    png = out / json.loads((out / "request.json").read_text())["files"][0]
+    moved = tmp_path / "moved"
+    shutil.copytree(text_run, moved)
+    x, _ = regenerate(png, moved)
+    assert np.array_equal(to_uint8(x), read_png(png))
+    weights = latest_checkpoint(moved) / "ema.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\1")  # other weights, same size
+    result = runner.invoke(app, ["regenerate", str(png), "--model", str(moved), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "sha256 differs" in result.output
 
 
 def test_user_errors_are_one_line_with_exit_code_2(text_run, tmp_path):

@@ -46,13 +46,8 @@ def write_samples(out: Path, x, items: list, base: dict, cfg, grid_rows: int) ->
 
     names = []
     for i, (xi, it) in enumerate(zip(x, items)):
-        what = (
-            it.prompt
-            if it.prompt is not None
-            else (f"label-{it.label}" if it.label is not None else "uncond")
-        )
         meta = {**base, "prompt": it.prompt, "label": it.label, "seed": it.seed}
-        stem = f"{i:03d}-{slug(what)}-seed{it.seed}"
+        stem = f"{i:03d}-{slug(_describe(it))}-seed{it.seed}"
         if cfg.model.dims == 1:
             save_wav(out / f"{stem}.wav", xi, cfg.data.sample_rate, meta)
             names.append(f"{stem}.wav")
@@ -65,6 +60,12 @@ def write_samples(out: Path, x, items: list, base: dict, cfg, grid_rows: int) ->
             out / "grid.png", grid(x, grid_rows), {**base, "items": [vars(it) for it in items]}, scale
         )
     return names
+
+
+def _describe(item) -> str:
+    if item.prompt is not None:
+        return item.prompt
+    return f"label-{item.label}" if item.label is not None else "uncond"
 
 
 def sample_command(
@@ -179,8 +180,12 @@ def sample_command(
     )
 
 
-def regenerate(file: str | Path, batch_size: int = 1):
+def regenerate(file: str | Path, model: str | Path | None = None, batch_size: int = 1):
     """Draw the sample recorded in a sample file's provenance again; returns (x (C, ...), provenance).
+
+    Args:
+        file: a PNG or WAV written by `attnlab sample`.
+        model: the model directory, if it moved since (its weights must hash the same).
 
     Raises:
         CheckpointError: when the model directory is gone or its weights changed since.
@@ -191,16 +196,16 @@ def regenerate(file: str | Path, batch_size: int = 1):
     from attnlab.train.checkpoint import file_sha256, load_model, model_dir
 
     meta = read_provenance(file)
-    ckpt = Path(meta["model_dir"])
+    ckpt = Path(model) if model is not None else Path(meta["model_dir"])
     weights = model_dir(ckpt) / meta["weights"]
     if not weights.is_file() or file_sha256(weights) != meta["weights_sha256"]:
         raise CheckpointError(f"{weights}: missing or not the weights {file} was drawn with (sha256 differs)")
-    model, cfg = load_model(ckpt, ema=meta["weights"].startswith("ema"))
+    net, cfg = load_model(ckpt, ema=meta["weights"].startswith("ema"))
     item = Item(meta["prompt"], meta["label"], meta["seed"])
     techniques = sampling_plan(meta.get("techniques", {}).get("sampling"))
-    with techniques.installed(model):
+    with techniques.installed(net):
         x = generate(
-            model,
+            net,
             cfg,
             [item],
             sampler=meta["sampler"],
@@ -216,16 +221,19 @@ def regenerate(file: str | Path, batch_size: int = 1):
 def regenerate_command(
     file: Annotated[Path, typer.Argument(help="A PNG or WAV file written by `attnlab sample`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = ...,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="The model directory, if it moved since (same weights).")
+    ] = None,
 ):
     """Draw a sample again from the provenance in its file."""
     from attnlab.cli.outputs import save_png, save_wav
-    from attnlab.train.checkpoint import load_model
+    from attnlab.train.checkpoint import model_dir, read_config
 
-    x, meta = regenerate(file)
+    x, meta = regenerate(file, model)
     out.mkdir(parents=True, exist_ok=True)
     target = out / Path(file).name
     if Path(file).suffix.lower() == ".wav":
-        cfg = load_model(meta["model_dir"], ema=meta["weights"].startswith("ema"))[1]
+        cfg = read_config(model_dir(model if model is not None else meta["model_dir"]))
         save_wav(target, x, cfg.data.sample_rate, meta)
     else:
         save_png(target, x, meta)
