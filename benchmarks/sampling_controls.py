@@ -157,7 +157,7 @@ def main() -> None:
     model, cfg = load_model(a.run, ema=not a.no_ema)
     eval_set = build_dataset(cfg.data, "eval")
     prompts = eval_set.texts()[: a.num]
-    real = eval_set.tensors()[: a.num]
+    real = eval_set.tensors()  # the whole eval split: one FID reference for every variant
     tokens, mask = get_text_encoder().encode(prompts)
     chunks = range(0, a.num, a.batch)
     conds = [Condition(tokens=tokens[i : i + a.batch], mask=mask[i : i + a.batch]) for i in chunks]
