@@ -59,6 +59,17 @@ def test_guidance_one_equals_cond_only_and_cfg_differs(model):
     assert [c[0] for c in model.calls] == list(range(5))
 
 
+def test_cfg_batch_at_guidance_near_one_equals_cond_only(model):
+    """The CFG path (uncond and cond rows in one batch) at scale 1 + 1e-6 gives the cond-only result,
+    so the rows are split in the right order."""
+    cond, kw = _text_cond(), dict(steps=5, seeds=[1, 2, 3])
+    plain = sample(model, (3, 3, 8, 8), cond, scheduler=make_scheduler("ddim"), guidance=1.0, **kw)
+    model.calls.clear()
+    cfg = sample(model, (3, 3, 8, 8), cond, scheduler=make_scheduler("ddim"), guidance=1.0 + 1e-6, **kw)
+    assert {c[3] for c in model.calls} == {6}  # it did run the two-row-set batch
+    torch.testing.assert_close(plain, cfg, atol=1e-4, rtol=0)
+
+
 def test_cfg_with_identical_rows_equals_cond_only(model):
     """With the null condition as the condition, any guidance scale gives the cond-only result."""
     null = _text_cond().null_like()
