@@ -99,7 +99,8 @@ def _fit(
     metrics = {}
     for ds in eval_sets:
         key = f"{ds.cfg.name}-{ds.cfg.size}" + ("-positions" if getattr(ds.cfg, "positions", False) else "")
-        metrics[key] = check(evaluator, dataset_name, ds)
+        # nan (nothing of that kind to score) is stored as null: the JSON stays standard.
+        metrics[key] = {k: None if v != v else v for k, v in check(evaluator, dataset_name, ds).items()}
         log(f"{name}: eval {key}: {metrics[key]}")
     evaluator.info["metrics"] = metrics
     return evaluator
