@@ -7,9 +7,11 @@ Quality (Heusel et al., 2017; Binkowski et al., 2018), through torchmetrics:
     fid_kid(real, fake, load_inception("pt_inception-2015-12-05-6726825d.pth"))  # local Inception
     feature_network("shapes", inception=None)          # either of the two, as a config would pick
 
-    Samples are (N, C, *spatial) float tensors in [-1, 1]. Evaluator features are comparable only
-    between runs that use the same evaluator; Inception-FID is the number papers report, but at
-    16-64 px on toy data it mostly measures resizing, so the evaluator is the default.
+    Samples are (N, C, *spatial) float tensors in [-1, 1]. Evaluator features (the embedding its
+    heads read plus a calibrated texture block, see `network`) are comparable only between runs
+    that use the same evaluator weights. Inception-FID is the number papers report, but it sees
+    16-64 px images upsampled 5-18x to 299 px and knows nothing of audio, so the dataset's own
+    evaluator is the default.
 
 Condition alignment: does each sample show what its prompt asked for?
 
