@@ -6,7 +6,8 @@ fp32 matmul peak that a training step reaches.
     .venv/bin/python benchmarks/train_throughput.py --size 32 --attn 16,8
 
 The models' timing rounds are interleaved (and their order alternates), so load from other
-processes on a shared machine hits both alike; the ratio is the number to read.
+processes on a shared machine hits both alike; the ratio is the number to read. On a busy machine
+the CPU-time ratio (the work per step, whatever share of the cores the process got) is the steadiest.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class Trainer:
         self.channels_last = channels_last
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         self.step_seconds: list[float] = []
+        self.cpu_seconds: list[float] = []  # process CPU time: the work, whatever share of the CPU we got
         self.batch = 0
 
     def loss(self, batch) -> torch.Tensor:
@@ -114,7 +116,9 @@ class Trainer:
 
     def timed(self, batches) -> None:
         for b in batches:
+            cpu = time.process_time()
             self.step_seconds.append(_time(lambda b=b: self.step(b)))
+            self.cpu_seconds.append(time.process_time() - cpu)
             self.batch = b[0].shape[0]
 
     def images_per_s(self) -> float:
@@ -195,15 +199,17 @@ def main() -> None:
         for tr in trainers if r % 2 == 0 else trainers[::-1]:  # alternate who goes first
             tr.timed(batches)
 
-    print(f"\n{'images/s (median step | mean)':>40s}")
+    print(f"\n{'images/s (median step | mean)   CPU s per step':>56s}")
     for tr in trainers:
-        print(f"{tr.name:28s} {tr.images_per_s():8.1f} | {tr.images_per_s_mean():6.1f}")
+        cpu = statistics.median(tr.cpu_seconds)
+        print(f"{tr.name:28s} {tr.images_per_s():8.1f} | {tr.images_per_s_mean():6.1f}   {cpu:8.2f}")
     for peer in peers:
-        median, mean = (
-            ours.images_per_s() / peer.images_per_s(),
-            ours.images_per_s_mean() / peer.images_per_s_mean(),
+        median = ours.images_per_s() / peer.images_per_s()
+        mean = ours.images_per_s_mean() / peer.images_per_s_mean()
+        cpu = statistics.median(peer.cpu_seconds) / statistics.median(ours.cpu_seconds)
+        print(
+            f"ratio attnlab / {peer.name}: {median:.2f}x (median step), {mean:.2f}x (mean), {cpu:.2f}x (CPU time)"
         )
-        print(f"ratio attnlab / {peer.name}: {median:.2f}x (median step), {mean:.2f}x (mean)")
 
     peak = matmul_peak()
     print(f"\nfp32 matmul peak (best square matmul, 1024-3072): {peak:.1f} GFLOP/s")
