@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from attnlab.cli.main import app
 from attnlab.errors import ConfigError
 from attnlab.poc import load_poc_config
-from attnlab.poc.config import model_owner, own_levels, sampling_spec
+from attnlab.poc.variants import model_owner, own_levels, sampling_spec
 
 BASE = {
     "data": {"name": "shapes", "size": 16, "num": 32, "num_eval": 16},

@@ -40,7 +40,7 @@ def poc_command(
 
 def _dry_run(cfg, out: Path) -> None:
     from attnlab.io import write_json
-    from attnlab.poc.config import model_owner, own_levels, sampling_spec
+    from attnlab.poc.variants import model_owner, own_levels, sampling_spec
 
     write_json(out / "poc.json", cfg.to_dict())
     for v in cfg.variants:

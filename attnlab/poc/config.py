@@ -16,6 +16,9 @@ from attnlab.config import DiffusionConfig, TrainConfig, _dotlist, _first_line, 
 from attnlab.data.config import DataConfig
 from attnlab.errors import AttnlabError, ConfigError
 from attnlab.models.config import ModelConfig
+from attnlab.poc.variants import lineage, technique, variant_model
+
+SEED_STRIDE = 100_000  # sample k of sampling seed s draws its noise from seed s * SEED_STRIDE + k
 
 METRICS = ("fid", "kid", "alignment", "cost")
 PRIORITIES = ("quality", "control", "speed")
@@ -258,6 +261,9 @@ def _validate_lists(cfg: PocConfig) -> None:
     )
     _check(b.sample_steps >= 1, "budget.sample_steps", b.sample_steps, "a positive integer")
     _check(b.num_samples >= 2, "budget.num_samples", b.num_samples, "at least 2 (FID/KID compare sets)")
+    _check(
+        b.num_samples <= SEED_STRIDE, "budget.num_samples", b.num_samples, f"at most {SEED_STRIDE} per seed"
+    )
     _check(b.batch_size >= 1, "budget.batch_size", b.batch_size, "a positive integer")
     if cfg.prompts is not None:
         _check(cfg.model.cond != "none", "prompts", cfg.prompts, "no prompts for an unconditional model")
@@ -325,80 +331,6 @@ def _check_technique(cfg: PocConfig, v: VariantConfig, tech, opts: dict, key: st
         tech.build(**opts)
     except (TypeError, ValueError, AttnlabError) as e:
         raise ConfigError(f"{key}: {e}") from None
-
-
-# Variants
-
-
-def lineage(cfg: PocConfig, v: VariantConfig) -> list[VariantConfig]:
-    """The variant, its base, its base's base, ... (the last one trains).
-
-    Raises:
-        ConfigError: the bases form a cycle.
-    """
-    chain = [v]
-    while chain[-1].base is not None:
-        nxt = cfg.variant(chain[-1].base)
-        if nxt in chain:
-            names = " -> ".join(x.name for x in [*chain, nxt])
-            raise ConfigError(f"variants: the bases form a cycle ({names})")
-        chain.append(nxt)
-    return chain
-
-
-def model_owner(cfg: PocConfig, v: VariantConfig) -> VariantConfig:
-    """The variant whose trained model `v` samples: follows `base`, else the first variant with the same model."""
-    mine = variant_model(cfg, v)
-    return next(o for o in cfg.variants if o.base is None and variant_model(cfg, o) == mine)
-
-
-def variant_model(cfg: PocConfig, v: VariantConfig, key: str = "") -> ModelConfig:
-    """The model a variant is trained with: the base model, its `model` fields, its architectural techniques."""
-    from attnlab.models.specs import check_techniques
-
-    key = key or f"variant {v.name!r}"
-    v = lineage(cfg, v)[-1]
-    arch = {n: dict(o or {}) for n, o in v.techniques.items() if not _training_free(n)}
-    fields = {**cfg.model.to_dict(), **v.model, "techniques": arch}
-    try:
-        model = ModelConfig.from_dict(fields)
-        check_techniques(model)
-    except ConfigError as e:
-        raise ConfigError(f"{key}: {e}") from None
-    return model
-
-
-def sampling_spec(cfg: PocConfig, v: VariantConfig) -> dict[str, dict]:
-    """The training-free techniques a variant samples with: its own, after its base's."""
-    spec: dict[str, dict] = {}
-    for x in reversed(lineage(cfg, v)):
-        spec.update({n: dict(o or {}) for n, o in x.techniques.items() if _training_free(n)})
-    return spec
-
-
-def own_levels(cfg: PocConfig, v: VariantConfig) -> list[int]:
-    """The levels of what this variant adds over its reference: its own techniques, or its `level`."""
-    levels = {technique(n).level for n in v.techniques}
-    if v.level is not None:
-        levels.add(v.level)
-    return sorted(levels)
-
-
-def _training_free(name: str) -> bool:
-    return technique(name).training_free
-
-
-def technique(name: str):
-    """The registry entry `name`, with every room that registers techniques imported first.
-
-    Raises:
-        KeyError: an unknown name (the message lists the known ones).
-    """
-    import attnlab.control  # noqa: F401  (registers the training-free techniques)
-    import attnlab.models  # noqa: F401  (registers the architectural ones)
-    from attnlab.techniques import get
-
-    return get(name)
 
 
 def _check(ok: bool, key: str, value, expected: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from attnlab.io import write_text
 from attnlab.poc import figures
-from attnlab.poc.config import PocConfig, technique
+from attnlab.poc.config import PocConfig
 from attnlab.poc.document import (
     Audio,
     Bullets,
@@ -30,6 +30,7 @@ from attnlab.poc.results import compare, stats_of, write_results
 from attnlab.poc.sampling import SEED_STRIDE, load_samples
 from attnlab.poc.stages import done, fingerprint, mark, variant_dirs
 from attnlab.poc.summary import Summary
+from attnlab.poc.variants import technique
 from attnlab.techniques import LEVELS
 
 REPORT_FILES = ("report.md", "report.html", "results.json", "results.csv")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from attnlab.io import write_json
-from attnlab.poc.config import PocConfig, VariantConfig, model_owner, own_levels, sampling_spec, variant_model
+from attnlab.poc.config import PocConfig, VariantConfig
 from attnlab.poc.progress import Progress
 from attnlab.poc.prompts import PromptSet, poc_prompts
 from attnlab.poc.results import metric_stats
@@ -29,6 +29,7 @@ from attnlab.poc.sampling import (
 from attnlab.poc.scoring import cost_stage, evaluate_stage, evaluator_fingerprint, real_features
 from attnlab.poc.stages import fingerprint, variant_dirs
 from attnlab.poc.training import budget_steps, learning_fingerprint, run_config, train_stage
+from attnlab.poc.variants import model_owner, own_levels, sampling_spec, variant_model
 
 
 @dataclass

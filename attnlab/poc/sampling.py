@@ -18,10 +18,10 @@ from attnlab.cli.generate import Item, generate
 from attnlab.config import RunConfig
 from attnlab.control.plan import SamplingPlan, sampling_plan
 from attnlab.io import atomic_path
+from attnlab.poc.config import SEED_STRIDE
 from attnlab.poc.prompts import PromptSet
 from attnlab.poc.stages import VariantDirs, done, fingerprint, mark
 
-SEED_STRIDE = 100_000  # sample k of sampling seed s draws its noise from seed s * SEED_STRIDE + k
 # Techniques the generic plan leaves out because they need the prompts of each batch (bound here).
 BOUND_HERE = ("heatmaps", "attend_excite")
 # Default words Attend-and-Excite strengthens, per dataset: the words that name objects.

@@ -9,8 +9,9 @@ import time
 import torch
 
 from attnlab.config import RunConfig, SampleConfig
-from attnlab.poc.config import PocConfig, VariantConfig, variant_model
+from attnlab.poc.config import PocConfig, VariantConfig
 from attnlab.poc.stages import VariantDirs, done, fingerprint, mark
+from attnlab.poc.variants import variant_model
 from attnlab.train import train
 from attnlab.train.batches import TrainingData
 from attnlab.train.trainer import fit_to_data
