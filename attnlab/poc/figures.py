@@ -37,7 +37,8 @@ def _axis(m: Metric) -> tuple[float, str]:
 def _scatter(ax, points: Sequence[dict], x: Metric, y: Metric) -> None:
     """One point per variant with seed-spread error bars, coloured by level, labelled by name."""
     (kx, ux), (ky, uy) = _axis(x), _axis(y)
-    for p in points:
+    xy = [(kx * p[x.key].mean, ky * p[y.key].mean) for p in points]
+    for p, offset in zip(points, _label_offsets(xy)):
         sx, sy = p[x.key], p[y.key]
         color = LEVEL_COLORS[p["group"]]
         ax.errorbar(
@@ -51,11 +52,26 @@ def _scatter(ax, points: Sequence[dict], x: Metric, y: Metric) -> None:
             ms=7,
         )
         ax.annotate(
-            p["name"], (kx * sx.mean, ky * sy.mean), textcoords="offset points", xytext=(6, 5), fontsize=8
+            p["name"], (kx * sx.mean, ky * sy.mean), textcoords="offset points", xytext=offset, fontsize=8
         )
     ax.set_xlabel(f"{x.label}{ux}, {'lower' if x.lower_is_better else 'higher'} is better", fontsize=9)
     ax.set_ylabel(f"{y.label}{uy}, {'lower' if y.lower_is_better else 'higher'} is better", fontsize=9)
     ax.grid(alpha=0.3)
+
+
+def _label_offsets(xy: Sequence[tuple[float, float]]) -> list[tuple[int, int]]:
+    """Text offsets (points) for labels: points close to an earlier one take the next free slot,
+    so labels of near-equal variants do not print over each other."""
+    slots = [(6, 5), (6, -11), (6, 15), (6, -21), (6, 25), (6, -31)]
+    if not xy:
+        return []
+    a = np.array(xy, dtype=float)
+    span = np.maximum(a.max(0) - a.min(0), 1e-12)
+    out: list[tuple[int, int]] = []
+    for i, p in enumerate(a):
+        near = [out[j] for j in range(i) if (np.abs((a[j] - p) / span) < 0.06).all()]
+        out.append(next((s for s in slots if s not in near), slots[0]))
+    return out
 
 
 def quality_vs_cost(path: Path, points: Sequence[dict], cost: Metric, panels: Sequence[Metric]) -> Path:
@@ -64,7 +80,7 @@ def quality_vs_cost(path: Path, points: Sequence[dict], cost: Metric, panels: Se
     Args:
         points: per variant {"name", "group" (level 0-5), metric key -> Stat}.
     """
-    fig = Figure(figsize=(5.2 * len(panels), 4.0))
+    fig = Figure(figsize=(5.6 * len(panels), 4.0), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, y in zip(axes, panels):
         _scatter(ax, [p for p in points if p.get(y.key) and p.get(cost.key)], cost, y)
