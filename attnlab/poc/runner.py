@@ -73,12 +73,13 @@ class Resources:
         return Evaluator.load(self.cfg.evaluator or self.cfg.data.name)
 
     @cached_property
-    def evaluator_fp(self) -> str:
-        return evaluator_fingerprint(self.evaluator)
+    def real_fp(self) -> str:
+        """What FID/KID compare against: this evaluator's features of this eval split."""
+        return fingerprint("real", evaluator_fingerprint(self.evaluator), dataclasses.asdict(self.cfg.data))
 
     @cached_property
     def real(self):
-        return real_features(self.evaluator, self.eval_ds.tensors(), self.out)
+        return real_features(self.evaluator, self.eval_ds.tensors(), self.out, self.real_fp)
 
     @cached_property
     def prompts(self) -> PromptSet:
@@ -211,7 +212,7 @@ def _seed(
         rec = sample_stage(sampler, dirs, res.prompts, seed, fp, cfg.budget.batch_size)
         st.skipped, st.detail = rec["skipped"], f"{rec['latency_s'] * 1000:.0f} ms per sample"
     with bar.stage(v.name, f"evaluate seed {seed}") as st:
-        efp = fingerprint("evaluate", fp, res.evaluator_fp, cfg.metrics)
+        efp = fingerprint("evaluate", fp, res.real_fp, cfg.metrics)
         scores = evaluate_stage(
             lambda: load_samples(dirs, seed),
             dataset=cfg.data.name,

@@ -38,9 +38,9 @@ def evaluator_fingerprint(ev: Evaluator) -> str:
     return fingerprint("evaluator", ev.name, h.hexdigest())
 
 
-def real_features(ev: Evaluator, eval_x: Tensor, out: Path) -> Tensor:
-    """Evaluator features of the eval split, computed once per evaluator and kept in `out/real/`."""
-    fp = evaluator_fingerprint(ev)
+def real_features(ev: Evaluator, eval_x: Tensor, out: Path, fp: str) -> Tensor:
+    """Evaluator features of the eval split, computed once per (evaluator, eval split) `fp` and kept
+    in `out/real/`."""
     path = out / "real" / f"features-{fp}.safetensors"
     if path.is_file():
         return load_file(str(path))["features"]
