@@ -232,3 +232,41 @@ def test_a_missing_evaluator_stops_before_any_training(tmp_path, counted):
     with pytest.raises(CheckpointError, match="no-evaluator"):
         run_poc(cfg, tmp_path / "out", progress=False, echo=lambda line: None)
     assert train.calls == 0 and not (tmp_path / "out" / "variants").exists()
+
+
+def test_audio_with_class_labels(tmp_path):
+    """1D data and a class-conditioned model: label prompts, spectrogram figures, WAVs in the page."""
+    from attnlab.evaluate.tasks import TonesTask
+
+    torch.manual_seed(0)
+    task = TonesTask()
+    Evaluator(task, EvaluatorNet(task.network(1, 1)).eval(), {"name": "untrained", "sample_rate": 8000}).save(
+        tmp_path / "ev" / "evaluator"
+    )
+    model = {
+        "cond": "class",
+        "width": 16,
+        "channel_mult": [1, 2],
+        "attn_resolutions": [512],
+        "heads": 2,
+        "norm_groups": 4,
+    }
+    path = tmp_path / "poc.yaml"
+    cfg = {
+        **TINY,
+        "data": {"name": "tones", "size": 1024, "num": 32, "num_eval": 16},
+        "model": model,
+        "variants": [{"name": "base"}, {"name": "pag", "base": "base", "techniques": {"pag": {}}}],
+        "evaluator": str(tmp_path / "ev"),
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    lines = []
+    results = run_poc(load_poc_config(path), tmp_path / "out", progress=False, echo=lines.append)
+    assert any("heat maps (the model reads no text): not applicable" in line for line in lines)
+    from attnlab.data.tones import NOTES, WAVEFORMS
+
+    assert all(p.split()[0] in WAVEFORMS and p.split()[1] in NOTES for p in results["prompts"])  # class names
+    base = results["variants"][0]
+    assert {"pitch_acc", "waveform_acc", "fid"} <= set(base["metrics"])
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert html.count("data:audio/wav;base64,") == 2 and "spectrograms in columns" in html
