@@ -29,12 +29,14 @@ def poc_command(
     if dry_run:
         return _dry_run(cfg, out)
     try:
-        run_poc(cfg, out, progress=progress)
+        results = run_poc(cfg, out, progress=progress)
     except KeyboardInterrupt:
         typer.echo(
             f"\ninterrupted: finished stages are kept in {out}; rerun the same command to resume", err=True
         )
         raise typer.Exit(code=130) from None
+    for sentence in results["summary"]["sentences"]:
+        typer.echo("- " + sentence.replace("**", "").replace("`", ""))
     typer.echo(f"report: {out / 'report.html'} (and report.md, results.json, results.csv)")
 
 

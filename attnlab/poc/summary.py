@@ -98,7 +98,7 @@ class Summary:
         parts = []
         for key, what in (("flops_per_sample", "fewest FLOPs per sample"), ("params", "fewest parameters")):
             have = self.have(ALL[key])
-            if have:
+            if len({s.mean for s in have.values()}) > 1:  # all equal says nothing about the designs
                 n = best_name(ALL[key], have)
                 parts.append(f"{what}: `{n}` ({ALL[key].fmt(have[n].mean)})")
         return f". Exactly counted, {'; '.join(parts)}" if parts else ""
