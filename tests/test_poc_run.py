@@ -270,3 +270,16 @@ def test_audio_with_class_labels(tmp_path):
     assert {"pitch_acc", "waveform_acc", "fid"} <= set(base["metrics"])
     html = (tmp_path / "out" / "report.html").read_text()
     assert html.count("data:audio/wav;base64,") == 2 and "spectrograms in columns" in html
+
+
+def test_minutes_budget_is_resolved_once_and_cost_needs_no_evaluator(tmp_path, counted):
+    cfg = tiny_config(tmp_path, tmp_path / "no-evaluator", variants=TINY["variants"][:1], metrics=["cost"])
+    cfg.budget.train_steps, cfg.budget.train_minutes = None, 0.01
+    train, _ = counted()
+    results = run_poc(cfg, tmp_path / "out", progress=False, echo=lambda line: None)
+    budget = json.loads((tmp_path / "out" / "variants" / "base" / "stages" / "budget.json").read_text())
+    assert budget["steps"] == max(1, int(0.6 / budget["seconds_per_step"]))
+    assert results["variants"][0]["train"]["train_steps"] == budget["steps"] and train.calls == 1
+    assert "fid" not in results["variants"][0]["metrics"] and "latency_s" in results["variants"][0]["metrics"]
+    run_poc(cfg, tmp_path / "out", progress=False, echo=lambda line: None)
+    assert train.calls == 1  # the rerun keeps the resolved steps: nothing to train

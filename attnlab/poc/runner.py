@@ -118,10 +118,10 @@ def run_poc(
         torch.set_num_threads(cfg.threads)
     write_json(out / "poc.json", cfg.to_dict())
     res = Resources(cfg, out)
-    if {"fid", "kid", "alignment"} & set(cfg.metrics):
+    if _evaluates(cfg):
         res.evaluator  # noqa: B018  (a missing evaluator fails now, not after training)
     owners = _owners(cfg)
-    per_variant = 2 * len(cfg.seeds) + ("cost" in cfg.metrics)
+    per_variant = (1 + _evaluates(cfg)) * len(cfg.seeds) + ("cost" in cfg.metrics)
     bar = Progress(len(owners) + per_variant * len(cfg.variants) + 2, enabled=progress, echo=echo)
     start = time.perf_counter()
     trained = {o.name: _train(res, o, bar) for o in owners}
@@ -134,6 +134,11 @@ def run_poc(
         st.skipped = results.pop("skipped")
     bar.close()
     return results
+
+
+def _evaluates(cfg: PocConfig) -> bool:
+    """Whether any metric needs the evaluator (a cost-only PoC needs none)."""
+    return bool({"fid", "kid", "alignment"} & set(cfg.metrics))
 
 
 def _owners(cfg: PocConfig) -> list[VariantConfig]:
@@ -211,6 +216,8 @@ def _seed(
     with bar.stage(v.name, f"sample seed {seed}") as st:
         rec = sample_stage(sampler, dirs, res.prompts, seed, fp, cfg.budget.batch_size)
         st.skipped, st.detail = rec["skipped"], f"{rec['latency_s'] * 1000:.0f} ms per sample"
+    if not _evaluates(cfg):
+        return rec, {"latency_s": rec["latency_s"]}
     with bar.stage(v.name, f"evaluate seed {seed}") as st:
         efp = fingerprint("evaluate", fp, res.real_fp, cfg.metrics)
         scores = evaluate_stage(
