@@ -8,6 +8,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import attnlab
 from attnlab.io import write_text
 from attnlab.poc import figures
 from attnlab.poc.config import PocConfig
@@ -42,7 +43,7 @@ def write_report(
     """Write figures, results.json, results.csv, report.md and report.html; returns the results
     (with "skipped": True when the report of exactly these results is already there)."""
     heat = [{k: h[k] for k in ("variant", "prompt", "words", "file", "path")} for h in heat]
-    fp = fingerprint("report", cfg.to_dict(), entries, prompts.shown, heat)
+    fp = fingerprint("report", attnlab.__version__, cfg.to_dict(), entries, prompts.shown, heat)
     marker = out / "stages" / "report.json"
     if done(marker, fp) is not None and all((out / f).is_file() for f in REPORT_FILES):
         return {**json.loads((out / "results.json").read_text()), "skipped": True}
