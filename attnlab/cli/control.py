@@ -8,10 +8,6 @@ from typing import Annotated
 import typer
 
 from attnlab.errors import ConfigError
-from attnlab.techniques.registry import _PROVIDERS
-
-if "attnlab.control" not in _PROVIDERS:  # `attnlab techniques` lists the controls (imported lazily)
-    _PROVIDERS.append("attnlab.control")
 
 RunDir = Annotated[
     Path, typer.Argument(help="A run directory (its latest checkpoint) or a checkpoint directory.")

@@ -13,16 +13,17 @@ def techniques_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    import attnlab.models  # noqa: F401  (its import registers the architectural techniques)
     from attnlab.techniques.registry import LEVELS, techniques
     from attnlab.techniques.table import HEADER, _row, readme_block
 
     if markdown:
         typer.echo(readme_block())
         return
-    table = Table(*HEADER, show_lines=False, title="attnlab techniques")
+    keep = (0, 1, 2, 3, 4, 6)  # the paper and options are in `--markdown` and the README
+    table = Table(*[HEADER[i] for i in keep], title="attnlab techniques")
     for t in techniques(level):
-        table.add_row(*[c.replace("`", "") for c in _row(t)])
+        row = _row(t)
+        table.add_row(*[row[i].replace("`", "") for i in keep])
     Console().print(table)
     for k, v in LEVELS.items():
         if level in (None, k):

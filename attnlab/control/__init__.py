@@ -11,10 +11,6 @@ from attnlab.control.p2p import PromptToPrompt, align_tokens
 from attnlab.control.pag import PAG, identity_attention
 from attnlab.control.sag import SAG
 from attnlab.control.tgate import TGate
-from attnlab.techniques.registry import _PROVIDERS
-
-if "attnlab.control" not in _PROVIDERS:
-    _PROVIDERS.append("attnlab.control")
 
 __all__ = [
     "PAG",

@@ -11,10 +11,6 @@ from attnlab.models.config import PRESETS, ModelConfig, preset
 from attnlab.models.dit import DiT
 from attnlab.models.specs import AttnSpec, built_techniques, check_techniques
 from attnlab.models.unet import UNet
-from attnlab.techniques.registry import _PROVIDERS
-
-if "attnlab.models.techniques" not in _PROVIDERS:  # registers the architectural techniques, lazily
-    _PROVIDERS.append("attnlab.models.techniques")
 
 BACKBONE_CLASSES: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT}
 

@@ -101,5 +101,6 @@ def load_all() -> None:
         importlib.import_module(mod)
 
 
-# Modules whose import registers techniques; each room appends its own.
-_PROVIDERS: list[str] = []
+# Modules whose import registers techniques: the architectural ones (levels 1-4) and the
+# sampling-time controls (levels 1, 3, 5).
+_PROVIDERS: list[str] = ["attnlab.models.techniques", "attnlab.control"]
