@@ -57,15 +57,11 @@ def test_loss_is_a_function_of_the_generator():
     torch.manual_seed(0)
     model, x0 = TinyDenoiser(), torch.rand(4, 3, 8, 8) * 2 - 1
     ab = alphas_cumprod()
-    loss = lambda s: diffusion_loss(
-        model,
-        x0,
-        None,
-        ab,
-        prediction="v_prediction",  # noqa: E731
-        generator=torch.Generator().manual_seed(s),
-        min_snr_gamma=5.0,
-    )
+
+    def loss(seed):
+        g = torch.Generator().manual_seed(seed)
+        return diffusion_loss(model, x0, None, ab, prediction="v_prediction", generator=g, min_snr_gamma=5.0)
+
     assert loss(1) == loss(1) and loss(1) != loss(2)
     loss(1).backward()
     assert model.inp.weight.grad is not None
