@@ -45,12 +45,20 @@ def poc_prompts(cfg, eval_ds) -> PromptSet:
     if cfg.prompts:
         given = [cfg.prompts[i % len(cfg.prompts)] for i in range(n)]
         return _named_classes(given, eval_ds, name) if cond == "class" else _given_texts(given, name)
-    rng = np.random.default_rng([cfg.data.seed, 7])
-    idx = rng.choice(len(eval_ds), size=n, replace=n > len(eval_ds)).tolist()
-    items = [eval_ds[i] for i in idx]
-    if cond == "class":
+    return drawn(cfg, eval_ds, draw(len(eval_ds), n, cfg.data.seed, 7))
+
+
+def draw(size: int, n: int, *seed: int) -> list[int]:
+    """`n` indices into a split of `size` items, the same for the same seed (with repeats if n > size)."""
+    return np.random.default_rng([*seed]).choice(size, size=n, replace=n > size).tolist()
+
+
+def drawn(cfg, ds, idx: list[int]) -> PromptSet:
+    """The conditions of items `idx` of a split, with the requests their ground truth fulfils."""
+    items, name, n = [ds[i] for i in idx], cfg.data.name, len(idx)
+    if cfg.model.cond == "class":
         labels = [int(it["label"]) for it in items]
-        shown = [eval_ds.class_names[lab] if eval_ds.class_names else str(lab) for lab in labels]
+        shown = [ds.class_names[lab] if ds.class_names else str(lab) for lab in labels]
         return PromptSet([None] * n, labels, shown, _requests(lambda it: _class_request(name, it), items))
     texts = [it["text"] for it in items]
     return PromptSet(texts, [None] * n, texts, _requests(lambda it: request_from_item(name, it), items))

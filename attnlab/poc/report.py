@@ -38,17 +38,23 @@ REPORT_FILES = ("report.md", "report.html", "results.json", "results.csv")
 
 
 def write_report(
-    cfg: PocConfig, out: Path, entries: list[dict], prompts: PromptSet, heat: list[dict], wall: float
+    cfg: PocConfig,
+    out: Path,
+    entries: list[dict],
+    prompts: PromptSet,
+    heat: list[dict],
+    floor: dict | None,
+    wall: float,
 ) -> dict:
     """Write figures, results.json, results.csv, report.md and report.html; returns the results
     (with "skipped": True when the report of exactly these results is already there)."""
     heat = [{k: h[k] for k in ("variant", "prompt", "words", "file", "path")} for h in heat]
-    fp = fingerprint("report", attnlab.__version__, cfg.to_dict(), entries, prompts.shown, heat)
+    fp = fingerprint("report", attnlab.__version__, cfg.to_dict(), entries, prompts.shown, heat, floor)
     marker = out / "stages" / "report.json"
     if done(marker, fp) is not None and all((out / f).is_file() for f in REPORT_FILES):
         return {**json.loads((out / "results.json").read_text()), "skipped": True}
     reference = cfg.reference_name
-    summary = Summary(entries, reference)
+    summary = Summary(entries, reference, floor)
     results = {
         "title": title_of(cfg),
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -58,6 +64,7 @@ def write_report(
         "prompts": prompts.shown,
         "summary": summary.to_dict(cfg.priority),
         "variants": entries,
+        "real_data": floor,
         "comparisons": compare(entries, reference),
         "heatmaps": [{k: h[k] for k in ("variant", "prompt", "words", "file")} for h in heat],
         "timing": {"wall_seconds_this_run": wall, **_compute(entries)},
@@ -168,7 +175,11 @@ def build_document(cfg: PocConfig, results: dict, figs: dict, heat: list[dict]) 
     ):
         metrics = [m for m in family if any(m.key in e["metrics"] for e in entries)]
         if metrics:
-            doc.add(Heading(title), Para(lead), metric_table(entries, metrics, comparisons, ref))
+            doc.add(
+                Heading(title),
+                Para(lead),
+                metric_table(entries, metrics, comparisons, ref, results["real_data"]),
+            )
     _figure_sections(doc, cfg, figs, heat)
     doc.add(Heading("How this was measured"), Bullets(_method(cfg, results), "note"))
     return doc
@@ -222,8 +233,11 @@ def _variants_table(cfg: PocConfig, entries: list[dict], ref: str) -> Table:
     return Table(["variant", "level", "adds", "model", "source"], _grouped(entries, row), left=5)
 
 
-def metric_table(entries: list[dict], metrics: list[Metric], comparisons: dict, ref: str) -> Table:
-    """One column per metric (best bold, '≈ best' when within noise of it), plus the headline versus the reference."""
+def metric_table(
+    entries: list[dict], metrics: list[Metric], comparisons: dict, ref: str, floor: dict | None = None
+) -> Table:
+    """One column per metric (best bold, '≈ best' when within noise of it), plus the headline versus
+    the reference; `floor` (real data scored the same way) comes first, for scale."""
     lead = metrics[0]
     differ = {
         m.key: len({e["metrics"][m.key]["mean"] for e in entries if m.key in e["metrics"]}) > 1
@@ -244,7 +258,12 @@ def metric_table(entries: list[dict], metrics: list[Metric], comparisons: dict, 
         return cells
 
     header = ["variant"] + [m.label for m in metrics] + [f"{lead.label} vs reference"]
-    return Table(header, _grouped(entries, row), caption=_table_caption(metrics))
+    groups = _grouped(entries, row)
+    if floor is not None and any(m.key in floor["metrics"] for m in metrics):
+        real = stats_of(floor)
+        cells = [Cell("real data")] + [Cell(show(m, real.get(m.key))) for m in metrics] + [Cell("–")]
+        groups.insert(0, ("real training data: what a perfect model would score", [cells]))
+    return Table(header, groups, caption=_table_caption(metrics))
 
 
 def versus(m: Metric, s: Stat | None, ref: Stat | None, is_ref: bool) -> Cell:

@@ -5,6 +5,7 @@ so an interrupted run (Ctrl-C, a kill) resumes where it stopped and a finished o
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from attnlab.io import write_json
+from attnlab.io import write_text
 from attnlab.poc.config import PocConfig, VariantConfig
 from attnlab.poc.progress import Progress
-from attnlab.poc.prompts import PromptSet, poc_prompts
+from attnlab.poc.prompts import PromptSet, draw, drawn, poc_prompts
 from attnlab.poc.results import metric_stats
 from attnlab.poc.sampling import (
     OBJECT_WORDS,
@@ -116,24 +117,34 @@ def run_poc(
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    write_json(out / "poc.json", cfg.to_dict())
+    _write_config(out / "poc.json", cfg)
     res = Resources(cfg, out)
     if _evaluates(cfg):
         res.evaluator  # noqa: B018  (a missing evaluator fails now, not after training)
     owners = _owners(cfg)
     per_variant = (1 + _evaluates(cfg)) * len(cfg.seeds) + ("cost" in cfg.metrics)
-    bar = Progress(len(owners) + per_variant * len(cfg.variants) + 2, enabled=progress, echo=echo)
+    bar = Progress(
+        len(owners) + per_variant * len(cfg.variants) + 2 + _evaluates(cfg), enabled=progress, echo=echo
+    )
     start = time.perf_counter()
     trained = {o.name: _train(res, o, bar) for o in owners}
     entries = [_variant(res, v, trained, bar) for v in cfg.variants]
     heat = _heatmaps(res, trained, bar)
+    floor = _floor(res, bar) if _evaluates(cfg) else None
     from attnlab.poc.report import write_report
 
     with bar.stage("report", "write report.md, report.html, results.json, results.csv") as st:
-        results = write_report(cfg, out, entries, res.prompts, heat, time.perf_counter() - start)
+        results = write_report(cfg, out, entries, res.prompts, heat, floor, time.perf_counter() - start)
         st.skipped = results.pop("skipped")
     bar.close()
     return results
+
+
+def _write_config(path: Path, cfg: PocConfig) -> None:
+    """The resolved config beside the results (left as it is when unchanged)."""
+    text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        write_text(path, text)
 
 
 def _evaluates(cfg: PocConfig) -> bool:
@@ -224,15 +235,37 @@ def _seed(
             lambda: load_samples(dirs, seed),
             dataset=cfg.data.name,
             metrics=cfg.metrics,
-            prompts=res.prompts,
+            requests=lambda: res.prompts.requests,
             ev=res.evaluator,
             real=lambda: res.real,
-            dirs=dirs,
-            seed=seed,
+            marker=dirs.marker(f"evaluated-{seed}"),
             fp=efp,
         )
         st.skipped = scores["skipped"]
     return rec, {**scores["scores"], "latency_s": rec["latency_s"]}
+
+
+def _floor(res: Resources, bar: Progress) -> dict:
+    """Real training data scored like a variant, seed by seed: what a perfect model would score with
+    this many samples (FID of few samples is far from 0), and how often the evaluator reads truth right."""
+    cfg, n = res.cfg, res.cfg.budget.num_samples
+    per_seed = {}
+    with bar.stage("real data", "evaluate (what a perfect model would score)") as st:
+        for seed in cfg.seeds:
+            idx = lambda seed=seed: draw(len(res.train_ds), n, cfg.data.seed, 11, seed)  # noqa: E731
+            rec = evaluate_stage(
+                lambda idx=idx: res.train_ds.tensors()[idx()],
+                dataset=cfg.data.name,
+                metrics=cfg.metrics,
+                requests=lambda idx=idx: drawn(cfg, res.train_ds, idx()).requests,
+                ev=res.evaluator,
+                real=lambda: res.real,
+                marker=res.out / "stages" / f"real-data-{seed}.json",
+                fp=fingerprint("real data", res.real_fp, cfg.metrics, n, seed),
+            )
+            st.skipped = rec["skipped"]
+            per_seed[seed] = rec["scores"]
+    return {"name": "real data", "metrics": {k: s.to_dict() for k, s in metric_stats(per_seed, {}).items()}}
 
 
 def _heatmaps(res: Resources, trained: dict[str, Trained], bar: Progress) -> list[dict]:

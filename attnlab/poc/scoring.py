@@ -55,28 +55,28 @@ def evaluate_stage(
     *,
     dataset: str,
     metrics: list[str],
-    prompts: PromptSet,
+    requests: Callable[[], list[dict] | None],
     ev: Evaluator,
     real: Callable[[], Tensor],
-    dirs: VariantDirs,
-    seed: int,
+    marker: Path,
     fp: str,
 ) -> dict:
     """FID, KID and alignment of one seed's samples; skipped when done for these samples and evaluator.
 
-    `samples` and `real` (eval-split features) are loaded only when the stage has work to do."""
-    stage = f"evaluated-{seed}"
-    record = done(dirs.marker(stage), fp)
+    `samples` and `real` (eval-split features) are loaded only when the stage has work to do;
+    `marker` is the stage record (e.g. variants/NAME/stages/evaluated-SEED.json)."""
+    record = done(marker, fp)
     if record is not None:
         return {**record, "skipped": True}
     x, scores = samples(), {}
     if "fid" in metrics or "kid" in metrics:
         q = fid_kid_from_features(real(), extract_features(x, ev.feature_net()))
         scores.update({k: q[k] for k in ("fid", "kid_mean") if k.split("_")[0] in metrics})
-    if "alignment" in metrics and prompts.requests is not None and ev.task.kind != "pretext":
-        found = alignment(dataset, x, prompts.requests, ev)
+    asked = requests() if "alignment" in metrics else None
+    if asked is not None and ev.task.kind != "pretext":
+        found = alignment(dataset, x, asked, ev)
         scores.update({k: v for k, v in found.items() if k != "n"})
-    return {**mark(dirs.marker(stage), fp, {"scores": _finite(scores)}), "skipped": False}
+    return {**mark(marker, fp, {"scores": _finite(scores)}), "skipped": False}
 
 
 def cost_stage(

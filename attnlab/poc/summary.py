@@ -28,9 +28,11 @@ class Summary:
     Args:
         variants: results.json variant entries (with "metrics" and "levels").
         reference: the reference variant's name.
+        floor: real data scored like a variant ({"metrics": ...}), quoted for scale; or None.
     """
 
-    def __init__(self, variants: Sequence[dict], reference: str):
+    def __init__(self, variants: Sequence[dict], reference: str, floor: dict | None = None):
+        self.floor = stats_of(floor) if floor else {}
         self.variants = {v["name"]: v for v in variants}
         self.stats = {v["name"]: stats_of(v) for v in variants}
         self.reference = reference
@@ -90,6 +92,8 @@ class Summary:
             text += f" (reference `{self.reference}`: {self._val(self.reference, metric)})"
         if ties:
             text += f"; {_names(ties)} {'is' if len(ties) == 1 else 'are'} within noise of it"
+        if metric.key in self.floor:
+            text += f". Real training data scores {show(metric, self.floor[metric.key])} with as many samples"
         if family == "cost":
             text += self._exact_costs()
         return text + "."
