@@ -2,13 +2,15 @@
 guidance kept after the gate, and dropped as the T-GATE code does), attention caching, token
 merging (when registered), PAG and SAG, against the uncontrolled sampler with the same seeds.
 
-    .venv/bin/python benchmarks/sampling_controls.py --run runs/control-shapes32 --num 64 --steps 25
+    .venv/bin/python benchmarks/sampling_controls.py --run runs/control-shapes32 --num 64 --steps 25 --rounds 5
 
-Prompts are the captions of the run's eval split; sample k uses seed k in every variant. Timing
-rounds are interleaved across variants, so load from other processes hits all of them alike; the
-median over rounds is reported. Quality: RMSE to the uncontrolled samples (pixel units of [-1, 1]),
-and, when the dataset's evaluator is available, evaluator-feature FID against eval images and the
-share of samples whose every requested attribute is right (`all_correct`).
+Prompts are the captions of the run's eval split; sample k uses seed k in every variant. Speed:
+`--rounds` rounds, each sampling one batch per variant in rotating order, so load from other
+processes hits all of them alike; the median wall-clock and process CPU time per sample are
+reported (CPU time moves much less with other processes' load). Quality: RMSE to the
+uncontrolled samples (pixel units of [-1, 1]) and, when the dataset's evaluator is available,
+evaluator-feature FID against the eval images and the share of samples whose every requested
+attribute is right (`all_correct`).
 """
 
 from __future__ import annotations
@@ -57,11 +59,11 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="run or checkpoint directory of a text-conditioned model")
     p.add_argument("--num", type=int, default=64, help="samples per variant")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=16, help="samples per batch; timing uses one batch")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds")
+    p.add_argument("--rounds", type=int, default=5, help="timing rounds (one batch per variant each)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", nargs="*", help="variant names to run (baseline always runs)")
     p.add_argument("--out", help="results directory (default: RUN/bench)")
@@ -96,23 +98,27 @@ class Counter:
             h.remove()
 
 
-def draw(model, cfg, conds, seeds, spec, a) -> tuple[torch.Tensor, float]:
-    """All samples of one variant, and the wall-clock seconds the sampling took."""
+def draw(model, cfg, conds, seeds, spec, a) -> tuple[torch.Tensor, float, float]:
+    """Samples of one variant, with the wall-clock and the process CPU seconds the sampling took.
+
+    CPU time is what the sampler itself used; on a shared machine it moves much less with other
+    processes' load than wall time does, so both are reported.
+    """
     d = cfg.diffusion
     shape = (cfg.model.in_channels, *([cfg.model.size] * cfg.model.dims))
     plan = sampling_plan(spec)
-    out, seconds = [], 0.0
+    out, wall, cpu = [], 0.0, 0.0
     with plan.installed(model):
         for cond, sd in zip(conds, seeds):
             scheduler = make_scheduler(a.sampler, d.num_train_timesteps, d.beta_schedule, d.prediction)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             x = sample(
                 model, (len(sd), *shape), cond, scheduler=scheduler, steps=a.steps,
                 guidance=plan.guidance(a.guidance), seeds=sd, guidances=plan.guidances,
             )  # fmt: skip
-            seconds += time.perf_counter() - t0
+            wall, cpu = wall + time.perf_counter() - t0, cpu + time.process_time() - c0
             out.append(x.clamp(-1, 1))
-    return torch.cat(out), seconds
+    return torch.cat(out), wall, cpu
 
 
 # Quality
@@ -132,20 +138,12 @@ def evaluator_scores(name: str, samples: torch.Tensor, prompts: list[str], real:
 
 
 def table(rows: list[dict]) -> str:
-    keys = [
-        "variant",
-        "s/sample",
-        "speed-up",
-        "model rows",
-        "cross rows",
-        "self rows",
-        "rmse",
-        "fid",
-        "all_correct",
-    ]
+    keys = ["variant", "s/sample", "speed-up", "CPU s/sample", "CPU speed-up", "model rows", "cross rows"]
+    keys += ["self rows", "rmse", "fid", "all_correct"]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
         cells = [r["variant"], f"{r['seconds_per_sample']:.3f}", f"{r['speedup']:.2f}x"]
+        cells += [f"{r['cpu_seconds_per_sample']:.3f}", f"{r['cpu_speedup']:.2f}x"]
         cells += [f"{r['rows'][k]:.0f}" for k in ("model", "cross", "self")]
         cells += [f"{r['rmse']:.4f}", _fmt(r.get("fid")), _fmt(r.get("all_correct"))]
         lines.append("| " + " | ".join(cells) + " |")
@@ -187,28 +185,33 @@ def main() -> None:
     seeds = [list(range(i, min(i + a.batch, a.num))) for i in chunks]
     todo = {k: v for k, v in variants().items() if k == "baseline" or not a.only or k in a.only}
 
-    times = {k: [] for k in todo}
     samples, rows = {}, {}
-    for r in range(a.rounds):
-        order = list(todo) if r % 2 == 0 else list(reversed(todo))
-        for name in order:
-            counter = Counter(model) if r == 0 else None
-            x, sec = draw(model, cfg, conds, seeds, todo[name], a)
-            times[name].append(sec / a.num)
-            if counter is not None:
-                counter.remove()
-                samples[name], rows[name] = x, {k: v / a.num for k, v in counter.rows.items()}
-            print(f"round {r} {name}: {sec / a.num:.3f} s/sample", flush=True)
+    for name, spec in todo.items():  # quality: every prompt once
+        counter = Counter(model)
+        samples[name] = draw(model, cfg, conds, seeds, spec, a)[0]
+        counter.remove()
+        rows[name] = {k: v / a.num for k, v in counter.rows.items()}
+        print(f"drew {name}", flush=True)
+
+    wall, cpu = {k: [] for k in todo}, {k: [] for k in todo}
+    n_time = len(seeds[0])
+    for r in range(a.rounds):  # speed: one batch per variant per round, order rotating
+        names = list(todo)
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            _, w, c = draw(model, cfg, conds[:1], seeds[:1], todo[name], a)
+            wall[name].append(w / n_time)
+            cpu[name].append(c / n_time)
+        print(f"round {r}: " + ", ".join(f"{k} {wall[k][-1]:.2f}s" for k in todo), flush=True)
 
     base = samples["baseline"]
-    t_base = statistics.median(times["baseline"])
+    w_base, c_base = statistics.median(wall["baseline"]), statistics.median(cpu["baseline"])
     results = []
     for name in todo:
-        t = statistics.median(times[name])
+        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
         res = {
-            "variant": name, "spec": todo[name], "seconds_per_sample": t, "speedup": t_base / t,
-            "rows": rows[name], "rmse": (samples[name] - base).pow(2).mean().sqrt().item(),
-            "times": times[name],
+            "variant": name, "spec": todo[name], "seconds_per_sample": w, "speedup": w_base / w,
+            "cpu_seconds_per_sample": c, "cpu_speedup": c_base / c, "rows": rows[name],
+            "rmse": (samples[name] - base).pow(2).mean().sqrt().item(), "wall": wall[name], "cpu": cpu[name],
         }  # fmt: skip
         res.update(evaluator_scores(cfg.data.name, samples[name], prompts, real))
         results.append(res)
