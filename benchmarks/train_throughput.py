@@ -39,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-channels-last-peer", action="store_true", help="skip diffusers in channels-last")
+    p.add_argument("--bf16", action="store_true", help="every model's forward under bfloat16 autocast")
     return p.parse_args()
 
 
@@ -95,9 +96,11 @@ def params(model: torch.nn.Module) -> int:
 class Trainer:
     """One model, its fused AdamW, and a step of forward + backward + update on a given batch."""
 
-    def __init__(self, name: str, model: torch.nn.Module, call, channels_last: bool = False):
+    def __init__(
+        self, name: str, model: torch.nn.Module, call, channels_last: bool = False, bf16: bool = False
+    ):
         self.name, self.model, self.call = name, model.train(), call
-        self.channels_last = channels_last
+        self.channels_last, self.bf16 = channels_last, bf16
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         self.step_seconds: list[float] = []
         self.cpu_seconds: list[float] = []  # process CPU time: the work, whatever share of the CPU we got
@@ -107,7 +110,9 @@ class Trainer:
         x, t, noise = batch
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return F.mse_loss(self.call(self.model, x, t), noise)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.call(self.model, x, t)
+        return F.mse_loss(out.float(), noise)
 
     def step(self, batch) -> None:
         self.loss(batch).backward()
@@ -182,17 +187,18 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     cfg = our_config(a)
     torch.manual_seed(0)
-    ours = Trainer("attnlab UNet", build_model(cfg), lambda m, x, t: m(x, t))
-    peers = [Trainer("diffusers UNet2DModel", diffusers_twin(cfg), lambda m, x, t: m(x, t).sample)]
+    ours = Trainer("attnlab UNet", build_model(cfg), lambda m, x, t: m(x, t), bf16=a.bf16)
+    peers = [
+        Trainer("diffusers UNet2DModel", diffusers_twin(cfg), lambda m, x, t: m(x, t).sample, bf16=a.bf16)
+    ]
     if not a.no_channels_last_peer:
         twin = diffusers_twin(cfg).to(memory_format=torch.channels_last)
-        peers.append(
-            Trainer("diffusers, channels_last", twin, lambda m, x, t: m(x, t).sample, channels_last=True)
-        )
+        peers.append(Trainer("diffusers, channels_last", twin, lambda m, x, t: m(x, t).sample, True, a.bf16))
     trainers = [ours, *peers]
 
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {a.batch} x {cfg.in_channels}x{a.size}x{a.size}"
+        f", {'bfloat16 autocast' if a.bf16 else 'float32'}"
     )
     print(
         f"config: width {a.width}, channel_mult {cfg.channel_mult}, res blocks {a.res_blocks}, attention at {cfg.attn_resolutions}"
