@@ -146,3 +146,15 @@ def test_every_registered_control_runs_in_the_loop_and_leaves_no_state():
         )
         assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all(), tech.name
         assert all(not layer.controls for layer in attention_layers(model).values()), tech.name
+
+
+def test_token_merging_pag_and_heat_maps_share_layers():
+    tome = next((t for t in techniques() if t.name == "tome"), None)
+    if tome is None:
+        pytest.skip("token merging is not registered")
+    model = toy()
+    merge, hm = tome.build(ratio=0.5, layers="blocks.*"), HeatMaps()
+    ref = _sample(model, guidances=[PAG(scale=2.0)])
+    out = _sample(model, controls=[merge, hm], guidances=[PAG(scale=2.0)])
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)  # merging changed the self-attention
+    assert hm.count == 4 * 3  # cross-attention maps stay whole next to merged self-attention

@@ -99,6 +99,7 @@ class SAG:
         self.window = window(self.start, self.end, "sag")
         self.layers = as_patterns(self.layers)
         self._recorder = AttentionMassRecorder(self.layers, self.window, self.scale != 0)
+        self.skipped = 0  # active steps without a map (cached or token-merged layers): no term added
 
     def controls(self) -> list[Control]:
         return [self._recorder]
@@ -118,6 +119,7 @@ class SAG:
         mask = self.mask(tuple(x_in.shape[2:]))
         self._recorder.mass.clear()
         if mask is None:
+            self.skipped += 1
             return torch.zeros_like(out["cond"])  # the map was not computed this step (e.g. cached)
         ab, kind = ctx["alpha_bar_t"], ctx["prediction_type"]
         x0 = predict_x0(kind, x_in, out["cond"], ab)
