@@ -126,7 +126,7 @@ def test_report_holds_every_table_and_figure(finished):
     ):
         assert phrase in md, phrase
     for header in (
-        "| variant | FID | KID ×10³ |",
+        "| variant | FID | KID |",
         "all asked right",
         "latency per sample",
         "FLOPs per denoiser call",

@@ -100,6 +100,9 @@ def loss_curves(path: Path, logs: Mapping[str, Sequence[dict]]) -> Path:
         steps = np.array([r["step"] for r in records])
         loss = np.array([r["loss"] for r in records])
         color = f"C{i}"
+        if len(steps) < 30:  # few logging windows: the line itself, no smoothing to lag behind it
+            ax.plot(steps, loss, color=color, lw=2, label=name, marker="o" if len(steps) < 3 else None)
+            continue
         ax.plot(steps, loss, color=color, alpha=0.25, lw=1)
         ax.plot(steps, _smooth(loss), color=color, lw=2, label=name)
     ax.set_xlabel("training step", fontsize=9)
@@ -111,10 +114,11 @@ def loss_curves(path: Path, logs: Mapping[str, Sequence[dict]]) -> Path:
 
 
 def _smooth(v: np.ndarray, weight: float = 0.8) -> np.ndarray:
-    out, acc = np.empty_like(v, dtype=float), float(v[0]) if len(v) else 0.0
+    """Exponential moving average, debiased (divided by 1 - weight^t) so it starts on the data."""
+    out, acc = np.empty(len(v)), 0.0
     for i, x in enumerate(v):
         acc = weight * acc + (1 - weight) * float(x)
-        out[i] = acc
+        out[i] = acc / (1 - weight ** (i + 1))
     return out
 
 

@@ -38,8 +38,15 @@ class Metric:
         return a < b if self.lower_is_better else a > b
 
 
-def _num(digits: int, scale: float = 1.0) -> Callable[[float], str]:
-    return lambda v: f"{v * scale:.{digits}f}"
+def _num(digits: int) -> Callable[[float], str]:
+    return lambda v: f"{v:.{digits}f}"
+
+
+def _sig(v: float) -> str:
+    """Three significant digits, without exponents for the usual range (KID spans 1e-4 to 1e3)."""
+    if v == 0 or abs(v) >= 100:
+        return f"{v:.0f}"
+    return f"{v:.3g}" if abs(v) >= 1e-3 else f"{v:.1e}"
 
 
 def _pct(v: float) -> str:
@@ -66,7 +73,7 @@ def _bytes(v: float) -> str:
 
 QUALITY = [
     Metric("fid", "FID", "quality", True, _num(2)),
-    Metric("kid_mean", "KID ×10³", "quality", True, _num(2, 1e3)),
+    Metric("kid_mean", "KID", "quality", True, _sig),
 ]
 ALIGNMENT = [
     Metric(

@@ -227,7 +227,7 @@ def _variants_table(cfg: PocConfig, entries: list[dict], ref: str) -> Table:
             f"trained ({e['train'].get('train_steps', '?')} steps)" if own else f"reuses `{e['trained_by']}`"
         )
         levels = ", ".join(f"L{lv}" for lv in e["levels"]) or "–"
-        name = f"`{e['name']}`" + (" (reference)" if e["name"] == ref else "")
+        name = f"`{e['name']}`" + (" (reference)" if e["name"] == ref and ref != "reference" else "")
         return [Cell(name), Cell(levels), Cell(_adds(e)), Cell(model), Cell("; ".join(papers) or "–")]
 
     return Table(["variant", "level", "adds", "model", "source"], _grouped(entries, row), left=5)
@@ -250,6 +250,8 @@ def metric_table(
         for m in metrics:
             c = comparisons.get(m.key, {}).get(e["name"], {})
             note = "≈ best" if m.per_seed and c.get("within_noise_of_best") and not c.get("best") else ""
+            if m.key == "train_seconds" and e["trained_by"] != e["name"]:
+                note = f"of {e['trained_by']}"  # it samples that model: no training of its own
             cells.append(
                 Cell(show(m, stats.get(m.key)), bold=bool(c.get("best")) and differ[m.key], note=note)
             )
@@ -359,6 +361,8 @@ def _method(cfg: PocConfig, results: dict) -> list[str]:
         "Condition alignment: the evaluator reads each sample and checks what its prompt asked for "
         "(shape, colour, position, count for shapes; pitch by FFT and waveform for tones; the class otherwise); "
         "'all asked right' is the share of samples with everything right.",
+        f"Real data: {b.num_samples} training items per seed, scored like a variant: the FID a perfect model would get "
+        "with this many samples, and how often the evaluator reads the truth right.",
         f"Latency is wall time per sample in batches of {b.batch_size} on this machine; FLOPs per sample count one whole "
         "sampling run (classifier-free guidance, extra guidance calls and cached or gated attention included); "
         "peak memory is the most tensor bytes alive at once while sampling.",

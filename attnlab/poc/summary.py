@@ -67,6 +67,15 @@ class Summary:
 
     # Words
 
+    @property
+    def _ref(self) -> str:
+        """'reference `base`', or just 'reference' when the variant is called that."""
+        return "reference" if self.reference == "reference" else f"reference `{self.reference}`"
+
+    @property
+    def _the_ref(self) -> str:
+        return f"the {self._ref}"
+
     def _val(self, name: str, metric: Metric) -> str:
         return show(metric, self.stats[name].get(metric.key))
 
@@ -89,7 +98,7 @@ class Summary:
             and self.reference in self.stats
             and metric.key in self.stats[self.reference]
         ):
-            text += f" (reference `{self.reference}`: {self._val(self.reference, metric)})"
+            text += f" ({self._ref}: {self._val(self.reference, metric)})"
         if ties:
             text += f"; {_names(ties)} {'is' if len(ties) == 1 else 'are'} within noise of it"
         if metric.key in self.floor:
@@ -110,10 +119,10 @@ class Summary:
     def noise_sentence(self) -> str:
         ties = self.noise_ties_with_reference()
         if not ties:
-            return f"**Within noise:** every variant differs from the reference `{self.reference}` by more than the seed-to-seed spread on every headline metric."
+            return f"**Within noise:** every variant differs from {self._the_ref} by more than the seed-to-seed spread on every headline metric."
         listed = "; ".join(f"`{n}` on {', '.join(ms)}" for n, ms in ties.items())
         return (
-            f"**Within noise** of the reference `{self.reference}` (a difference no larger than the spread over the "
+            f"**Within noise** of {self._the_ref} (a difference no larger than the spread over the "
             f"sampling seeds, so not a real difference at this budget): {listed}."
         )
 
@@ -128,10 +137,7 @@ class Summary:
         head = f"**Recommendation ({priority}):** "
         ref = self.have(metric).get(self.reference)
         if best == self.reference:
-            return (
-                head
-                + f"keep the reference `{best}`, {level_phrase([])}: no variant beat it on {metric.label}."
-            )
+            return head + f"keep {self._the_ref}, {level_phrase([])}: no variant beat it on {metric.label}."
         level = level_phrase(self.variants[best]["levels"])
         if ref is not None and within_noise(self.have(metric)[best], ref):
             return head + (
@@ -161,7 +167,7 @@ class Summary:
         if fastest == self.reference or within_noise(lat[fastest], lat[self.reference]):
             return (
                 head
-                + f"keep the reference `{self.reference}`: no variant that keeps its quality and alignment samples faster beyond the noise."
+                + f"keep {self._the_ref}: no variant that keeps its quality and alignment samples faster beyond the noise."
             )
         gain = 1 - lat[fastest].mean / lat[self.reference].mean
         return head + (
