@@ -365,7 +365,8 @@ def _method(cfg: PocConfig, results: dict) -> list[str]:
         "with this many samples, and how often the evaluator reads the truth right.",
         f"Latency is wall time per sample in batches of {b.batch_size} on this machine; FLOPs per sample count one whole "
         "sampling run (classifier-free guidance, extra guidance calls and cached or gated attention included); "
-        "peak memory is the most tensor bytes alive at once while sampling.",
+        "peak memory is the most tensor bytes alive at once while sampling. Latency and training time are wall "
+        "time: on a machine shared with other work they move with its load.",
         f"Variants with the same architecture share one trained model ({', '.join(sorted({e['trained_by'] for e in results['variants']}))}); "
         "training-free variants add their techniques at sampling time only.",
         "Files: results.json (every number, per seed), results.csv (one row per variant), variants/NAME/ (models, samples, stage records).",
