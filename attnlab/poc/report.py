@@ -310,7 +310,8 @@ def _figure_sections(doc: Document, cfg: PocConfig, figs: dict, heat: list[dict]
             Heading("Training loss"),
             Figure(
                 figs["loss"],
-                "Training loss per trained model (thin: per logging window; thick: smoothed).",
+                "Training loss per trained model and logging window (on long runs: thin, with a smoothed thick line). "
+                "Every model sees the same batches, timesteps and noise at each step.",
                 width=760,
             ),
         )

@@ -82,7 +82,7 @@ class Summary:
     def _who(self, name: str) -> str:
         lv = self.variants[name]["levels"]
         tag = ", ".join(f"L{x}" for x in lv) if lv else "reference"
-        return f"`{name}` ({tag})"
+        return f"`{name}`" if tag == name else f"`{name}` ({tag})"
 
     def best_sentence(self, family: str) -> str | None:
         found = self.best(family)
