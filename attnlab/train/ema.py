@@ -34,6 +34,11 @@ class EMA:
                 self.shadow[k].copy_(v)
         torch._foreach_lerp_(floats, targets, w)  # shadow += w * (param - shadow)
 
+    def to(self, device: torch.device | str) -> EMA:
+        """Keep the average where the model is (after accelerate moved it to a GPU, say)."""
+        self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
+        return self
+
     def state_dict(self) -> dict[str, Tensor]:
         return self.shadow
 

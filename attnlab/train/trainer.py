@@ -114,6 +114,8 @@ class Trainer:
         # channels-last convolutions hand DDP 1x1-conv grads in another stride order; it copies them, harmlessly
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         model, opt = self.acc.prepare(model, opt)
+        if ema is not None:
+            ema.to(self.acc.device)
         return self._loop(model, ema, opt, state)
 
     def build_data(self) -> TrainingData:
