@@ -16,7 +16,6 @@ attribute is right (`all_correct`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import time
@@ -30,7 +29,6 @@ from attnlab.control.plan import sampling_plan
 from attnlab.data import build_dataset
 from attnlab.diffusion import make_scheduler, sample
 from attnlab.io import write_json, write_text
-from attnlab.models import build_model
 from attnlab.techniques import REGISTRY, techniques
 from attnlab.train.checkpoint import load_model
 
@@ -68,9 +66,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--only", nargs="*", help="variant names to run (baseline always runs)")
     p.add_argument("--out", help="results directory (default: RUN/bench)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights")
-    p.add_argument(
-        "--upscale", type=int, default=1, help="run a U-Net's weights at k times its size (timing at 64 px)"
-    )
     return p.parse_args()
 
 
@@ -154,28 +149,10 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def upscaled(model, cfg, k: int):
-    """The same U-Net weights at k times the sample size: a convolutional U-Net with attention at
-    k times the feature sizes has the same parameters, so its cost at the larger size can be
-    timed without training it there (its samples are off the training distribution)."""
-    if k == 1:
-        return model, cfg
-    if cfg.model.backbone != "unet":
-        raise SystemExit("--upscale needs a U-Net (a DiT's positions are fixed to its size)")
-    m = cfg.model
-    cfg.model = dataclasses.replace(
-        m, size=m.size * k, attn_resolutions=tuple(r * k for r in m.attn_resolutions)
-    )
-    cfg.data = dataclasses.replace(cfg.data, size=cfg.data.size * k)
-    big = build_model(cfg.model)
-    big.load_state_dict(model.state_dict())
-    return big.eval(), cfg
-
-
 def main() -> None:
     a = parse_args()
     torch.set_num_threads(a.threads)
-    model, cfg = upscaled(*load_model(a.run, ema=not a.no_ema), a.upscale)
+    model, cfg = load_model(a.run, ema=not a.no_ema)
     eval_set = build_dataset(cfg.data, "eval")
     prompts = eval_set.texts()[: a.num]
     real = eval_set.tensors()  # the whole eval split: one FID reference for every variant
@@ -219,7 +196,7 @@ def main() -> None:
     out = Path(a.out or Path(a.run) / "bench")
     setup = {
         "run": a.run, "num": a.num, "steps": a.steps, "sampler": a.sampler, "guidance": a.guidance,
-        "threads": a.threads, "rounds": a.rounds, "upscale": a.upscale, "size": cfg.model.size,
+        "threads": a.threads, "rounds": a.rounds, "size": cfg.model.size,
         "load_average": os.getloadavg(),
     }  # fmt: skip
     write_json(out / "sampling_controls.json", {"setup": setup, "results": results})

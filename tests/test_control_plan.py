@@ -8,7 +8,9 @@ from attnlab.errors import ConfigError
 
 
 def test_spec_builds_controls_guidances_and_the_cfg_schedule():
-    plan = sampling_plan({"pag": {"scale": 2.0}, "tgate": {"gate": 0.5, "drop_cfg": True}, "attn_cache": None})
+    plan = sampling_plan(
+        {"pag": {"scale": 2.0}, "tgate": {"gate": 0.5, "drop_cfg": True}, "attn_cache": None}
+    )
     assert [type(c) for c in plan.controls] == [TGate, AttnCache] and isinstance(plan.guidances[0], PAG)
     schedule = plan.guidance(3.0)
     assert [schedule(i, 4) for i in range(4)] == [3.0, 3.0, 1.0, 1.0]
@@ -31,4 +33,7 @@ def test_bad_specs_are_named(spec, match):
 
 def test_cli_spec_leaves_off_options_out():
     assert cli_spec() == {}
-    assert cli_spec(pag=1.0, cache_every=3) == {"pag": {"scale": 1.0, "layers": "**"}, "attn_cache": {"every": 3}}
+    assert cli_spec(pag=1.0, cache_every=3) == {
+        "pag": {"scale": 1.0, "layers": "**"},
+        "attn_cache": {"every": 3},
+    }

@@ -285,3 +285,26 @@ def test_minutes_budget_is_resolved_once_and_cost_needs_no_evaluator(tmp_path, c
     assert "fid" not in results["variants"][0]["metrics"] and "latency_s" in results["variants"][0]["metrics"]
     run_poc(cfg, tmp_path / "out", progress=False, echo=lambda line: None)
     assert train.calls == 1  # the rerun keeps the resolved steps: nothing to train
+
+
+def test_side_by_side_training_gives_the_same_models(tmp_path, evaluator_dir):
+    """Models trained at once in single-threaded processes equal those trained one after another."""
+    from safetensors.torch import load_file
+
+    from attnlab.train.checkpoint import latest_checkpoint
+
+    small = {**TINY, "variants": TINY["variants"][:2], "metrics": ["cost"]}
+    weights = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        cfg = tiny_config(tmp_path, evaluator_dir, **small)
+        cfg.budget.train_processes = processes
+        lines = []
+        run_poc(cfg, out, progress=False, echo=lines.append)
+        assert any("side by side: 2 processes" in line for line in lines) == (processes == 2)
+        for name in ("base", "attn16"):
+            ckpt = latest_checkpoint(out / "variants" / name / "model")
+            weights[processes, name] = load_file(ckpt / "model.safetensors")
+    for name in ("base", "attn16"):
+        a, b = weights[1, name], weights[2, name]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -53,7 +53,7 @@ from attnlab.evaluate.cost import (
 )
 from attnlab.evaluate.evaluator import BUILTIN, Evaluator, feature_network
 from attnlab.evaluate.inception import FIDInception, load_inception
-from attnlab.evaluate.localisation import heatmap_localisation
+from attnlab.evaluate.localisation import heatmap_localisation, shapes_word_targets, word_localisation
 from attnlab.evaluate.pitch import cents, fft_pitch
 from attnlab.evaluate.prompts import parse_request, request_from_item
 from attnlab.evaluate.quality import extract_features, fid_kid, fid_kid_from_features
@@ -81,6 +81,8 @@ __all__ = [
     "request_from_item",
     "sampling_latency",
     "score_samples",
+    "shapes_word_targets",
     "timed",
     "training_time",
+    "word_localisation",
 ]

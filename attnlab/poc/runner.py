@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,8 +29,15 @@ from attnlab.poc.sampling import (
     sample_stage,
 )
 from attnlab.poc.scoring import cost_stage, evaluate_stage, evaluator_fingerprint, real_features
-from attnlab.poc.stages import fingerprint, variant_dirs
-from attnlab.poc.training import budget_steps, learning_fingerprint, run_config, train_stage
+from attnlab.poc.stages import done, fingerprint, variant_dirs
+from attnlab.poc.training import (
+    budget_steps,
+    learning_fingerprint,
+    run_config,
+    train_processes,
+    train_side_by_side,
+    train_stage,
+)
 from attnlab.poc.variants import model_owner, own_levels, sampling_spec, variant_model
 
 
@@ -127,7 +135,7 @@ def run_poc(
         len(owners) + per_variant * len(cfg.variants) + 2 + _evaluates(cfg), enabled=progress, echo=echo
     )
     start = time.perf_counter()
-    trained = {o.name: _train(res, o, bar) for o in owners}
+    trained = _train_all(res, owners, bar)
     entries = [_variant(res, v, trained, bar) for v in cfg.variants]
     heat = _heatmaps(res, trained, bar)
     floor = _floor(res, bar) if _evaluates(cfg) else None
@@ -170,16 +178,38 @@ class Trained:
     model_fp: str
 
 
-def _train(res: Resources, owner: VariantConfig, bar: Progress) -> Trained:
+def _train_all(res: Resources, owners: list[VariantConfig], bar: Progress) -> dict[str, Trained]:
+    """Train every model owner; on a CPU several at once, each in its own single-threaded process."""
+    cfg, rcs = res.cfg, {}
+    for o in owners:
+        steps = cfg.budget.train_steps
+        if steps is None:
+            steps = budget_steps(cfg, res.run_config(o, 1), res.train_data, variant_dirs(res.out, o.name))
+        rcs[o.name] = res.run_config(o, steps)
+    pending = [
+        o.name
+        for o in owners
+        if done(variant_dirs(res.out, o.name).marker("trained"), learning_fingerprint(rcs[o.name])) is None
+    ]
+    n = train_processes(cfg.budget.train_processes, len(pending), cfg.threads)
+    if n > 1:
+        threads = max(1, (cfg.threads or os.cpu_count() or 1) // n)
+        bar.echo(f"training {', '.join(pending)} side by side: {n} processes of {threads} thread(s)")
+        jobs = [(rcs[name], variant_dirs(res.out, name)) for name in pending]
+        train_side_by_side(jobs, res.train_data, n, threads)
+    fresh = set(pending) if n > 1 else set()
+    return {o.name: _train(res, o, rcs[o.name], o.name in fresh, bar) for o in owners}
+
+
+def _train(res: Resources, owner: VariantConfig, rc, fresh: bool, bar: Progress) -> Trained:
+    """One owner's training stage (`fresh`: trained just now in a side-by-side process)."""
     dirs = variant_dirs(res.out, owner.name)
     with bar.stage(owner.name, "train") as st:
-        steps = res.cfg.budget.train_steps
-        if steps is None:
-            steps = budget_steps(res.cfg, res.run_config(owner, 1), res.train_data, dirs)
-        rc = res.run_config(owner, steps)
         record = train_stage(rc, dirs, res.train_data)
-        st.skipped = record["skipped"]
+        st.skipped = record["skipped"] and not fresh
         st.detail = f"{record['steps']} steps, {record['train_seconds'] / 60:.1f} min of training"
+        if record.get("side_by_side", 1) > 1:
+            st.detail += f", {record['side_by_side']} models at once"
     ema = res.cfg.sample.ema and res.cfg.train.ema_decay > 0
     return Trained(rc, record, fingerprint("model", learning_fingerprint(rc), ema))
 
