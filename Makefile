@@ -6,14 +6,9 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 # Without a GPU, ask for the +cpu build by name: PyPI's default Linux wheel pulls GBs of CUDA libraries.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-DEMO_OUT ?= runs/demo
-# The demo trains as two single-threaded processes (torchrun, gloo): on 2 cores that is as fast as
-# one process with two threads, and it degrades gracefully when the cores are shared.
-DEMO_PROCS ?= 2
+DEMO_OUT ?= runs/poc-shapes
 # Idle OpenMP threads sleep rather than spin (spinning threads stall badly on shared cores).
 export OMP_WAIT_POLICY ?= PASSIVE
-DEMO_PROMPTS := --prompt "a red circle" --prompt "a blue square" --prompt "a green triangle" \
-  --prompt "a yellow circle" --prompt "a red triangle" --prompt "a green square"
 
 .PHONY: setup demo test test-all lint bench clean
 
@@ -28,12 +23,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Trains the demo model (rerun to resume after a kill), then samples a grid for six prompts.
+# The main job: a proof of concept on 32 px shapes, one attention design per level against a reference
+# (trains three small U-Nets side by side, samples and evaluates six variants, writes the report).
+# Rerun to resume after a kill; a finished run redoes nothing.
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(DEMO_PROCS) \
-	  -m attnlab train examples/demo-shapes-unet.yaml --out $(DEMO_OUT)
-	$(BIN)/attnlab sample $(DEMO_OUT) $(DEMO_PROMPTS) --num 8 --out $(DEMO_OUT)/samples
-	@echo "demo grid (rows = prompts): $(DEMO_OUT)/samples/grid.png"
+	$(BIN)/attnlab poc examples/poc-shapes.yaml --out $(DEMO_OUT)
+	@echo "report: $(DEMO_OUT)/report.html (and report.md, results.json, results.csv)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -2,7 +2,8 @@
 guidance kept after the gate, and dropped as the T-GATE code does), attention caching, token
 merging (when registered), PAG and SAG, against the uncontrolled sampler with the same seeds.
 
-    .venv/bin/python benchmarks/sampling_controls.py --run runs/control-shapes32 --num 64 --steps 25 --rounds 5
+    attnlab train benchmarks/configs/shapes32-text-2obj.yaml --out runs/shapes32-2obj  # or shapes64-text-2obj
+    .venv/bin/python benchmarks/sampling_controls.py --run runs/shapes32-2obj --num 64 --rounds 3
 
 Prompts are the captions of the run's eval split; sample k uses seed k in every variant. Speed:
 `--rounds` rounds, each sampling one batch per variant in rotating order, so load from other
@@ -60,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="samples per batch; timing uses one batch")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--sampler", default="ddim")
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=1.5, help="CFG scale (3 breaks these small models)")
     p.add_argument("--rounds", type=int, default=5, help="timing rounds (one batch per variant each)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", nargs="*", help="variant names to run (baseline always runs)")

@@ -89,8 +89,12 @@ def title_of(cfg: PocConfig) -> str:
 
 def _compute(entries: list[dict]) -> dict:
     trained = {e["trained_by"]: e["train"].get("train_seconds", 0.0) for e in entries}
+    side = max((e["train"].get("side_by_side", 1) for e in entries), default=1)
     return {
         "train_seconds_total": sum(trained.values()),
+        "train_side_by_side": side,
+        # side by side, the models' training overlapped: the longest is about the wall time spent
+        "train_seconds_wall": max(trained.values(), default=0.0) if side > 1 else sum(trained.values()),
         "sampling_seconds_total": sum(e["sampling_seconds"] for e in entries),
     }
 
@@ -192,9 +196,18 @@ def _meta(cfg: PocConfig, results: dict) -> str:
     return (
         f"{len(cfg.variants)} variants · {train} per trained model · {b.sample_steps} {cfg.sample.sampler} steps, "
         f"guidance {cfg.sample.guidance:g} · {b.num_samples} samples × {len(cfg.seeds)} seeds · priority: **{cfg.priority}** · "
-        f"compute: {t['train_seconds_total'] / 60:.1f} min training, {t['sampling_seconds_total'] / 60:.1f} min sampling · "
+        f"compute: {_training(t)}, {t['sampling_seconds_total'] / 60:.1f} min sampling · "
         f"{results['created']}"
     )
+
+
+def _training(t: dict) -> str:
+    if t.get("train_side_by_side", 1) > 1:
+        return (
+            f"{t['train_seconds_wall'] / 60:.1f} min training ({t['train_side_by_side']} models side by side, "
+            f"{t['train_seconds_total'] / 60:.1f} process-minutes)"
+        )
+    return f"{t['train_seconds_total'] / 60:.1f} min training"
 
 
 def group_title(group: int) -> str:
@@ -367,7 +380,14 @@ def _method(cfg: PocConfig, results: dict) -> list[str]:
         f"Latency is wall time per sample in batches of {b.batch_size} on this machine; FLOPs per sample count one whole "
         "sampling run (classifier-free guidance, extra guidance calls and cached or gated attention included); "
         "peak memory is the most tensor bytes alive at once while sampling. Latency and training time are wall "
-        "time: on a machine shared with other work they move with its load.",
+        "time: on a machine shared with other work they move with its load."
+        + (
+            f" The {results['timing']['train_side_by_side']} models were trained side by side, each in its own "
+            "single-threaded process on the shared cores: their training times compare with each other, and each "
+            "is longer than that model alone would take."
+            if results["timing"].get("train_side_by_side", 1) > 1
+            else ""
+        ),
         f"Variants with the same architecture share one trained model ({', '.join(sorted({e['trained_by'] for e in results['variants']}))}); "
         "training-free variants add their techniques at sampling time only.",
         "Files: results.json (every number, per seed), results.csv (one row per variant), variants/NAME/ (models, samples, stage records).",
