@@ -52,7 +52,12 @@ def test_a_good_config_resolves_models_and_techniques(tmp_path):
         ({"seeds": [0, 0, 1]}, "seeds"),
         ({"priority": "cheap"}, "priority"),
         ({"metrics": ["fid", "beauty"]}, "metrics"),
+        (
+            {"data": {"name": "digits"}, "metrics": ["fid", "localisation"]},
+            "'localisation' (heat-map IoU of words with object masks) only for text models on shapes",
+        ),
         ({"budget": {"train_steps": 10, "train_minutes": 5}}, "budget.train_steps"),
+        ({"budget": {"train_steps": 10, "train_processes": -1}}, "budget.train_processes"),
         ({"budget": {}}, "exactly one of budget.train_steps and budget.train_minutes"),
         ({"budget": {"train_steps": 10, "num_samples": 1}}, "budget.num_samples"),
         ({"variants": []}, "variants"),

@@ -39,6 +39,7 @@ TINY = {
         {"name": "pag", "base": "base", "techniques": {"pag": {"scale": 2.0}}},
     ],
     "seeds": [0, 1, 2],
+    "metrics": ["fid", "kid", "alignment", "cost", "localisation"],
 }
 
 
@@ -130,6 +131,8 @@ def test_report_holds_every_table_and_figure(finished):
         "all asked right",
         "latency per sample",
         "FLOPs per denoiser call",
+        "heat-map IoU (shape words)",
+        "A map that says nothing (all ones) scores",
     ):
         assert header in md, header
     assert "L2 · internal" in md and "L5 · output" in md  # rows grouped by level
@@ -217,6 +220,8 @@ def test_interrupt_keeps_finished_stages_and_resumes(tmp_path, evaluator_dir, co
         "evaluated-0.json",
         "sampled-1.json",
         "evaluated-1.json",
+        "localised-0.json",
+        "localised-1.json",
     }
     assert not list(out.rglob("*.tmp")) and not (out / "report.md").exists()
     train, sample = counted()
@@ -260,6 +265,7 @@ def test_audio_with_class_labels(tmp_path):
         "model": model,
         "variants": [{"name": "base"}, {"name": "pag", "base": "base", "techniques": {"pag": {}}}],
         "evaluator": str(tmp_path / "ev"),
+        "metrics": ["fid", "kid", "alignment", "cost"],
     }
     path.write_text(yaml.safe_dump(cfg))
     lines = []

@@ -20,7 +20,8 @@ from attnlab.poc.variants import lineage, technique, variant_model
 
 SEED_STRIDE = 100_000  # sample k of sampling seed s draws its noise from seed s * SEED_STRIDE + k
 
-METRICS = ("fid", "kid", "alignment", "cost")
+METRICS = ("fid", "kid", "alignment", "cost", "localisation")
+DEFAULT_METRICS = ("fid", "kid", "alignment", "cost")  # localisation: text models on shapes only
 PRIORITIES = ("quality", "control", "speed")
 # Registered techniques a PoC cannot compare by sampling from prompts, and why.
 NOT_IN_POC = {
@@ -98,7 +99,8 @@ class PocConfig:
         sample: sampler and guidance scale.
         budget: training and sampling budget per variant.
         variants: the designs; the first is the reference unless `reference` names another.
-        metrics: any of fid, kid, alignment, cost.
+        metrics: any of fid, kid, alignment, cost (the default: all four) and localisation (heat-map
+            IoU of shape words with their objects; text models on shapes).
         seeds: sampling seeds (at least 3): every metric is reported as mean and std over them.
         prompts: the prompts every variant samples (text: captions; class: class names);
             default: `budget.num_samples` items drawn from the eval split.
@@ -119,7 +121,7 @@ class PocConfig:
     sample: SamplingConfig = field(default_factory=SamplingConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     variants: list[VariantConfig] = field(default_factory=list)
-    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     prompts: list[str] | None = None
     priority: Literal["quality", "control", "speed"] = "quality"
@@ -240,6 +242,13 @@ def _validate_lists(cfg: PocConfig) -> None:
         cfg.metrics,
         f"a non-empty subset of {', '.join(METRICS)}",
     )
+    if "localisation" in cfg.metrics:
+        _check(
+            cfg.data.name == "shapes" and cfg.model.cond == "text",
+            "metrics",
+            cfg.metrics,
+            "'localisation' (heat-map IoU of words with object masks) only for text models on shapes",
+        )
     if "alignment" in cfg.metrics:
         _check(
             cfg.model.cond != "none",

@@ -93,6 +93,14 @@ ALIGNMENT = [
     Metric("pitch_acc", "pitch", "alignment", False, _pct),
     Metric("pitch_cents_median", "pitch error (cents)", "alignment", True, _num(0)),
     Metric("waveform_acc", "waveform", "alignment", False, _pct),
+    Metric(
+        "heatmap_iou",
+        "heat-map IoU (shape words)",
+        "alignment",
+        False,
+        _num(3),
+        say="heat-map IoU {value} of shape words with their objects",
+    ),
 ]
 COST = [
     Metric(

@@ -365,33 +365,60 @@ def _method(cfg: PocConfig, results: dict) -> list[str]:
     b, n_seeds = cfg.budget, len(cfg.seeds)
     source = "given in the config" if cfg.prompts else "captions or labels drawn from the eval split"
     ev = f"the evaluator `{cfg.evaluator}`" if cfg.evaluator else f"the built-in `{cfg.data.name}` evaluator"
+    return (
+        [
+            f"Every variant drew the same {b.num_samples} prompts ({source}) for each of the {n_seeds} sampling seeds "
+            f"{', '.join(map(str, cfg.seeds))}; sample k of seed s starts from the noise of seed s·{SEED_STRIDE}+k, so variants differ only by design.",
+            f"Each number is the mean ± standard deviation (n − 1) over the {n_seeds} seeds. Two variants are **within noise** "
+            "when their means differ by no more than √(std₁² + std₂²): such a difference is not a finding at this budget.",
+            f"FID and KID compare the features of {ev} for each seed's {b.num_samples} samples with the {cfg.data.num_eval} eval items. "
+            "With few samples FID is biased upward: compare variants within this report, not with published numbers.",
+            "Condition alignment: the evaluator reads each sample and checks what its prompt asked for "
+            "(shape, colour, position, count for shapes; pitch by FFT and waveform for tones; the class otherwise); "
+            "'all asked right' is the share of samples with everything right.",
+            f"Real data: {b.num_samples} training items per seed, scored like a variant: the FID a perfect model would get "
+            "with this many samples, and how often the evaluator reads the truth right.",
+            f"Latency is wall time per sample in batches of {b.batch_size} on this machine; FLOPs per sample count one whole "
+            "sampling run (classifier-free guidance, extra guidance calls and cached or gated attention included); "
+            "peak memory is the most tensor bytes alive at once while sampling. Latency and training time are wall "
+            "time: on a machine shared with other work they move with its load."
+            + (
+                f" The {results['timing']['train_side_by_side']} models were trained side by side, each in its own "
+                "single-threaded process on the shared cores: their training times compare with each other, and each "
+                "is longer than that model alone would take."
+                if results["timing"].get("train_side_by_side", 1) > 1
+                else ""
+            ),
+            f"Variants with the same architecture share one trained model ({', '.join(sorted({e['trained_by'] for e in results['variants']}))}); "
+            "training-free variants add their techniques at sampling time only.",
+            "Files: results.json (every number, per seed), results.csv (one row per variant), variants/NAME/ (models, samples, stage records).",
+        ]
+        + _localisation(cfg, results)
+        + _not_counted(results["variants"])
+    )
+
+
+def _localisation(cfg: PocConfig, results: dict) -> list[str]:
+    if "localisation" not in cfg.metrics:
+        return []
+    areas = [
+        s["heatmap_area_iou"]
+        for e in results["variants"]
+        for s in e["per_seed"].values()
+        if "heatmap_area_iou" in s
+    ]
+    chance = (
+        f" A map that says nothing (all ones) scores {sum(areas) / len(areas):.3f}, the objects' share of the image."
+        if areas
+        else ""
+    )
     return [
-        f"Every variant drew the same {b.num_samples} prompts ({source}) for each of the {n_seeds} sampling seeds "
-        f"{', '.join(map(str, cfg.seeds))}; sample k of seed s starts from the noise of seed s·{SEED_STRIDE}+k, so variants differ only by design.",
-        f"Each number is the mean ± standard deviation (n − 1) over the {n_seeds} seeds. Two variants are **within noise** "
-        "when their means differ by no more than √(std₁² + std₂²): such a difference is not a finding at this budget.",
-        f"FID and KID compare the features of {ev} for each seed's {b.num_samples} samples with the {cfg.data.num_eval} eval items. "
-        "With few samples FID is biased upward: compare variants within this report, not with published numbers.",
-        "Condition alignment: the evaluator reads each sample and checks what its prompt asked for "
-        "(shape, colour, position, count for shapes; pitch by FFT and waveform for tones; the class otherwise); "
-        "'all asked right' is the share of samples with everything right.",
-        f"Real data: {b.num_samples} training items per seed, scored like a variant: the FID a perfect model would get "
-        "with this many samples, and how often the evaluator reads the truth right.",
-        f"Latency is wall time per sample in batches of {b.batch_size} on this machine; FLOPs per sample count one whole "
-        "sampling run (classifier-free guidance, extra guidance calls and cached or gated attention included); "
-        "peak memory is the most tensor bytes alive at once while sampling. Latency and training time are wall "
-        "time: on a machine shared with other work they move with its load."
-        + (
-            f" The {results['timing']['train_side_by_side']} models were trained side by side, each in its own "
-            "single-threaded process on the shared cores: their training times compare with each other, and each "
-            "is longer than that model alone would take."
-            if results["timing"].get("train_side_by_side", 1) > 1
-            else ""
-        ),
-        f"Variants with the same architecture share one trained model ({', '.join(sorted({e['trained_by'] for e in results['variants']}))}); "
-        "training-free variants add their techniques at sampling time only.",
-        "Files: results.json (every number, per seed), results.csv (one row per variant), variants/NAME/ (models, samples, stage records).",
-    ] + _not_counted(results["variants"])
+        f"Heat-map IoU: the first {cfg.budget.num_samples} eval images are noised to the sampler's timesteps (noise of the "
+        "sampling seed) and denoised once per timestep under their captions with the variant's techniques installed; each "
+        "shape word's cross-attention map (DAAM: mean over layers, heads and timesteps), min-max normalised and cut at 0.4, "
+        "is compared with its object's mask. Techniques that act only in extra guidance passes or by sampling step "
+        "(PAG, SAG, T-GATE, caching) leave these maps as their base model's." + chance
+    ]
 
 
 def _not_counted(entries: list[dict]) -> list[str]:

@@ -28,7 +28,13 @@ from attnlab.poc.sampling import (
     sample_fingerprint,
     sample_stage,
 )
-from attnlab.poc.scoring import cost_stage, evaluate_stage, evaluator_fingerprint, real_features
+from attnlab.poc.scoring import (
+    cost_stage,
+    evaluate_stage,
+    evaluator_fingerprint,
+    localisation_stage,
+    real_features,
+)
 from attnlab.poc.stages import done, fingerprint, variant_dirs
 from attnlab.poc.training import (
     budget_steps,
@@ -130,7 +136,9 @@ def run_poc(
     if _evaluates(cfg):
         res.evaluator  # noqa: B018  (a missing evaluator fails now, not after training)
     owners = _owners(cfg)
-    per_variant = (1 + _evaluates(cfg)) * len(cfg.seeds) + ("cost" in cfg.metrics)
+    per_variant = (1 + _evaluates(cfg) + ("localisation" in cfg.metrics)) * len(cfg.seeds) + (
+        "cost" in cfg.metrics
+    )
     bar = Progress(
         len(owners) + per_variant * len(cfg.variants) + 2 + _evaluates(cfg), enabled=progress, echo=echo
     )
@@ -257,22 +265,30 @@ def _seed(
     with bar.stage(v.name, f"sample seed {seed}") as st:
         rec = sample_stage(sampler, dirs, res.prompts, seed, fp, cfg.budget.batch_size)
         st.skipped, st.detail = rec["skipped"], f"{rec['latency_s'] * 1000:.0f} ms per sample"
-    if not _evaluates(cfg):
-        return rec, {"latency_s": rec["latency_s"]}
-    with bar.stage(v.name, f"evaluate seed {seed}") as st:
-        efp = fingerprint("evaluate", fp, res.real_fp, cfg.metrics)
-        scores = evaluate_stage(
-            lambda: load_samples(dirs, seed),
-            dataset=cfg.data.name,
-            metrics=cfg.metrics,
-            requests=lambda: res.prompts.requests,
-            ev=res.evaluator,
-            real=lambda: res.real,
-            marker=dirs.marker(f"evaluated-{seed}"),
-            fp=efp,
-        )
-        st.skipped = scores["skipped"]
-    return rec, {**scores["scores"], "latency_s": rec["latency_s"]}
+    scores = {"latency_s": rec["latency_s"]}
+    if _evaluates(cfg):
+        with bar.stage(v.name, f"evaluate seed {seed}") as st:
+            efp = fingerprint("evaluate", fp, res.real_fp, cfg.metrics)
+            found = evaluate_stage(
+                lambda: load_samples(dirs, seed),
+                dataset=cfg.data.name,
+                metrics=cfg.metrics,
+                requests=lambda: res.prompts.requests,
+                ev=res.evaluator,
+                real=lambda: res.real,
+                marker=dirs.marker(f"evaluated-{seed}"),
+                fp=efp,
+            )
+            st.skipped = found["skipped"]
+        scores.update(found["scores"])
+    if "localisation" in cfg.metrics:
+        with bar.stage(v.name, f"heat-map IoU seed {seed}") as st:
+            lfp = fingerprint("localisation", t.model_fp, sampler.spec, dataclasses.asdict(t.rc.sample), seed)
+            n = cfg.budget.num_samples
+            loc = localisation_stage(sampler, res.eval_ds, n, seed, dirs.marker(f"localised-{seed}"), lfp)
+            st.skipped = loc["skipped"]
+        scores.update(loc["scores"])
+    return rec, scores
 
 
 def _floor(res: Resources, bar: Progress) -> dict:

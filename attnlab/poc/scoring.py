@@ -112,3 +112,32 @@ def cost_stage(
 def _finite(d: dict) -> dict:
     """nan (nothing to score) becomes None, so results are valid JSON."""
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+
+def localisation_stage(sampler: VariantSampler, eval_ds, num: int, seed: int, marker: Path, fp: str) -> dict:
+    """Heat-map IoU of each eval image's shape words with their objects' masks (real images, so the
+    masks are exact; see `attnlab.evaluate.word_localisation`), with the variant's techniques
+    installed; the noise seed is the sampling seed. Kept in `marker`."""
+    record = done(marker, fp)
+    if record is not None:
+        return {**record, "skipped": True}
+    import torch
+
+    from attnlab.diffusion import make_scheduler
+    from attnlab.evaluate import shapes_word_targets, word_localisation
+
+    items = [eval_ds[i] for i in range(min(num, len(eval_ds)))]
+    d, s = sampler.rc.diffusion, sampler.rc.sample
+    with sampler.plan.installed(sampler.model):
+        scores = word_localisation(
+            sampler.model,
+            sampler.encoder,
+            torch.stack([it["x"] for it in items]),
+            [it["text"] for it in items],
+            [[t for t in shapes_word_targets(it) if t[0] == "shape"] for it in items],
+            make_scheduler(s.sampler, d.num_train_timesteps, d.beta_schedule, d.prediction),
+            steps=s.steps,
+            seed=seed,
+        )["shape"]
+    scores = {"heatmap_iou": scores["iou"], "heatmap_area_iou": scores["area_iou"]}
+    return {**mark(marker, fp, {"scores": scores}), "skipped": False}
