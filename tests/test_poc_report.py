@@ -99,3 +99,21 @@ def test_markdown_and_html_render_one_document(tmp_path):
     html = to_html(doc)
     assert "<title>T &amp; co</title>" in html and "<code>a&lt;b</code>" in html
     assert "<strong>best</strong>" in html and "data:image/png;base64," in html and "f.png" not in html
+
+
+def test_a_tie_on_the_priority_points_to_a_design_better_elsewhere():
+    entries = [
+        entry("ref", fid=(20.0, 1.0), all_correct=(0.80, 0.03), latency_s=(0.10, 0.001)),
+        entry("gate", [4], fid=(20.5, 1.0), all_correct=(0.95, 0.03), latency_s=(0.11, 0.001)),
+        entry("fast", [2], fid=(26.0, 1.0), all_correct=(0.81, 0.03), latency_s=(0.05, 0.001)),
+        entry("blur", [3], fid=(19.8, 1.0), all_correct=(0.60, 0.03), latency_s=(0.07, 0.001)),
+    ]
+    rec = Summary(entries, "ref").recommendation("quality")
+    assert "Keep the reference" in rec and "Worth a larger run: `gate` (L4) on all asked right" in rec
+    assert "`fast`" not in rec  # faster, but worse FID beyond the noise
+    assert "`blur` (L3)" not in rec  # faster and FID within noise, but alignment worse beyond the noise
+    clear = [
+        entry("ref", fid=(20.0, 1.0), all_correct=(0.80, 0.03)),
+        entry("b", [1], fid=(20.2, 1.0), all_correct=(0.81, 0.03)),
+    ]
+    assert "Worth a larger run" not in Summary(clear, "ref").recommendation("quality")

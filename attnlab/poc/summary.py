@@ -137,17 +137,47 @@ class Summary:
         head = f"**Recommendation ({priority}):** "
         ref = self.have(metric).get(self.reference)
         if best == self.reference:
-            return head + f"keep {self._the_ref}, {level_phrase([])}: no variant beat it on {metric.label}."
+            return (
+                head
+                + f"keep {self._the_ref}, {level_phrase([])}: no variant beat it on {metric.label}."
+                + self._also(family)
+            )
         level = level_phrase(self.variants[best]["levels"])
         if ref is not None and within_noise(self.have(metric)[best], ref):
-            return head + (
-                f"`{best}`, {level}, scored the best {metric.label}, but within noise of the reference; the evidence "
-                f"is weak at this budget. Keep the reference, or rerun with a larger budget (more training steps, "
-                f"samples or seeds) before adopting `{best}`."
+            return (
+                head
+                + (
+                    f"`{best}`, {level}, scored the best {metric.label}, but within noise of the reference; the evidence "
+                    f"is weak at this budget. Keep the reference, or rerun with a larger budget (more training steps, "
+                    f"samples or seeds) before adopting `{best}`."
+                )
+                + self._also(family)
             )
         return (
             head
             + f"use `{best}`, {level}: its {metric.label} beats the reference by more than the noise{self._price(best)}."
+        )
+
+    def _also(self, family: str) -> str:
+        """Variants no worse than the reference beyond the noise on quality and alignment that beat it
+        beyond the noise on another headline: where a larger run should look first."""
+        picks = []
+        for other in ("quality", "alignment", "cost"):
+            om = self.headlines[other]
+            have = self.have(om) if om is not None and other != family else {}
+            ref = have.get(self.reference)
+            for n, st in have.items():
+                if ref is None or n == self.reference or not self._keeps_quality(n):
+                    continue
+                if om.better(st.mean, ref.mean) and not within_noise(st, ref):
+                    picks.append(
+                        f"{self._who(n)} on {om.label} ({self._val(n, om)} against {self._val(self.reference, om)})"
+                    )
+        if not picks:
+            return ""
+        return (
+            f" Worth a larger run: {'; '.join(picks)}, beyond the noise, with quality and alignment no worse than the "
+            "reference's."
         )
 
     def _price(self, name: str) -> str:
