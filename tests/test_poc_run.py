@@ -314,3 +314,16 @@ def test_side_by_side_training_gives_the_same_models(tmp_path, evaluator_dir):
     for name in ("base", "attn16"):
         a, b = weights[1, name], weights[2, name]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_minutes_budget_counts_models_sharing_the_cores(tmp_path, evaluator_dir):
+    """Three models side by side on 2 cores: each step is timed on one thread and counted 1.5x
+    slower, so they still finish in about the minutes asked."""
+    third = {"name": "attn8", "model": {"heads": 4}, "level": 2}
+    cfg = tiny_config(tmp_path, evaluator_dir, variants=[*TINY["variants"][:2], third], metrics=["cost"])
+    cfg.budget.train_steps, cfg.budget.train_minutes, cfg.threads = None, 0.01, 2
+    run_poc(cfg, tmp_path / "out", progress=False, echo=lambda line: None)
+    for name in ("base", "attn16", "attn8"):
+        budget = json.loads((tmp_path / "out" / "variants" / name / "stages" / "budget.json").read_text())
+        assert budget["threads"] == 1 and budget["slowdown"] == 1.5
+        assert budget["steps"] == max(1, int(0.6 / budget["seconds_per_step"]))

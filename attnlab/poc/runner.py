@@ -189,10 +189,15 @@ class Trained:
 def _train_all(res: Resources, owners: list[VariantConfig], bar: Progress) -> dict[str, Trained]:
     """Train every model owner; on a CPU several at once, each in its own single-threaded process."""
     cfg, rcs = res.cfg, {}
+    cores = cfg.threads or os.cpu_count() or 1
+    at_once = train_processes(cfg.budget.train_processes, len(owners), cfg.threads)
+    each = max(1, cores // at_once)
+    sharing = (each, max(1.0, at_once * each / cores)) if at_once > 1 else (0, 1.0)
     for o in owners:
         steps = cfg.budget.train_steps
         if steps is None:
-            steps = budget_steps(cfg, res.run_config(o, 1), res.train_data, variant_dirs(res.out, o.name))
+            dirs = variant_dirs(res.out, o.name)
+            steps = budget_steps(cfg, res.run_config(o, 1), res.train_data, dirs, sharing)
         rcs[o.name] = res.run_config(o, steps)
     pending = [
         o.name
@@ -201,7 +206,7 @@ def _train_all(res: Resources, owners: list[VariantConfig], bar: Progress) -> di
     ]
     n = train_processes(cfg.budget.train_processes, len(pending), cfg.threads)
     if n > 1:
-        threads = max(1, (cfg.threads or os.cpu_count() or 1) // n)
+        threads = max(1, cores // n)
         bar.echo(f"training {', '.join(pending)} side by side: {n} processes of {threads} thread(s)")
         jobs = [(rcs[name], variant_dirs(res.out, name)) for name in pending]
         train_side_by_side(jobs, res.train_data, n, threads)

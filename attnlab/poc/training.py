@@ -47,8 +47,16 @@ def learning_fingerprint(rc: RunConfig) -> str:
     return fingerprint("train", d)
 
 
-def budget_steps(cfg: PocConfig, rc: RunConfig, data: TrainingData, dirs: VariantDirs) -> int:
-    """Steps to train: `budget.train_steps`, or `train_minutes` turned into steps once and kept."""
+def budget_steps(
+    cfg: PocConfig,
+    rc: RunConfig,
+    data: TrainingData,
+    dirs: VariantDirs,
+    sharing: tuple[int, float] = (0, 1.0),
+) -> int:
+    """Steps to train: `budget.train_steps`, or `train_minutes` turned into steps once and kept.
+    `sharing`: (torch threads per training process, slowdown from processes sharing the cores),
+    so that models trained side by side also finish in about the minutes asked."""
     if cfg.budget.train_steps is not None:
         return cfg.budget.train_steps
     fp = fingerprint(
@@ -58,12 +66,24 @@ def budget_steps(cfg: PocConfig, rc: RunConfig, data: TrainingData, dirs: Varian
     )
     record = done(dirs.marker("budget"), fp)
     if record is None:
-        sec = seconds_per_step(rc, data)
+        threads, slowdown = sharing
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads or before)
+        try:
+            sec = seconds_per_step(rc, data) * slowdown
+        finally:
+            torch.set_num_threads(before)
         steps = max(1, int(cfg.budget.train_minutes * 60 / sec))
         record = mark(
             dirs.marker("budget"),
             fp,
-            {"seconds_per_step": sec, "steps": steps, "minutes": cfg.budget.train_minutes},
+            {
+                "seconds_per_step": sec,
+                "steps": steps,
+                "minutes": cfg.budget.train_minutes,
+                "threads": threads or before,
+                "slowdown": slowdown,
+            },
         )
     return int(record["steps"])
 
