@@ -116,7 +116,12 @@ class Trainer:
         model, opt = self.acc.prepare(model, opt)
         if ema is not None:
             ema.to(self.acc.device)
-        return self._loop(model, ema, opt, state)
+        last = self._loop(model, ema, opt, state)
+        if self.acc.num_processes > 1:
+            # gloo's threads can abort the process at exit unless its group is torn down first
+            self.acc.wait_for_everyone()
+            self.acc.end_training()
+        return last
 
     def build_data(self) -> TrainingData:
         from attnlab.data import build_dataset
