@@ -50,6 +50,19 @@ def test_peak_memory_sees_temporaries_freed_before_the_end():
     assert 8_000_000 <= peak < 9_000_000
 
 
+def test_peak_memory_holds_back_the_profiler_log_lines_only(capfd):
+    import os
+
+    def run():
+        torch.ones(1000) * 2
+        os.write(2, b"a real warning from C++\n")
+
+    assert peak_memory(run) > 0
+    err = capfd.readouterr().err
+    assert "a real warning from C++" in err
+    assert "profiler_start" not in err and "USDT" not in err
+
+
 def test_training_time_reads_the_last_record_and_skips_a_cut_line(tmp_path):
     lines = [
         {"step": 50, "loss": 0.5, "images_per_s": 100.0, "wall": 10.0},

@@ -22,9 +22,14 @@ How each number is measured (and what it leaves out):
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,13 +129,37 @@ def peak_memory(run: Callable[[], Any], device: torch.device | str = "cpu") -> i
         return int(torch.cuda.max_memory_allocated(device) - base)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_chatter(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
     live = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
         live += event.self_cpu_memory_usage  # + allocated, - freed ([memory] events), net per operator
         peak = max(peak, live)
     return int(peak)
+
+
+# what libkineto writes straight to file descriptor 2 on every profiler start and stop
+_KINETO_LINE = re.compile(rb"^(USDT|STAGE|INFO):\d{4}-\d\d-\d\d [\d:]+ \d+:\d+ \w+\.cpp:\d+\] ")
+
+
+@contextlib.contextmanager
+def _without_profiler_chatter() -> Iterator[None]:
+    """Hold back the profiler's routine C++ log lines; anything else written to stderr is passed on."""
+    fd = 2  # where the C++ logger writes, whatever sys.stderr is in Python
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            held.seek(0)
+            rest = b"".join(line for line in held if not _KINETO_LINE.match(line))
+            while rest:
+                rest = rest[os.write(fd, rest) :]
 
 
 def training_time(run: str | Path) -> dict:
