@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from attnlab.configio import build_structured, load_structured
 from attnlab.data.config import DataConfig
-from attnlab.errors import ConfigError
+from attnlab.errors import check
 from attnlab.models.config import ModelConfig
 
 
@@ -38,11 +36,11 @@ class DiffusionConfig:
     min_snr_gamma: float | None = None
 
     def validate(self) -> None:
-        _check(
+        check(
             self.num_train_timesteps >= 2, "diffusion.num_train_timesteps", self.num_train_timesteps, ">= 2"
         )
-        _check(0 <= self.cond_drop < 1, "diffusion.cond_drop", self.cond_drop, "a probability in [0, 1)")
-        _check(
+        check(0 <= self.cond_drop < 1, "diffusion.cond_drop", self.cond_drop, "a probability in [0, 1)")
+        check(
             self.min_snr_gamma is None or self.min_snr_gamma > 0,
             "diffusion.min_snr_gamma",
             self.min_snr_gamma,
@@ -87,12 +85,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
-            _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "a positive integer")
-        _check(self.lr > 0, "train.lr", self.lr, "a positive number")
-        _check(self.warmup >= 0, "train.warmup", self.warmup, "a non-negative number of steps")
-        _check(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "a decay in [0, 1)")
-        _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
-        _check(
+            check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "a positive integer")
+        check(self.lr > 0, "train.lr", self.lr, "a positive number")
+        check(self.warmup >= 0, "train.warmup", self.warmup, "a non-negative number of steps")
+        check(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "a decay in [0, 1)")
+        check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
+        check(
             self.ckpt_every % self.log_every == 0,
             "train.ckpt_every",
             self.ckpt_every,
@@ -109,7 +107,7 @@ class SampleConfig:
     guidance: float = 3.0
 
     def validate(self) -> None:
-        _check(self.steps >= 1, "sample.steps", self.steps, "a positive integer")
+        check(self.steps >= 1, "sample.steps", self.steps, "a positive integer")
 
 
 @dataclass
@@ -133,109 +131,14 @@ class RunConfig:
     @staticmethod
     def from_dict(d: dict[str, Any], source: str = "config") -> RunConfig:
         """The config saved by `to_dict` (as in a model directory's config.json); the data is not read."""
-        return _build([OmegaConf.create(d)], source, fill_from_data=False)
+        return build_structured(RunConfig, [OmegaConf.create(d)], source, fill_from_data=False)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Load a RunConfig from YAML and apply `key=value` overrides (e.g. `model.width=64`).
+    """Load a RunConfig from YAML and apply `key=value` overrides (e.g. `model.width=64`); the model
+    fields the data decides (channels, size, dims, classes) are filled in from the data.
 
     Raises:
         ConfigError: naming the file or override, the key and what was expected.
     """
-    layers = []
-    if path is not None:
-        layers.append(_read_yaml(Path(path)))
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.width=64)")
-        layers.append(_dotlist(item))
-    return _build(layers, str(path) if path is not None else "overrides")
-
-
-def _read_yaml(path: Path):
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: expected a mapping of sections (data, model, ...), got {type(data).__name__}"
-        )
-    return OmegaConf.create(data)
-
-
-def _dotlist(item: str):
-    try:
-        return OmegaConf.from_dotlist([item])
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"override {item!r}: {_first_line(e)}") from None
-
-
-def _build(layers, source: str, fill_from_data: bool = True) -> RunConfig:
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), *layers)
-        if fill_from_data:
-            _fill_from_data(merged)
-        cfg = OmegaConf.to_object(merged)
-        cfg.validate()
-    except ConfigKeyError as e:
-        raise ConfigError(f"{source}: unknown key {e.full_key!r}{_known_keys(e.full_key)}") from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{source}: {e.full_key}: {_first_line(e)}") from None
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    return cfg
-
-
-def data_facts(data: DataConfig) -> dict[str, Any]:
-    """The model fields the data decides: channels, size, dimensionality and number of classes.
-
-    Procedural data is asked with a two-item replica, so this costs milliseconds.
-    """
-    from attnlab.data import build_dataset
-
-    small = dataclasses.replace(data, num=min(data.num, 2), num_eval=min(data.num_eval, 2))
-    ds = build_dataset(small, "train")
-    x = ds[0]["x"]
-    return {
-        "in_channels": x.shape[0],
-        "size": x.shape[-1],
-        "dims": x.dim() - 1,
-        "num_classes": ds.num_classes,
-    }
-
-
-def _fill_from_data(merged) -> None:
-    """model.in_channels, size and dims follow the data; a class-conditioned model left at
-    num_classes=0 gets the dataset's number of classes."""
-    facts = data_facts(OmegaConf.to_object(merged.data))
-    for key in ("in_channels", "size", "dims"):
-        merged.model[key] = facts[key]
-    if merged.model.cond == "class" and not merged.model.num_classes and facts["num_classes"]:
-        merged.model.num_classes = facts["num_classes"]
-
-
-def _known_keys(full_key: str | None) -> str:
-    """'; known keys of model: ...' for the section of an unknown key."""
-    parts = (full_key or "").split(".")
-    node: Any = RunConfig
-    for p in parts[:-1]:
-        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
-        if p not in hints:
-            return ""
-        node = hints[p]
-    if not dataclasses.is_dataclass(node):
-        return ""
-    where = ".".join(parts[:-1]) or "the config"
-    return f"; known keys of {where}: {', '.join(f.name for f in dataclasses.fields(node))}"
-
-
-def _first_line(e: OmegaConfBaseException) -> str:
-    return (getattr(e, "msg", None) or str(e)).splitlines()[0]
-
-
-def _check(ok: bool, key: str, value, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is not allowed: expected {expected}")
+    return load_structured(RunConfig, path, overrides)

@@ -15,3 +15,9 @@ class ConfigError(AttnlabError):
 
 class CheckpointError(AttnlabError):
     """A model directory that is missing, incomplete or does not match its config."""
+
+
+def check(ok: bool, key: str, value, expected: str) -> None:
+    """Raise a ConfigError "key=value is not allowed: expected ..." unless `ok` (the config checks' one form)."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: expected {expected}")

@@ -93,6 +93,23 @@ def test_bad_values_name_their_key(tmp_path, changes, expected):
     assert expected in error_of(tmp_path, **changes)
 
 
+@pytest.mark.parametrize(
+    "section",
+    [{"train": {"lr": -1}}, {"train": {"ckpt_every": 7}}, {"diffusion": {"cond_drop": 1.5}}],
+    ids=["train.lr", "train.ckpt_every", "diffusion.cond_drop"],
+)
+def test_train_and_diffusion_are_refused_as_in_a_run_config(tmp_path, section):
+    from attnlab.config import load_config
+
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump(section))
+    with pytest.raises(ConfigError) as e:
+        load_config(run)
+    expected = str(e.value).removeprefix(f"{run}: ")  # e.g. "train.lr=-1.0 is not allowed: expected ..."
+    assert expected.startswith(next(iter(section))) and "is not allowed" in expected
+    assert error_of(tmp_path, **section) == f"{tmp_path / 'poc.yaml'}: {expected}"
+
+
 def test_text_only_techniques_need_a_text_model(tmp_path):
     model = {**BASE["model"], "cond": "class"}
     msg = error_of(tmp_path, model=model, variants=[{"name": "a", "techniques": {"heatmaps": {}}}])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attnlab.errors import ConfigError
+from attnlab.errors import check
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan", "white")
@@ -63,25 +63,27 @@ class DataConfig:
         """Raise ConfigError naming the first key whose value is not allowed."""
         from attnlab.data.registry import DATASETS
 
-        _check(self.name in DATASETS, "name", self.name, f"one of {', '.join(DATASETS)}")
-        _check(self.num >= 1, "num", self.num, "a positive number of items")
-        _check(self.num_eval >= 1, "num_eval", self.num_eval, "a positive number of items")
-        _check(0 < self.eval_fraction < 1, "eval_fraction", self.eval_fraction, "a fraction in (0, 1)")
-        _check(self.sample_rate >= 1000, "sample_rate", self.sample_rate, "at least 1000 Hz")
+        check(self.name in DATASETS, "data.name", self.name, f"one of {', '.join(DATASETS)}")
+        check(self.num >= 1, "data.num", self.num, "a positive number of items")
+        check(self.num_eval >= 1, "data.num_eval", self.num_eval, "a positive number of items")
+        check(0 < self.eval_fraction < 1, "data.eval_fraction", self.eval_fraction, "a fraction in (0, 1)")
+        check(self.sample_rate >= 1000, "data.sample_rate", self.sample_rate, "at least 1000 Hz")
         {"shapes": self._validate_shapes, "digits": self._validate_image, "tones": self._validate_tones}.get(
             self.name, self._validate_folder
         )()
 
     def _validate_image(self) -> None:
         allowed = IMAGE_SIZES[self.name]
-        _check(self.size in allowed, "size", self.size, f"one of {', '.join(map(str, allowed))} (pixels)")
+        check(self.size in allowed, "data.size", self.size, f"one of {', '.join(map(str, allowed))} (pixels)")
 
     def _validate_shapes(self) -> None:
         self._validate_image()
-        _check(1 <= self.max_objects <= MAX_OBJECTS, "max_objects", self.max_objects, f"1 to {MAX_OBJECTS}")
-        _check(
+        check(
+            1 <= self.max_objects <= MAX_OBJECTS, "data.max_objects", self.max_objects, f"1 to {MAX_OBJECTS}"
+        )
+        check(
             1 <= self.min_objects <= self.max_objects,
-            "min_objects",
+            "data.min_objects",
             self.min_objects,
             f"1 to max_objects ({self.max_objects})",
         )
@@ -90,20 +92,20 @@ class DataConfig:
 
     def _validate_tones(self) -> None:
         lo, hi = AUDIO_SIZES
-        _check(lo <= self.size <= hi, "size", self.size, f"an audio length of {lo} to {hi} samples")
-        _check(self.max_notes in (1, 2), "max_notes", self.max_notes, "1 or 2")
+        check(lo <= self.size <= hi, "data.size", self.size, f"an audio length of {lo} to {hi} samples")
+        check(self.max_notes in (1, 2), "data.max_notes", self.max_notes, "1 or 2")
 
     def _validate_folder(self) -> None:
-        _check(bool(self.root), "root", self.root, "the folder holding metadata.jsonl or metadata.csv")
-        _check(8 <= self.size <= AUDIO_SIZES[1], "size", self.size, "8-512 pixels or 1024-8000 samples")
-
-
-def _check(ok: bool, key: str, value, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"data.{key}={value!r} is not allowed: expected {expected}")
+        check(bool(self.root), "data.root", self.root, "the folder holding metadata.jsonl or metadata.csv")
+        check(8 <= self.size <= AUDIO_SIZES[1], "data.size", self.size, "8-512 pixels or 1024-8000 samples")
 
 
 def _check_subset(key: str, values: tuple[str, ...], allowed: tuple[str, ...]) -> None:
     unknown = [v for v in values if v not in allowed]
-    _check(bool(values) and not unknown, key, list(values), f"a non-empty subset of {', '.join(allowed)}")
-    _check(len(set(values)) == len(values), key, list(values), "no repeated names")
+    check(
+        bool(values) and not unknown,
+        f"data.{key}",
+        list(values),
+        f"a non-empty subset of {', '.join(allowed)}",
+    )
+    check(len(set(values)) == len(values), f"data.{key}", list(values), "no repeated names")

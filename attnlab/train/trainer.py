@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from attnlab.conditioning import Condition
 from attnlab.config import RunConfig
+from attnlab.configio import DataFacts, model_fields_from_data
 from attnlab.diffusion import alphas_cumprod, diffusion_loss
 from attnlab.errors import ConfigError
 from attnlab.io import write_json
@@ -69,17 +70,8 @@ def fit_to_data(
     cfg: RunConfig, data: TrainingData, num_classes: int | None, context_dim: int | None
 ) -> RunConfig:
     """Set the model fields that the data decides (channels, size, dims, classes, token width)."""
-    x = data.x
-    fields = dict(in_channels=x.shape[1], size=x.shape[-1], dims=x.dim() - 2)
-    if cfg.model.cond == "class":
-        if not num_classes:
-            raise ConfigError(
-                f"model.cond='class' but dataset {cfg.data.name!r} has no classes; use cond=text or none"
-            )
-        fields["num_classes"] = num_classes
-    if cfg.model.cond == "text" and context_dim:
-        fields["context_dim"] = context_dim
-    model = cfg.model.__class__(**{**dataclasses.asdict(cfg.model), **fields})
+    facts = DataFacts.of(cfg.data.name, data.x[0], num_classes, context_dim)
+    model = dataclasses.replace(cfg.model, **model_fields_from_data(cfg.model.cond, facts))
     return dataclasses.replace(cfg, model=model)
 
 
