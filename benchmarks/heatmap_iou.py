@@ -31,7 +31,7 @@ from attnlab.conditioning import Condition, get_text_encoder
 from attnlab.control import AttendExcite, HeatMaps, normalise
 from attnlab.data import build_dataset
 from attnlab.data.shapes import PALETTE
-from attnlab.diffusion import make_scheduler, sample
+from attnlab.diffusion import sample, scheduler_for
 from attnlab.evaluate import shapes_word_targets, word_localisation
 from attnlab.io import write_json, write_text
 from attnlab.train.checkpoint import load_model
@@ -111,14 +111,13 @@ class Tally:
 
 def real_images(model, cfg, encoder, items, a) -> dict:
     """Part 1 through `attnlab.evaluate.word_localisation`, in the table's terms."""
-    d = cfg.diffusion
     scores = word_localisation(
         model,
         encoder,
         torch.stack([it["x"] for it in items]),
         [it["text"] for it in items],
         [shapes_word_targets(it) for it in items],
-        make_scheduler("ddim", d.num_train_timesteps, d.beta_schedule, d.prediction),
+        scheduler_for(cfg, "ddim"),
         steps=a.steps,
         threshold=a.tau,
         batch_size=a.batch,
@@ -133,7 +132,7 @@ def real_images(model, cfg, encoder, items, a) -> dict:
 
 def generated(model, cfg, encoder, items, a) -> dict:
     tally = Tally()
-    shape = (cfg.model.in_channels, cfg.model.size, cfg.model.size)
+    shape = cfg.model.sample_shape()
     for i in range(0, len(items), a.batch):
         chunk = items[i : i + a.batch]
         prompts = [it["text"] for it in chunk]
@@ -153,9 +152,8 @@ def generated(model, cfg, encoder, items, a) -> dict:
 
 
 def sample_batch(model, cfg, cond, seeds, a, guidances=()):
-    d = cfg.diffusion
-    scheduler = make_scheduler("ddim", d.num_train_timesteps, d.beta_schedule, d.prediction)
-    shape = (len(seeds), cfg.model.in_channels, cfg.model.size, cfg.model.size)
+    scheduler = scheduler_for(cfg, "ddim")
+    shape = cfg.model.sample_shape(len(seeds))
     x = sample(
         model,
         shape,

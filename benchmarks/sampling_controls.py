@@ -28,7 +28,7 @@ from attnlab.attention import attention_layers
 from attnlab.conditioning import Condition, get_text_encoder
 from attnlab.control.plan import sampling_plan
 from attnlab.data import build_dataset
-from attnlab.diffusion import make_scheduler, sample
+from attnlab.diffusion import sample, scheduler_for
 from attnlab.io import write_json, write_text
 from attnlab.techniques import REGISTRY, techniques
 from attnlab.train.checkpoint import load_model
@@ -100,16 +100,14 @@ def draw(model, cfg, conds, seeds, spec, a) -> tuple[torch.Tensor, float, float]
     CPU time is what the sampler itself used; on a shared machine it moves much less with other
     processes' load than wall time does, so both are reported.
     """
-    d = cfg.diffusion
-    shape = (cfg.model.in_channels, *([cfg.model.size] * cfg.model.dims))
     plan = sampling_plan(spec)
     out, wall, cpu = [], 0.0, 0.0
     with plan.installed(model):
         for cond, sd in zip(conds, seeds):
-            scheduler = make_scheduler(a.sampler, d.num_train_timesteps, d.beta_schedule, d.prediction)
+            scheduler = scheduler_for(cfg, a.sampler)
             t0, c0 = time.perf_counter(), time.process_time()
             x = sample(
-                model, (len(sd), *shape), cond, scheduler=scheduler, steps=a.steps,
+                model, cfg.model.sample_shape(len(sd)), cond, scheduler=scheduler, steps=a.steps,
                 guidance=plan.guidance(a.guidance), seeds=sd, guidances=plan.guidances,
             )  # fmt: skip
             wall, cpu = wall + time.perf_counter() - t0, cpu + time.process_time() - c0

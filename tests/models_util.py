@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from attnlab.conditioning import Condition
@@ -35,7 +34,7 @@ def perturbed(cfg: ModelConfig, seed: int = 0, scale: float = 0.05):
 
 def inputs(cfg: ModelConfig, batch: int = 3, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, cfg.in_channels, *([cfg.size] * cfg.dims), generator=g)
+    x = torch.randn(cfg.sample_shape(batch), generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
     return x, t, condition(cfg, batch, g)
 
@@ -49,12 +48,3 @@ def condition(cfg: ModelConfig, batch: int, g: torch.Generator) -> Condition | N
         mask[0, 2:] = False  # row 0 has 2 real tokens and 3 padding tokens
         return Condition(tokens=tokens, mask=mask)
     return None
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine cannot stall it at an OpenMP barrier."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

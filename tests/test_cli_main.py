@@ -1,11 +1,10 @@
-"""The `attnlab` command: built-in commands, command modules of other rooms, dry runs, user errors."""
+"""The `attnlab` command: every room's command module registered, dry runs, user errors."""
 
 import json
 import subprocess
 import sys
-import types
+from pathlib import Path
 
-import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -61,25 +60,15 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
 
 
-def test_command_modules_of_other_rooms_are_registered(monkeypatch):
-    plugin = types.ModuleType("attnlab.cli.fake_room")
-    plugin.register = lambda app: app.command("fake-room")(lambda: typer.echo("hello from a room"))
-    monkeypatch.setitem(sys.modules, "attnlab.cli.fake_room", plugin)
-    monkeypatch.setattr(cli_main, "PLUGINS", ("attnlab.cli.fake_room", "attnlab.cli.not_written_yet"))
-    fresh = typer.Typer(cls=cli_main._Group)
-    cli_main._register(fresh)  # a missing module is skipped
-    result = runner.invoke(fresh, ["fake-room"])
-    assert result.exit_code == 0 and result.output == "hello from a room\n"
-
-
-def test_a_broken_command_module_is_not_hidden(monkeypatch):
-    broken = types.ModuleType("attnlab.cli.broken_room")
-
-    def register(app):
-        import attnlab_missing_dependency  # noqa: F401
-
-    broken.register = register
-    monkeypatch.setitem(sys.modules, "attnlab.cli.broken_room", broken)
-    monkeypatch.setattr(cli_main, "PLUGINS", ("attnlab.cli.broken_room",))
-    with pytest.raises(ModuleNotFoundError, match="attnlab_missing_dependency"):
-        cli_main._register(typer.Typer(cls=cli_main._Group))
+def test_every_command_module_is_registered_and_adds_commands():
+    package = Path(cli_main.__file__).parent
+    modules = {p.stem for p in package.glob("*.py") if "def register(" in p.read_text()}
+    assert {m.__name__.rsplit(".", 1)[1] for m in cli_main.COMMAND_MODULES} == modules
+    for module in cli_main.COMMAND_MODULES:
+        fresh = typer.Typer(cls=cli_main._Group)
+        module.register(fresh)
+        assert fresh.registered_commands or fresh.registered_groups, module.__name__
+    shown = runner.invoke(app, ["--help"]).output
+    for name in ("datasets", "train", "sample", "regenerate", "edit", "maps", "techniques", "poc"):
+        assert name in shown, name
+    assert "evaluator" in shown and "cost" in shown

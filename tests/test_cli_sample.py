@@ -9,8 +9,8 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from attnlab.cli.main import app
-from attnlab.cli.outputs import read_png, read_provenance, to_uint8
-from attnlab.cli.sample import regenerate
+from attnlab.generate import regenerate
+from attnlab.samples import read_png, read_provenance, to_uint8
 from attnlab.train import latest_checkpoint
 
 TINY = [

@@ -7,9 +7,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from attnlab.cli.main import app
-from attnlab.cli.outputs import read_png
 from attnlab.config import RunConfig
 from attnlab.models import build_model, preset
+from attnlab.samples import read_png
 from attnlab.train.checkpoint import save_checkpoint
 
 
@@ -115,7 +115,7 @@ def test_errors_are_one_line(run2d, tmp_path):
 
 
 def test_sample_with_guidance_and_caching_records_and_regenerates(run2d, tmp_path):
-    from attnlab.cli.outputs import read_provenance
+    from attnlab.samples import read_provenance
 
     args = ["sample", run2d, "--no-ema", "-p", "a red circle", "-n", "1", "--pag", "1.5", "--sag", "0.5",
             "--tgate", "0.5", "--tgate-drop-cfg", "--cache-every", "2", "--out", tmp_path / "s"]  # fmt: skip

@@ -2,10 +2,12 @@
 
 import pytest
 import torch
-from models_util import inputs, one_thread, tiny_config  # noqa: F401
+from models_util import inputs, tiny_config
 
 from attnlab.attention import attention_layers
 from attnlab.models import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = [(b, d, c) for b in ("unet", "dit") for d in (2, 1) for c in ("none", "class", "text")]
 

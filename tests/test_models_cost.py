@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from models_util import one_thread, tiny_config  # noqa: F401
+from models_util import tiny_config
 from typer.testing import CliRunner
 
 from attnlab.cli.main import app
@@ -13,6 +13,8 @@ from attnlab.evaluate.cost import count_parameters
 from attnlab.models import build_model
 from attnlab.models.cost import example_inputs, model_cost
 from attnlab.models.techniques.tome import merge_count
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tome_saving_in_a_whole_dit_is_its_per_layer_closed_form():

@@ -3,13 +3,15 @@ null condition, and the math attention path equal to SDPA inside whole models.""
 
 import pytest
 import torch
-from models_util import CTX, inputs, one_thread, perturbed, tiny_config  # noqa: F401
+from models_util import CTX, inputs, perturbed, tiny_config
 
 from attnlab.attention import Control, attention_layers, control
 from attnlab.conditioning import Condition
 from attnlab.models import build_model
 from attnlab.models.blocks import TransformerBlock
 from attnlab.models.specs import AttnSpec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 BACKBONES = ["unet", "dit"]
 

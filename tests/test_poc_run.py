@@ -14,6 +14,8 @@ from attnlab.evaluate.network import EvaluatorNet
 from attnlab.evaluate.tasks import ShapesTask
 from attnlab.poc import load_poc_config, run_poc
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = {
     "data": {"name": "shapes", "size": 16, "num": 48, "num_eval": 16},
     "model": {
@@ -51,15 +53,6 @@ def evaluator_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("evaluator")
     Evaluator(task, EvaluatorNet(task.network(2, 3)).eval(), {"name": "untrained"}).save(path / "evaluator")
     return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine cannot stall it at an OpenMP barrier."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_config(tmp_path, evaluator_dir, **changes):

@@ -3,12 +3,14 @@ attention input differs from the base model's by exactly the table."""
 
 import pytest
 import torch
-from models_util import inputs, one_thread, perturbed, tiny_config  # noqa: F401
+from models_util import inputs, perturbed, tiny_config
 
 from attnlab.errors import ConfigError
 from attnlab.evaluate.cost import count_parameters
 from attnlab.models import build_model
 from attnlab.models.embeddings import sincos_pos_embed
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("dims", [2, 1])

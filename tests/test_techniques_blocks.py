@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from models_util import CTX, inputs, one_thread, perturbed, tiny_config  # noqa: F401
+from models_util import CTX, inputs, perturbed, tiny_config
 
 from attnlab.attention import Attention, Control, attention_layers, control
 from attnlab.errors import ConfigError
@@ -17,6 +17,8 @@ from attnlab.models.specs import AttnSpec
 from attnlab.models.techniques.channel_attention import ChannelAttention
 from attnlab.models.techniques.linear_attention import LinearKernel
 from attnlab.models.techniques.window_attention import WindowKernel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _qkv(n: int, d: int = 8, heads: int = 3, seed: int = 0):

@@ -4,13 +4,15 @@ guided samples of the data's shape."""
 
 import pytest
 import torch
-from models_util import inputs, one_thread, tiny_config  # noqa: F401
+from models_util import inputs, tiny_config
 
 from attnlab.diffusion import diffusion_loss, make_scheduler, sample
 from attnlab.diffusion.schedulers import alphas_cumprod
 from attnlab.models import build_model, training_condition
 from attnlab.models.specs import SUPPORTED_TECHNIQUES
 from attnlab.techniques import REGISTRY, techniques
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _architectural() -> list[str]:

@@ -3,12 +3,14 @@ else carries it), padding is masked, and a sample does not depend on the padding
 
 import pytest
 import torch
-from models_util import CTX, inputs, one_thread, perturbed, tiny_config  # noqa: F401
+from models_util import CTX, inputs, perturbed, tiny_config
 
 from attnlab.attention import Control, attention_layers, control
 from attnlab.conditioning import Condition
 from attnlab.errors import ConfigError
 from attnlab.models import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Lengths(Control):

@@ -3,7 +3,7 @@ hidden data, regions are boxes of the asked size, and the condition survives CFG
 
 import pytest
 import torch
-from models_util import inputs, one_thread, perturbed, tiny_config  # noqa: F401
+from models_util import inputs, perturbed, tiny_config
 
 from attnlab.conditioning import Condition
 from attnlab.data import DataConfig, build_dataset
@@ -16,6 +16,8 @@ from attnlab.models.techniques.mask_cond import (
     random_regions,
     with_inpaint,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = [("unet", 2), ("unet", 1), ("dit", 2), ("dit", 1)]
 

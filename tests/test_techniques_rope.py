@@ -3,12 +3,14 @@ lengths, tokens past the grid stay unrotated, and the backbones take it where he
 
 import pytest
 import torch
-from models_util import inputs, one_thread, perturbed, tiny_config  # noqa: F401
+from models_util import inputs, perturbed, tiny_config
 
 from attnlab.attention import attention_layers
 from attnlab.errors import ConfigError
 from attnlab.models import build_model
 from attnlab.models.techniques.rope import Rotary, rope_angles
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _scores_of_one_pair(grid, head_dim=8, seed=0):

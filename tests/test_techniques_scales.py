@@ -3,13 +3,15 @@ attention in the U-Net decoder."""
 
 import pytest
 import torch
-from models_util import inputs, one_thread, perturbed, tiny_config  # noqa: F401
+from models_util import inputs, perturbed, tiny_config
 
 from attnlab.attention import Control, attention_layers, control, select_layers
 from attnlab.errors import ConfigError
 from attnlab.models import build_model
 from attnlab.models.techniques.attention_gate import AttentionGate
 from attnlab.models.techniques.cross_scale_attention import CrossScaleAttention
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _with_base_weights(cfg, base):

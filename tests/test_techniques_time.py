@@ -3,13 +3,15 @@ time-gated attention. Each test pins down the path the timestep takes through th
 
 import pytest
 import torch
-from models_util import inputs, one_thread, perturbed, tiny_config  # noqa: F401
+from models_util import inputs, perturbed, tiny_config
 
 from attnlab.attention import Control, control
 from attnlab.errors import ConfigError
 from attnlab.models import build_model
 from attnlab.models.blocks import TransformerBlock
 from attnlab.models.techniques.time_embedding import AdditiveResBlock
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SelfOnly(Control):

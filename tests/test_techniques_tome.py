@@ -3,7 +3,7 @@ that equal their destination merge without loss, and the sampling-time control l
 
 import pytest
 import torch
-from models_util import inputs, one_thread, perturbed, tiny_config  # noqa: F401
+from models_util import inputs, perturbed, tiny_config
 
 from attnlab.attention import Attention, Control, attention_layers, control
 from attnlab.diffusion import make_scheduler, sample
@@ -12,6 +12,8 @@ from attnlab.evaluate.cost import count_flops
 from attnlab.models import build_model
 from attnlab.models.techniques.tome import TokenMerging, bipartite_merge, merge_count
 from attnlab.techniques import get
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Lengths(Control):

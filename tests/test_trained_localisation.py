@@ -11,7 +11,7 @@ import torch
 
 from attnlab.conditioning import get_text_encoder
 from attnlab.data import build_dataset
-from attnlab.diffusion import make_scheduler
+from attnlab.diffusion import scheduler_for
 from attnlab.evaluate import shapes_word_targets, word_localisation
 from attnlab.train import load_model
 
@@ -24,14 +24,13 @@ def scores():
     model, cfg = load_model(MODEL)
     data = build_dataset(cfg.data, "eval")
     items = [data[i] for i in range(64)]
-    d = cfg.diffusion
     return word_localisation(
         model,
         get_text_encoder(),
         torch.stack([it["x"] for it in items]),
         [it["text"] for it in items],
         [shapes_word_targets(it) for it in items],
-        make_scheduler("ddim", d.num_train_timesteps, d.beta_schedule, d.prediction),
+        scheduler_for(cfg, "ddim"),
         steps=10,
     )
 

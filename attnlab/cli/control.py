@@ -30,7 +30,7 @@ def _setup(
     """The model, its config, a text encoder, a scheduler and the resolved sampling settings."""
     from attnlab.cli.sample import torch_threads
     from attnlab.conditioning import get_text_encoder
-    from attnlab.diffusion import SAMPLERS, make_scheduler
+    from attnlab.diffusion import SAMPLERS, scheduler_for
     from attnlab.train.checkpoint import load_model
 
     torch_threads(threads)
@@ -39,15 +39,13 @@ def _setup(
         raise ConfigError(
             f"{run_dir}: model.cond is {cfg.model.cond!r}; editing and heat maps need a text model"
         )
-    s, d = cfg.sample, cfg.diffusion
+    s = cfg.sample
     sampler, steps = sampler or s.sampler, steps or s.steps
     guidance = s.guidance if guidance is None else guidance
     if sampler not in SAMPLERS:
         raise ConfigError(f"--sampler {sampler!r} is not supported; choose one of {', '.join(SAMPLERS)}")
-    scheduler = make_scheduler(sampler, d.num_train_timesteps, d.beta_schedule, d.prediction)
-    shape = (cfg.model.in_channels, *([cfg.model.size] * cfg.model.dims))
     settings = {"sampler": sampler, "steps": steps, "guidance": guidance}
-    return model, cfg, get_text_encoder(), scheduler, shape, settings
+    return model, cfg, get_text_encoder(), scheduler_for(cfg, sampler), cfg.model.sample_shape(), settings
 
 
 def _mode(mode: str | None, encoder, prompt: str, edits: list[str]) -> str:
@@ -59,7 +57,7 @@ def _mode(mode: str | None, encoder, prompt: str, edits: list[str]) -> str:
 
 
 def _save_sample(path: Path, x, cfg, meta: dict) -> str:
-    from attnlab.cli.outputs import save_png, save_wav
+    from attnlab.samples import save_png, save_wav
 
     if cfg.model.dims == 1:
         save_wav(path.with_suffix(".wav"), x, cfg.data.sample_rate, meta)
@@ -108,11 +106,11 @@ def edit_command(
     threads: Threads = 0,
 ):
     """Edit a sample with Prompt-to-Prompt: source and edits from the same noise, written side by side."""
-    from attnlab.cli.outputs import slug
     from attnlab.control import PromptToPrompt
     from attnlab.control.edit import edit as run_edit
     from attnlab.control.figures import side_by_side, waves_side_by_side
     from attnlab.io import write_json
+    from attnlab.samples import slug
 
     if mode != "reweight" and (word is not None or factor != 1.0):
         raise ConfigError("--word and --factor apply to --mode reweight only")
@@ -210,11 +208,11 @@ def maps_command(
     """Sample a prompt and write a heat map per word over it (DAAM): overlays for images, curves for audio."""
     from safetensors.torch import save_file
 
-    from attnlab.cli.outputs import slug
     from attnlab.control import HeatMaps
     from attnlab.control.explain import explain
     from attnlab.control.figures import heat_curves, heat_overlays
     from attnlab.io import atomic_path, write_json
+    from attnlab.samples import slug
 
     model, cfg, encoder, scheduler, shape, settings = _setup(run_dir, ema, sampler, steps, guidance, threads)
     hm = HeatMaps(layers=layers, start=start, end=end)

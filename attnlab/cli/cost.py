@@ -38,17 +38,13 @@ def cost_command(
     result = model_cost(model, cfg.model, batch=batch, memory=memory, text_tokens=text_tokens)
     techniques = ", ".join(cfg.model.techniques) or "none"
     typer.echo(
-        f"{cfg.model.backbone} on {cfg.data.name} {tuple(_shape(cfg.model))}, techniques: {techniques}"
+        f"{cfg.model.backbone} on {cfg.data.name} {cfg.model.sample_shape()}, techniques: {techniques}"
     )
     for line in format_cost(result, batch):
         typer.echo(line)
     if json_out is not None:
         write_json(json_out, {"config": cfg.to_dict(), "batch": batch, **result})
         typer.echo(f"written: {json_out}")
-
-
-def _shape(model_cfg) -> tuple[int, ...]:
-    return (model_cfg.in_channels, *([model_cfg.size] * model_cfg.dims))
 
 
 def format_cost(result: dict, batch: int) -> list[str]:

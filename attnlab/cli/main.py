@@ -1,8 +1,7 @@
-"""The `attnlab` command: built-in commands plus the command modules of other rooms, if present."""
+"""The `attnlab` command: the commands of every room, each registered by its command module."""
 
 from __future__ import annotations
 
-import importlib
 import os
 
 # Idle OpenMP threads sleep instead of spinning: on shared cores a spinning team of two threads ran
@@ -13,17 +12,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import typer  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402
 
+from attnlab.cli import control, cost, datasets, evaluator, poc, sample, techniques, train  # noqa: E402
 from attnlab.errors import AttnlabError  # noqa: E402
 
-# Command modules of other rooms; each, if present, exposes register(app).
-PLUGINS = (
-    "attnlab.cli.control",
-    "attnlab.cli.techniques",
-    "attnlab.cli.poc",
-    "attnlab.cli.evaluator",
-    "attnlab.cli.cost",
-)
-BUILTINS = ("attnlab.cli.datasets", "attnlab.cli.train", "attnlab.cli.sample")
+# Each exposes register(app), which adds its commands.
+COMMAND_MODULES = (datasets, train, sample, control, techniques, poc, evaluator, cost)
 
 
 class _Group(TyperGroup):
@@ -48,15 +41,7 @@ app = typer.Typer(
 
 
 def _register(app: typer.Typer) -> None:
-    for name in BUILTINS:
-        importlib.import_module(name).register(app)
-    for name in PLUGINS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue  # that room has no commands (yet)
-            raise
+    for module in COMMAND_MODULES:
         module.register(app)
 
 

@@ -9,63 +9,10 @@ from typing import Annotated
 
 import typer
 
-import attnlab
-from attnlab.errors import CheckpointError, ConfigError
+from attnlab.errors import ConfigError
 from attnlab.io import write_json
 
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm++")  # attnlab.diffusion.SAMPLERS, without importing diffusers here
-
-
-def provenance_base(
-    ckpt: Path, weights: Path, cfg, sampler: str, steps: int, guidance: float, techniques: dict
-) -> dict:
-    """What every sample of one run of `sample` shares."""
-    from attnlab.train.checkpoint import file_sha256
-
-    return {
-        "attnlab": attnlab.__version__,
-        "model_dir": str(ckpt.resolve()),
-        "weights": weights.name,
-        "weights_sha256": file_sha256(weights),
-        "sampler": sampler,
-        "steps": steps,
-        "guidance": guidance,
-        "prediction": cfg.diffusion.prediction,
-        "techniques": techniques,
-    }
-
-
-def model_techniques(cfg) -> dict:
-    """The architectural techniques (L1-L4) the model was trained with."""
-    return {"model": dict(cfg.model.techniques)}
-
-
-def write_samples(out: Path, x, items: list, base: dict, cfg, grid_rows: int) -> list[str]:
-    """One file per sample with its provenance, plus a grid for images; returns the file names."""
-    from attnlab.cli.outputs import grid, save_array_png, save_png, save_wav, slug
-
-    names = []
-    for i, (xi, it) in enumerate(zip(x, items)):
-        meta = {**base, "prompt": it.prompt, "label": it.label, "seed": it.seed}
-        stem = f"{i:03d}-{slug(_describe(it))}-seed{it.seed}"
-        if cfg.model.dims == 1:
-            save_wav(out / f"{stem}.wav", xi, cfg.data.sample_rate, meta)
-            names.append(f"{stem}.wav")
-        else:
-            save_png(out / f"{stem}.png", xi, meta)
-            names.append(f"{stem}.png")
-    if cfg.model.dims == 2:
-        scale = max(1, 64 // cfg.model.size)  # small images are shown at least 64 px wide
-        save_array_png(
-            out / "grid.png", grid(x, grid_rows), {**base, "items": [vars(it) for it in items]}, scale
-        )
-    return names
-
-
-def _describe(item) -> str:
-    if item.prompt is not None:
-        return item.prompt
-    return f"label-{item.label}" if item.label is not None else "uncond"
 
 
 def sample_command(
@@ -122,8 +69,9 @@ def sample_command(
     ] = 1,
 ):
     """Draw samples: PNG files and a grid (images) or WAV files (audio), and request.json."""
-    from attnlab.cli.generate import generate, plan, text_encoder_for
     from attnlab.control.plan import cli_spec, sampling_plan
+    from attnlab.generate import generate, plan, text_encoder_for
+    from attnlab.samples import model_techniques, provenance_base, write_samples
     from attnlab.train.checkpoint import load_model, model_dir, weights_file
 
     techniques = sampling_plan(cli_spec(pag, pag_layers, sag, sag_layers, tgate, tgate_drop_cfg, cache_every))
@@ -180,44 +128,6 @@ def sample_command(
     )
 
 
-def regenerate(file: str | Path, model: str | Path | None = None, batch_size: int = 1):
-    """Draw the sample recorded in a sample file's provenance again; returns (x (C, ...), provenance).
-
-    Args:
-        file: a PNG or WAV written by `attnlab sample`.
-        model: the model directory, if it moved since (its weights must hash the same).
-
-    Raises:
-        CheckpointError: when the model directory is gone or its weights changed since.
-    """
-    from attnlab.cli.generate import Item, generate, text_encoder_for
-    from attnlab.cli.outputs import read_provenance
-    from attnlab.control.plan import sampling_plan
-    from attnlab.train.checkpoint import file_sha256, load_model, model_dir
-
-    meta = read_provenance(file)
-    ckpt = Path(model) if model is not None else Path(meta["model_dir"])
-    weights = model_dir(ckpt) / meta["weights"]
-    if not weights.is_file() or file_sha256(weights) != meta["weights_sha256"]:
-        raise CheckpointError(f"{weights}: missing or not the weights {file} was drawn with (sha256 differs)")
-    net, cfg = load_model(ckpt, ema=meta["weights"].startswith("ema"))
-    item = Item(meta["prompt"], meta["label"], meta["seed"])
-    techniques = sampling_plan(meta.get("techniques", {}).get("sampling"))
-    with techniques.installed(net):
-        x = generate(
-            net,
-            cfg,
-            [item],
-            sampler=meta["sampler"],
-            steps=meta["steps"],
-            guidance=techniques.guidance(meta["guidance"]),
-            encoder=text_encoder_for(cfg),
-            batch_size=batch_size,
-            guidances=techniques.guidances,
-        )
-    return x[0], meta
-
-
 def regenerate_command(
     file: Annotated[Path, typer.Argument(help="A PNG or WAV file written by `attnlab sample`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = ...,
@@ -226,7 +136,8 @@ def regenerate_command(
     ] = None,
 ):
     """Draw a sample again from the provenance in its file."""
-    from attnlab.cli.outputs import save_png, save_wav
+    from attnlab.generate import regenerate
+    from attnlab.samples import save_png, save_wav
     from attnlab.train.checkpoint import model_dir, read_config
 
     x, meta = regenerate(file, model)

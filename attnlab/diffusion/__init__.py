@@ -10,7 +10,7 @@ from attnlab.diffusion.objective import (
     target,
 )
 from attnlab.diffusion.sampling import noise_generators, sample
-from attnlab.diffusion.schedulers import SAMPLERS, alphas_cumprod, make_scheduler
+from attnlab.diffusion.schedulers import SAMPLERS, alphas_cumprod, make_scheduler, scheduler_for
 
 __all__ = [
     "SAMPLERS",
@@ -24,5 +24,6 @@ __all__ = [
     "predict_eps",
     "predict_x0",
     "sample",
+    "scheduler_for",
     "target",
 ]

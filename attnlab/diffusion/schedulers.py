@@ -3,7 +3,7 @@ DPM-Solver++ (Lu et al. 2022)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
@@ -12,9 +12,8 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError
 
-SamplerName = Literal["ddpm", "ddim", "dpm++"]
-BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
-Prediction = Literal["epsilon", "v_prediction"]
+if TYPE_CHECKING:
+    from attnlab.config import RunConfig
 
 SAMPLERS = {
     "ddpm": "DDPM: ancestral sampling, stochastic, needs many steps (Ho et al. 2020)",
@@ -61,6 +60,12 @@ def make_scheduler(
     if name == "ddim":
         return DDIMScheduler(clip_sample=clip_sample, set_alpha_to_one=True, **common)
     return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **common)
+
+
+def scheduler_for(rc: RunConfig, sampler: str) -> SchedulerMixin:
+    """`make_scheduler` for `sampler` on the noise schedule and prediction a run was trained with."""
+    d = rc.diffusion
+    return make_scheduler(sampler, d.num_train_timesteps, d.beta_schedule, d.prediction)
 
 
 def alphas_cumprod(num_train_timesteps: int = 1000, beta_schedule: str = "linear") -> Tensor:

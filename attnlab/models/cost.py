@@ -41,15 +41,10 @@ class Inputs:
         )
 
 
-def sample_shape(cfg: ModelConfig) -> tuple[int, ...]:
-    """(C, *spatial) of one sample of the config's data."""
-    return (cfg.in_channels, *([cfg.size] * cfg.dims))
-
-
 def example_inputs(cfg: ModelConfig, batch: int, text_tokens: int = 8, seed: int = 0) -> Inputs:
     """A batch shaped as the config's data and condition (see the module docstring)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *sample_shape(cfg), generator=g).clamp(-1, 1)
+    x = torch.randn(cfg.sample_shape(batch), generator=g).clamp(-1, 1)
     t = torch.randint(0, 1000, (batch,), generator=g)
     return Inputs(x, t, example_condition(cfg, batch, text_tokens))
 
@@ -120,7 +115,7 @@ def model_cost(
     """
     device = next(model.parameters()).device
     one = example_inputs(cfg, 1, text_tokens)
-    flops = denoiser_flops(model, sample_shape(cfg), one.cond)
+    flops = denoiser_flops(model, cfg.sample_shape(), one.cond)
     out = {"params": count_parameters(model), "flops_per_call": flops, "gflops_per_call": flops / 1e9}
     if memory:
         inp = example_inputs(cfg, batch, text_tokens).to(device)

@@ -12,9 +12,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 
-from attnlab.cli.outputs import grid, to_uint8
 from attnlab.io import atomic_path
 from attnlab.poc.metrics import Metric, Stat
+from attnlab.samples import grid, to_uint8
 
 LEVEL_COLORS = {0: "0.35", 1: "tab:blue", 2: "tab:orange", 3: "tab:green", 4: "tab:purple", 5: "tab:red"}
 

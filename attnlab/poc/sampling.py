@@ -14,13 +14,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from attnlab.attention import control
-from attnlab.cli.generate import Item, generate
 from attnlab.config import RunConfig
 from attnlab.control.plan import SamplingPlan, sampling_plan
+from attnlab.generate import Item, generate
 from attnlab.io import atomic_path
 from attnlab.poc.config import SEED_STRIDE
 from attnlab.poc.prompts import PromptSet
-from attnlab.poc.stages import VariantDirs, done, fingerprint, mark
+from attnlab.poc.stages import VariantDirs, fingerprint, run_stage
 
 # Techniques the generic plan leaves out because they need the prompts of each batch (bound here).
 BOUND_HERE = ("heatmaps", "attend_excite")
@@ -120,22 +120,22 @@ def sample_stage(
     sampler: VariantSampler, dirs: VariantDirs, prompts: PromptSet, seed: int, fp: str, batch_size: int
 ) -> dict:
     """Draw (or find) the samples of one seed; records latency_s (wall seconds per sample)."""
-    stage = f"sampled-{seed}"
-    record = done(dirs.marker(stage), fp)
-    if record is not None and dirs.samples_file(seed).is_file():
-        return {**record, "skipped": True}
-    start = time.perf_counter()
-    x = sampler.draw(items_for(prompts, seed), batch_size)
-    seconds = time.perf_counter() - start
-    with atomic_path(dirs.samples_file(seed)) as tmp:
-        save_file({"x": x.contiguous()}, str(tmp), metadata={"fingerprint": fp})
-    record = {
-        "file": str(dirs.samples_file(seed).relative_to(dirs.root)),
-        "seconds": seconds,
-        "latency_s": seconds / len(x),
-        "n": len(x),
-    }
-    return {**mark(dirs.marker(stage), fp, record), "skipped": False}
+    path = dirs.samples_file(seed)
+
+    def draw() -> dict:
+        start = time.perf_counter()
+        x = sampler.draw(items_for(prompts, seed), batch_size)
+        seconds = time.perf_counter() - start
+        with atomic_path(path) as tmp:
+            save_file({"x": x.contiguous()}, str(tmp), metadata={"fingerprint": fp})
+        return {
+            "file": str(path.relative_to(dirs.root)),
+            "seconds": seconds,
+            "latency_s": seconds / len(x),
+            "n": len(x),
+        }
+
+    return run_stage(dirs.marker(f"sampled-{seed}"), fp, draw, files=[path])
 
 
 def load_samples(dirs: VariantDirs, seed: int) -> Tensor:

@@ -13,18 +13,19 @@ from torch import Tensor
 
 from attnlab.evaluate import (
     Evaluator,
-    alignment,
     count_flops,
     count_parameters,
     denoiser_flops,
+    extract_features,
     peak_memory,
+    score_samples,
     training_time,
 )
-from attnlab.evaluate.quality import extract_features, fid_kid_from_features
+from attnlab.generate import condition_for
 from attnlab.io import atomic_path
 from attnlab.poc.prompts import PromptSet
 from attnlab.poc.sampling import VariantSampler, items_for
-from attnlab.poc.stages import VariantDirs, done, fingerprint, mark
+from attnlab.poc.stages import VariantDirs, fingerprint, run_stage
 
 COST_SAMPLES = 4  # samples in the runs that count FLOPs and peak memory
 
@@ -65,18 +66,23 @@ def evaluate_stage(
 
     `samples` and `real` (eval-split features) are loaded only when the stage has work to do;
     `marker` is the stage record (e.g. variants/NAME/stages/evaluated-SEED.json)."""
-    record = done(marker, fp)
-    if record is not None:
-        return {**record, "skipped": True}
-    x, scores = samples(), {}
-    if "fid" in metrics or "kid" in metrics:
-        q = fid_kid_from_features(real(), extract_features(x, ev.feature_net()))
-        scores.update({k: q[k] for k in ("fid", "kid_mean") if k.split("_")[0] in metrics})
-    asked = requests() if "alignment" in metrics else None
-    if asked is not None and ev.task.kind != "pretext":
-        found = alignment(dataset, x, asked, ev)
-        scores.update({k: v for k, v in found.items() if k != "n"})
-    return {**mark(marker, fp, {"scores": _finite(scores)}), "skipped": False}
+
+    def score() -> dict:
+        x = samples()
+        real_f = real() if "fid" in metrics or "kid" in metrics else None
+        asked = requests() if "alignment" in metrics else None
+        found = score_samples(dataset, x, asked, real_features=real_f, evaluator=ev)
+        return {"scores": _finite({k: v for k, v in found.items() if _reported(k, metrics)})}
+
+    return run_stage(marker, fp, score)
+
+
+def _reported(key: str, metrics: list[str]) -> bool:
+    """Whether a `score_samples` key is kept: FID and the KID mean when asked for (not the KID spread
+    over subsets), and every alignment key but the sample count."""
+    if key in ("fid", "kid_mean", "kid_std"):
+        return key != "kid_std" and key.split("_")[0] in metrics
+    return key != "n"
 
 
 def cost_stage(
@@ -88,16 +94,16 @@ def cost_stage(
     memory: bool = True,
 ) -> dict:
     """Parameters, FLOPs per denoiser call and per sample, peak memory and training time of a variant."""
-    record = done(dirs.marker("cost"), fp)
-    if record is not None:
-        return {**record, "skipped": True}
-    model, m = sampler.model, sampler.rc.model
-    shape = (m.in_channels, *([m.size] * m.dims))
-    items = items_for(prompts, 0)[:COST_SAMPLES]
-    from attnlab.cli.generate import condition_for
+    return run_stage(dirs.marker("cost"), fp, lambda: _cost(sampler, prompts, run_dir, memory))
 
+
+def _cost(sampler: VariantSampler, prompts: PromptSet, run_dir: Path, memory: bool) -> dict:
+    model, items = sampler.model, items_for(prompts, 0)[:COST_SAMPLES]
     cond = condition_for(sampler.rc, items[:1], sampler.encoder)
-    out = {"params": count_parameters(model), "flops_per_call": denoiser_flops(model, shape, cond)}
+    out = {
+        "params": count_parameters(model),
+        "flops_per_call": denoiser_flops(model, sampler.rc.model.sample_shape(), cond),
+    }
     try:
         out["flops_per_sample"] = count_flops(lambda: sampler.draw(items[:1], 1))
     except RuntimeError as e:
@@ -106,7 +112,7 @@ def cost_stage(
     if memory:
         out["peak_mem_bytes"] = peak_memory(lambda: sampler.draw(items, len(items)))
     out.update(training_time(run_dir))
-    return {**mark(dirs.marker("cost"), fp, out), "skipped": False}
+    return out
 
 
 def _finite(d: dict) -> dict:
@@ -118,16 +124,17 @@ def localisation_stage(sampler: VariantSampler, eval_ds, num: int, seed: int, ma
     """Heat-map IoU of each eval image's shape words with their objects' masks (real images, so the
     masks are exact; see `attnlab.evaluate.word_localisation`), with the variant's techniques
     installed; the noise seed is the sampling seed. Kept in `marker`."""
-    record = done(marker, fp)
-    if record is not None:
-        return {**record, "skipped": True}
+    return run_stage(marker, fp, lambda: _localisation(sampler, eval_ds, num, seed))
+
+
+def _localisation(sampler: VariantSampler, eval_ds, num: int, seed: int) -> dict:
     import torch
 
-    from attnlab.diffusion import make_scheduler
+    from attnlab.diffusion import scheduler_for
     from attnlab.evaluate import shapes_word_targets, word_localisation
 
     items = [eval_ds[i] for i in range(min(num, len(eval_ds)))]
-    d, s = sampler.rc.diffusion, sampler.rc.sample
+    s = sampler.rc.sample
     with sampler.plan.installed(sampler.model):
         scores = word_localisation(
             sampler.model,
@@ -135,9 +142,8 @@ def localisation_stage(sampler: VariantSampler, eval_ds, num: int, seed: int, ma
             torch.stack([it["x"] for it in items]),
             [it["text"] for it in items],
             [[t for t in shapes_word_targets(it) if t[0] == "shape"] for it in items],
-            make_scheduler(s.sampler, d.num_train_timesteps, d.beta_schedule, d.prediction),
+            scheduler_for(sampler.rc, s.sampler),
             steps=s.steps,
             seed=seed,
         )["shape"]
-    scores = {"heatmap_iou": scores["iou"], "heatmap_area_iou": scores["area_iou"]}
-    return {**mark(marker, fp, {"scores": scores}), "skipped": False}
+    return {"scores": {"heatmap_iou": scores["iou"], "heatmap_area_iou": scores["area_iou"]}}

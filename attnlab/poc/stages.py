@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,3 +72,13 @@ def mark(path: Path, fp: str, record: dict) -> dict:
     record = {"fingerprint": fp, **record}
     write_json(path, record)
     return record
+
+
+def run_stage(marker: Path, fp: str, work: Callable[[], dict], *, files: Iterable[Path] = ()) -> dict:
+    """The stage's record with "skipped": True when `marker` holds fingerprint `fp` and its `files`
+    are there; else run `work` (which writes those files and returns the record), mark the stage
+    done, and return its record with "skipped": False."""
+    record = done(marker, fp)
+    if record is not None and all(Path(f).is_file() for f in files):
+        return {**record, "skipped": True}
+    return {**mark(marker, fp, work()), "skipped": False}

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from attnlab.config import RunConfig, SampleConfig
 from attnlab.errors import ConfigError
 from attnlab.poc.config import PocConfig, VariantConfig
-from attnlab.poc.stages import VariantDirs, done, fingerprint, mark
+from attnlab.poc.stages import VariantDirs, fingerprint, run_stage
 from attnlab.poc.variants import variant_model
 from attnlab.train import train
 from attnlab.train.batches import TrainingData
@@ -64,28 +64,28 @@ def budget_steps(
         cfg.budget.train_minutes,
         learning_fingerprint(dataclasses.replace(rc, train=dataclasses.replace(rc.train, steps=0))),
     )
-    record = done(dirs.marker("budget"), fp)
-    if record is None:
-        threads, slowdown = sharing
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads or before)
-        try:
-            sec = seconds_per_step(rc, data) * slowdown
-        finally:
-            torch.set_num_threads(before)
-        steps = max(1, int(cfg.budget.train_minutes * 60 / sec))
-        record = mark(
-            dirs.marker("budget"),
-            fp,
-            {
-                "seconds_per_step": sec,
-                "steps": steps,
-                "minutes": cfg.budget.train_minutes,
-                "threads": threads or before,
-                "slowdown": slowdown,
-            },
-        )
+    record = run_stage(
+        dirs.marker("budget"), fp, lambda: _budget(rc, data, cfg.budget.train_minutes, sharing)
+    )
     return int(record["steps"])
+
+
+def _budget(rc: RunConfig, data: TrainingData, minutes: float, sharing: tuple[int, float]) -> dict:
+    """The steps that fit in `minutes`, from the measured seconds per step."""
+    threads, slowdown = sharing
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        sec = seconds_per_step(rc, data) * slowdown
+    finally:
+        torch.set_num_threads(before)
+    return {
+        "seconds_per_step": sec,
+        "steps": max(1, int(minutes * 60 / sec)),
+        "minutes": minutes,
+        "threads": threads or before,
+        "slowdown": slowdown,
+    }
 
 
 def seconds_per_step(rc: RunConfig, data: TrainingData, timed_steps: int = 3) -> float:
@@ -114,18 +114,16 @@ def train_stage(rc: RunConfig, dirs: VariantDirs, data: TrainingData, side_by_si
     `side_by_side`: how many models trained at once with this one (recorded for the report)."""
     from attnlab.evaluate import training_time
 
-    fp = learning_fingerprint(rc)
-    record = done(dirs.marker("trained"), fp)
-    if record is not None:
-        return {**record, "skipped": True}
-    ckpt = train(rc, dirs.model, data=data)
-    record = {
-        "checkpoint": str(ckpt.relative_to(dirs.root)),
-        "steps": rc.train.steps,
-        "side_by_side": side_by_side,
-        **training_time(dirs.model),
-    }
-    return {**mark(dirs.marker("trained"), fp, record), "skipped": False}
+    def fit() -> dict:
+        ckpt = train(rc, dirs.model, data=data)
+        return {
+            "checkpoint": str(ckpt.relative_to(dirs.root)),
+            "steps": rc.train.steps,
+            "side_by_side": side_by_side,
+            **training_time(dirs.model),
+        }
+
+    return run_stage(dirs.marker("trained"), learning_fingerprint(rc), fit)
 
 
 # Several models side by side

@@ -1,20 +1,22 @@
-"""Drawing samples from a model directory: requests -> conditions -> the sampling loop, batch by batch.
+"""Drawing samples from a trained model: requests -> conditions -> the sampling loop, batch by batch.
 
-Each sample has its own seed, so any one of them can be drawn again alone from its provenance.
+Each sample has its own seed, so any one of them can be drawn again alone from its provenance
+(`regenerate`; the files that carry it are `attnlab.samples`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from attnlab.conditioning import Condition
 from attnlab.config import RunConfig
-from attnlab.diffusion import make_scheduler, sample
-from attnlab.errors import ConfigError
+from attnlab.diffusion import sample, scheduler_for
+from attnlab.errors import CheckpointError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -99,17 +101,14 @@ def generate(
     """
     check_items(cfg, items)
     device = next(model.parameters()).device
-    m, d = cfg.model, cfg.diffusion
-    shape = (m.in_channels, *([m.size] * m.dims))
     out = []
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
-        scheduler = make_scheduler(sampler, d.num_train_timesteps, d.beta_schedule, d.prediction)
         x = sample(
             model,
-            (len(chunk), *shape),
+            cfg.model.sample_shape(len(chunk)),
             condition_for(cfg, chunk, encoder, device),
-            scheduler=scheduler,
+            scheduler=scheduler_for(cfg, sampler),
             steps=steps,
             guidance=guidance,
             seeds=[it.seed for it in chunk],
@@ -118,3 +117,40 @@ def generate(
         )
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)
+
+
+def regenerate(file: str | Path, model: str | Path | None = None, batch_size: int = 1):
+    """Draw the sample recorded in a sample file's provenance again; returns (x (C, ...), provenance).
+
+    Args:
+        file: a PNG or WAV written by `attnlab sample`.
+        model: the model directory, if it moved since (its weights must hash the same).
+
+    Raises:
+        CheckpointError: when the model directory is gone or its weights changed since.
+    """
+    from attnlab.control.plan import sampling_plan
+    from attnlab.samples import read_provenance
+    from attnlab.train.checkpoint import file_sha256, load_model, model_dir
+
+    meta = read_provenance(file)
+    ckpt = Path(model) if model is not None else Path(meta["model_dir"])
+    weights = model_dir(ckpt) / meta["weights"]
+    if not weights.is_file() or file_sha256(weights) != meta["weights_sha256"]:
+        raise CheckpointError(f"{weights}: missing or not the weights {file} was drawn with (sha256 differs)")
+    net, cfg = load_model(ckpt, ema=meta["weights"].startswith("ema"))
+    item = Item(meta["prompt"], meta["label"], meta["seed"])
+    techniques = sampling_plan(meta.get("techniques", {}).get("sampling"))
+    with techniques.installed(net):
+        x = generate(
+            net,
+            cfg,
+            [item],
+            sampler=meta["sampler"],
+            steps=meta["steps"],
+            guidance=techniques.guidance(meta["guidance"]),
+            encoder=text_encoder_for(cfg),
+            batch_size=batch_size,
+            guidances=techniques.guidances,
+        )
+    return x[0], meta

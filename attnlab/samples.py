@@ -1,4 +1,8 @@
-"""Sample files that carry their own provenance: PNG text chunks, WAV INFO comments, grids."""
+"""Sample files that carry their own provenance: PNG text chunks, WAV INFO comments, grids.
+
+The provenance (model directory, weights hash, sampler, seed, techniques) is enough to draw a sample
+again alone (see `attnlab.generate.regenerate`).
+"""
 
 from __future__ import annotations
 
@@ -13,11 +17,68 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
+import attnlab
 from attnlab.errors import AttnlabError
 from attnlab.io import atomic_path
 
 KEY = "attnlab"  # the PNG text key / the JSON in a WAV comment
 WAV_COMMENT_MAX = 2000  # libsndfile keeps INFO strings up to about 2 KB
+
+
+# Provenance
+
+
+def provenance_base(
+    ckpt: Path, weights: Path, cfg, sampler: str, steps: int, guidance: float, techniques: dict
+) -> dict:
+    """What every sample of one run of `sample` shares."""
+    from attnlab.train.checkpoint import file_sha256
+
+    return {
+        "attnlab": attnlab.__version__,
+        "model_dir": str(ckpt.resolve()),
+        "weights": weights.name,
+        "weights_sha256": file_sha256(weights),
+        "sampler": sampler,
+        "steps": steps,
+        "guidance": guidance,
+        "prediction": cfg.diffusion.prediction,
+        "techniques": techniques,
+    }
+
+
+def model_techniques(cfg) -> dict:
+    """The architectural techniques (L1-L4) the model was trained with."""
+    return {"model": dict(cfg.model.techniques)}
+
+
+def write_samples(out: Path, x, items: list, base: dict, cfg, grid_rows: int) -> list[str]:
+    """One file per sample with its provenance, plus a grid for images; returns the file names."""
+    names = []
+    for i, (xi, it) in enumerate(zip(x, items)):
+        meta = {**base, "prompt": it.prompt, "label": it.label, "seed": it.seed}
+        stem = f"{i:03d}-{slug(_describe(it))}-seed{it.seed}"
+        if cfg.model.dims == 1:
+            save_wav(out / f"{stem}.wav", xi, cfg.data.sample_rate, meta)
+            names.append(f"{stem}.wav")
+        else:
+            save_png(out / f"{stem}.png", xi, meta)
+            names.append(f"{stem}.png")
+    if cfg.model.dims == 2:
+        scale = max(1, 64 // cfg.model.size)  # small images are shown at least 64 px wide
+        save_array_png(
+            out / "grid.png", grid(x, grid_rows), {**base, "items": [vars(it) for it in items]}, scale
+        )
+    return names
+
+
+def _describe(item) -> str:
+    if item.prompt is not None:
+        return item.prompt
+    return f"label-{item.label}" if item.label is not None else "uncond"
+
+
+# Files
 
 
 def slug(text: str, n: int = 40) -> str:
