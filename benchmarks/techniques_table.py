@@ -36,7 +36,6 @@ from attnlab.evaluate.cost import _flop_counter
 from attnlab.io import write_json
 from attnlab.models import ModelConfig, build_model
 from attnlab.models.cost import Inputs, model_cost, sample_step, train_step
-from attnlab.models.specs import SUPPORTED_TECHNIQUES
 from attnlab.techniques import REGISTRY, techniques
 
 # Base models: the control benchmarks' 32 px U-Net, and a DiT with 2 x 2 patches (256 tokens).
@@ -101,13 +100,13 @@ class Variant:
 
 
 def variants(a: argparse.Namespace, data_fields: dict) -> list[Variant]:
-    techniques()  # load every provider
     out = []
     for backbone in a.backbones:
         base = {**BASES[backbone], **data_fields}
         out.append(Variant(backbone, "base", {}, ModelConfig(**base)))
-        for name in sorted(SUPPORTED_TECHNIQUES, key=lambda n: (REGISTRY[n].level, n)):
-            if backbone not in SUPPORTED_TECHNIQUES[name] or (a.only and name not in a.only):
+        for tech in techniques():
+            name = tech.name
+            if not tech.architectural or backbone not in tech.hosts or (a.only and name not in a.only):
                 continue
             for opts in [{}, *EXTRA.get(name, {}).get(backbone, [])]:
                 cfg = ModelConfig(**{**base, "techniques": {name: opts}})

@@ -2,8 +2,9 @@
 
 import pytest
 
+from attnlab.cli.flags import cli_spec, technique_options
 from attnlab.control import PAG, AttnCache, TGate
-from attnlab.control.plan import cli_spec, sampling_plan
+from attnlab.control.plan import sampling_plan
 from attnlab.errors import ConfigError
 
 
@@ -37,3 +38,14 @@ def test_cli_spec_leaves_off_options_out():
         "pag": {"scale": 1.0, "layers": "**"},
         "attn_cache": {"every": 3},
     }
+
+
+def test_technique_flags_name_any_training_free_technique():
+    assert technique_options(["pag", "pag.scale=2", "tgate.layers=[mid]", "tome.ratio=0.25"]) == {
+        "pag": {"scale": 2},
+        "tgate": {"layers": ["mid"]},
+        "tome": {"ratio": 0.25},
+    }
+    for bad in ("pag.scale", ".scale=2", "pag=2"):
+        with pytest.raises(ConfigError, match="expected NAME or NAME.option=value"):
+            technique_options([bad])

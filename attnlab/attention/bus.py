@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from attnlab.attention.core import Attention, AttnCall
+from attnlab.errors import ConfigError
 
 
 @dataclass
@@ -78,15 +79,20 @@ def select_layers(model: nn.Module, layers: str | Sequence[str] = "**", kind: st
 
 @dataclass
 class StepWindow:
-    """Sampling steps where a control acts, as fractions of the run: [start, end)."""
+    """Sampling steps where a control acts, as fractions of the run: [start, end).
+
+    Raises:
+        ConfigError: unless 0 <= start <= end <= 1 (prefixed with `owner`, the technique, if given).
+    """
 
     start: float = 0.0
     end: float = 1.0
+    owner: str = "step window"
 
     def __post_init__(self):
         if not 0.0 <= self.start <= self.end <= 1.0:
-            raise ValueError(
-                f"step window must satisfy 0 <= start <= end <= 1, got ({self.start}, {self.end})"
+            raise ConfigError(
+                f"{self.owner}: step window needs 0 <= start <= end <= 1, got start={self.start}, end={self.end}"
             )
 
     def contains(self, step: int | None, num_steps: int | None) -> bool:

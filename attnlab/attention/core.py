@@ -175,14 +175,18 @@ class Attention(nn.Module):
             raise ValueError(
                 f"{self.kind}-attention layer {self.name or '?'} was called without context tokens"
             )
+        grid = grid or (x.shape[1],)
         if self.controls:
-            return self._forward_controlled(x, context, context_mask, grid or (x.shape[1],))
+            return self._forward_controlled(x, context, context_mask, grid)
         q, k, v = self.project(x, context, grid)
+        return self.to_out(merge_heads(self._fused(q, k, v, grid, context_mask)))
+
+    def _fused(self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, ...], context_mask: Tensor | None):
+        """The efficient path, (B, heads, N, d): the layer's kernel, or SDPA over all tokens with the
+        key padding (cross- or self-attention) masked."""
         if self.kernel is not None:
-            return self.to_out(merge_heads(self.kernel.attend(q, k, v, grid or (x.shape[1],), context_mask)))
-        mask = key_padding_bias(context_mask)  # key padding, cross- or self-attention
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, d)
-        return self.to_out(merge_heads(h))
+            return self.kernel.attend(q, k, v, grid, context_mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_bias(context_mask))
 
     def forward_math(
         self,
@@ -235,8 +239,6 @@ class Attention(nn.Module):
             for c in active:
                 p = c.probs(call, p)
             h = p @ v
-        elif self.kernel is not None:
-            h = self.kernel.attend(q, k, v, call.grid, context_mask)
         else:
-            h = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_bias(context_mask))
+            h = self._fused(q, k, v, call.grid, context_mask)
         return self.to_out(merge_heads(h))

@@ -67,14 +67,27 @@ def sample_command(
     cache_every: Annotated[
         int, typer.Option("--cache-every", min=1, help="Recompute attention every k steps, reuse in between.")
     ] = 1,
+    technique: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--technique",
+            "-t",
+            help="Any training-free technique by name, NAME or NAME.option=value (e.g. -t pag.scale=2 "
+            "-t tome.ratio=0.5); repeat for several (`attnlab techniques` lists them).",
+        ),
+    ] = None,
 ):
     """Draw samples: PNG files and a grid (images) or WAV files (audio), and request.json."""
-    from attnlab.control.plan import cli_spec, sampling_plan
+    from attnlab.cli.flags import cli_spec, technique_options
+    from attnlab.control.plan import sampling_plan
     from attnlab.generate import generate, plan, text_encoder_for
     from attnlab.samples import model_techniques, provenance_base, write_samples
     from attnlab.train.checkpoint import load_model, model_dir, weights_file
 
-    techniques = sampling_plan(cli_spec(pag, pag_layers, sag, sag_layers, tgate, tgate_drop_cfg, cache_every))
+    spec = cli_spec(pag, pag_layers, sag, sag_layers, tgate, tgate_drop_cfg, cache_every)
+    for name, opts in technique_options(technique or ()).items():
+        spec[name] = {**spec.get(name, {}), **opts}
+    techniques = sampling_plan(spec)
 
     torch_threads(threads)
     model, cfg = load_model(run_dir, ema=ema)

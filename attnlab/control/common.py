@@ -21,9 +21,7 @@ MAIN_ROLES = frozenset({"uncond", "cond"})  # the chunks the sampling loop itsel
 
 def window(start: float, end: float, owner: str) -> StepWindow:
     """A StepWindow, or a ConfigError naming the technique and the bad fractions."""
-    if not 0.0 <= start <= end <= 1.0:
-        raise ConfigError(f"{owner}: step window needs 0 <= start <= end <= 1, got start={start}, end={end}")
-    return StepWindow(start, end)
+    return StepWindow(start, end, owner)
 
 
 def check_choice(owner: str, key: str, value, allowed: Sequence) -> None:

@@ -9,6 +9,8 @@ steps until the loss is below 1 - threshold. Neglected objects then appear.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -74,6 +76,9 @@ class DifferentiableCrossMaps(Control):
     level=5,
     paper="Attend-and-Excite (Chefer et al., SIGGRAPH 2023, arXiv:2301.13826)",
     training_free=True,
+    provides=("guidance", "bind_prompts"),
+    needs_prompts="attnlab.control.AttendExcite.bind",
+    needs_text=True,
     summary="latent updates at early steps so every named object gets attention: fewer missing objects, slower",
 )
 @dataclass(eq=False)
@@ -126,6 +131,17 @@ class AttendExcite:
                 )
         self.tokens, self.spans = [list(i) for i in token_indices], [tuple(s) for s in spans]
         return self
+
+    def bind_prompts(self, prompts: Sequence[str], encoder, words: Sequence[str] = ()) -> AttendExcite:
+        """A copy bound to one batch: per prompt, the tokens of those `words` it holds (all its text
+        tokens when it holds none), inside the span of its text tokens (without [CLS] and [SEP])."""
+        tokens, spans = [], []
+        for p in prompts:
+            span = (1, len(encoder.tokens_of(p)) - 1)
+            idx = {i for w in words if _has_word(p, w) for i in encoder.word_token_indices(p, w)}
+            tokens.append(sorted(idx) or list(range(*span)))
+            spans.append(span)
+        return dataclasses.replace(self).bind(tokens, spans)
 
     # Guidance plug-in protocol
 
@@ -192,3 +208,7 @@ class AttendExcite:
             smooth = gaussian_blur(chosen, self.smooth_sigma) if self.smooth_sigma > 0 else chosen
             rows.append(smooth.flatten(1).amax(1))  # (K,)
         return rows
+
+
+def _has_word(prompt: str, word: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt, re.IGNORECASE) is not None

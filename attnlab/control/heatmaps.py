@@ -34,6 +34,9 @@ from attnlab.techniques import register
     level=5,
     paper="DAAM (Tang et al., ACL 2023, arXiv:2210.04885)",
     training_free=True,
+    provides=("controls",),
+    needs_prompts="attnlab maps",
+    needs_text=True,
     summary="per-word heat maps from cross-attention: explains a sample; maps only the selected layers",
 )
 @dataclass(eq=False)

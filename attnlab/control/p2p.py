@@ -108,6 +108,10 @@ class AttentionInjection(Control):
     level=5,
     paper="Prompt-to-Prompt (Hertz et al., ICLR 2023, arXiv:2208.01626)",
     training_free=True,
+    provides=("guidance",),
+    needs_prompts="attnlab edit",
+    needs_text=True,
+    not_in_poc="a sampling technique: p2p edits one prompt into another; use `attnlab edit`",
     summary="edit a sample by swapping, refining or reweighting words while keeping its layout",
 )
 @dataclass(eq=False)

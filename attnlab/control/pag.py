@@ -57,6 +57,7 @@ class IdentitySelfAttention(Control):
     level=5,
     paper="PAG (Ahn et al., 2024, arXiv:2403.17377)",
     training_free=True,
+    provides=("guidance",),
     summary="guide away from an identity-self-attention pass: sharper structure, one extra forward per step",
 )
 @dataclass(eq=False)

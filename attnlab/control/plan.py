@@ -6,7 +6,7 @@ sample's provenance can carry it and the same sample can be drawn again.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -14,26 +14,46 @@ from torch import nn
 
 from attnlab.attention import Control, control
 from attnlab.errors import ConfigError
-
-NEEDS_PROMPTS = {
-    "p2p": "attnlab edit",
-    "attend_excite": "attnlab.control.AttendExcite.bind",
-    "heatmaps": "attnlab maps",
-}
+from attnlab.techniques import get
 
 
 @dataclass
 class SamplingPlan:
-    """Built sampling-time techniques: controls to install, guidance terms for the loop."""
+    """Built sampling-time techniques: controls to install, guidance terms for the loop.
+
+    Attributes:
+        spec: the techniques' options by name, as given.
+        controls: attention-bus controls installed for the run.
+        guidances: guidance terms of the sampling loop (`sample(guidances=...)`).
+        per_batch: guidance terms that bind to each batch's prompts first (`for_prompts`).
+        schedules: techniques that set the loop's CFG scale per step (T-GATE dropping CFG).
+    """
 
     spec: dict[str, dict] = field(default_factory=dict)
     controls: list[Control] = field(default_factory=list)
     guidances: list = field(default_factory=list)
+    per_batch: list = field(default_factory=list)
+    schedules: list = field(default_factory=list)
 
     def guidance(self, scale: float) -> float | Callable[[int, int], float]:
-        """The loop's `guidance` argument: `scale`, or a per-step schedule when T-GATE drops CFG."""
-        drops = [c for c in self.controls if getattr(c, "drop_cfg", False)]
-        return drops[0].guidance_schedule(scale) if drops else scale
+        """The loop's `guidance` argument: `scale`, or a per-step schedule (T-GATE dropping CFG)."""
+        out: float | Callable[[int, int], float] = scale
+        for tech in self.schedules:
+            out = tech.guidance_schedule(scale)
+            if callable(out):
+                return out
+        return out
+
+    def for_prompts(self, prompts: Sequence[str], encoder=None, words: Sequence[str] = ()) -> list:
+        """The guidance terms of one batch: the plan's own, then the prompt-bound ones bound to `prompts`.
+
+        Args:
+            prompts: the batch's prompts, one per row.
+            encoder: the text encoder that tokenised them.
+            words: words to act on where a prompt holds them (Attend-and-Excite's objects).
+        """
+        bound = [tech.bind_prompts(list(prompts), encoder, tuple(words)) for tech in self.per_batch]
+        return [*self.guidances, *bound]
 
     @contextmanager
     def installed(self, model: nn.Module) -> Iterator[SamplingPlan]:
@@ -41,60 +61,46 @@ class SamplingPlan:
             yield self
 
 
-def sampling_plan(spec: Mapping[str, Mapping | None] | None) -> SamplingPlan:
+def sampling_plan(spec: Mapping[str, Mapping | None] | None, bind_prompts: bool = False) -> SamplingPlan:
     """Build the training-free techniques named in `spec` (registry name -> options).
 
+    Args:
+        spec: registry name -> options (None for the defaults).
+        bind_prompts: the caller binds each batch's prompts (`SamplingPlan.for_prompts`, as the PoC
+            does), so techniques that need prompts are accepted; otherwise they are refused.
     Raises:
         ConfigError: an unknown name, an architectural technique, an unknown or bad option, or a
             technique that needs prompts bound first (use its own command).
     """
-    from attnlab.techniques import get
-
     plan = SamplingPlan()
     for name, opts in (spec or {}).items():
-        try:
-            tech = get(name)
-        except KeyError as e:
-            raise ConfigError(str(e.args[0])) from None
-        if not tech.training_free:
-            raise ConfigError(
-                f"technique {name!r} changes the architecture; set it in model.techniques and train"
-            )
-        if name in NEEDS_PROMPTS:
-            raise ConfigError(f"technique {name!r} needs its prompts bound; use {NEEDS_PROMPTS[name]}")
+        tech = _training_free(name, bind_prompts)
         try:
             obj = tech.build(**dict(opts or {}))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"technique {name!r}: {e}") from None
         plan.spec[name] = dict(opts or {})
-        if hasattr(obj, "correction"):
-            plan.guidances.append(obj)
-        else:
+        if tech.offers("controls"):
             plan.controls.append(obj)
+        if tech.offers("cfg_schedule"):
+            plan.schedules.append(obj)
+        if tech.offers("bind_prompts"):
+            plan.per_batch.append(obj)
+        elif tech.offers("guidance"):
+            plan.guidances.append(obj)
     return plan
 
 
-def cli_spec(
-    pag: float = 0.0,
-    pag_layers: str = "**",
-    sag: float = 0.0,
-    sag_layers: str = "**",
-    tgate: float | None = None,
-    tgate_drop_cfg: bool = False,
-    cache_every: int = 1,
-) -> dict[str, dict]:
-    """The spec the `sample` command's options ask for (off options are left out)."""
-    spec: dict[str, dict] = {}
-    if pag:
-        spec["pag"] = {"scale": pag, "layers": pag_layers}
-    if sag:
-        spec["sag"] = {"scale": sag, "layers": sag_layers}
-    if tgate is not None:
-        spec["tgate"] = {"gate": tgate, "drop_cfg": tgate_drop_cfg}
-    elif tgate_drop_cfg:
+def _training_free(name: str, bind_prompts: bool):
+    try:
+        tech = get(name)
+    except KeyError as e:
+        raise ConfigError(str(e.args[0])) from None
+    if not tech.training_free:
         raise ConfigError(
-            "--tgate-drop-cfg needs --tgate GATE (the fraction of steps after which CFG is dropped)"
+            f"technique {name!r} changes the architecture; set it in model.techniques and train"
         )
-    if cache_every > 1:
-        spec["attn_cache"] = {"every": cache_every}
-    return spec
+    bindable = tech.offers("bind_prompts") or tech.offers("controls")
+    if tech.needs_prompts and not (bind_prompts and bindable):
+        raise ConfigError(f"technique {name!r} needs its prompts bound; use {tech.needs_prompts}")
+    return tech

@@ -72,6 +72,7 @@ class AttentionMassRecorder(Control):
     level=5,
     paper="SAG (Hong et al., ICCV 2023, arXiv:2210.00939)",
     training_free=True,
+    provides=("guidance",),
     summary="guide away from a pass where attended regions are blurred: finer detail, one extra forward per step",
 )
 @dataclass(eq=False)

@@ -27,6 +27,7 @@ from attnlab.techniques import register
     level=3,
     paper="T-GATE (Zhang et al., 2024, arXiv:2404.02747)",
     training_free=True,
+    provides=("controls", "cfg_schedule"),
     summary="freeze cross-attention after a gate step (optionally cache self-attention, drop CFG): faster late steps",
 )
 @dataclass(eq=False)
@@ -77,8 +78,10 @@ class TGate(Control):
         """The CFG scale the loop should use at `step`: 1.0 (no uncond pass) after the gate if drop_cfg."""
         return 1.0 if self.drop_cfg and self.gated(step, num_steps) else scale
 
-    def guidance_schedule(self, scale: float) -> Callable[[int, int], float]:
-        """`sample(guidance=...)` argument: `scale`, or 1 after the gate when drop_cfg is set."""
+    def guidance_schedule(self, scale: float) -> float | Callable[[int, int], float]:
+        """`sample(guidance=...)` argument: `scale`, or a schedule that is 1 after the gate when drop_cfg is set."""
+        if not self.drop_cfg:
+            return scale
         return lambda i, steps: self.guidance_scale(scale, i, steps)
 
     # Control hooks

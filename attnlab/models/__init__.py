@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from attnlab.conditioning import Condition
 from attnlab.models.config import PRESETS, ModelConfig, preset
 from attnlab.models.dit import DiT
-from attnlab.models.specs import AttnSpec, built_techniques, check_techniques
+from attnlab.models.plan import ModelPlan, resolve
+from attnlab.models.specs import AttnSpec
 from attnlab.models.unet import UNet
 
 BACKBONE_CLASSES: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT}
@@ -25,21 +26,35 @@ def build_model(cfg: ModelConfig | Mapping) -> nn.Module:
         `.config`, and every Attention layer named by its module path.
     """
     cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_dict(dict(cfg))
-    check_techniques(cfg)
-    model = BACKBONE_CLASSES[cfg.backbone](cfg)
-    for tech in built_techniques(cfg).values():
-        if hasattr(tech, "attach"):  # techniques that act through the attention bus (tome) stay on
-            tech.attach(model)
+    plan = resolve(cfg)
+    model = BACKBONE_CLASSES[cfg.backbone](cfg, plan)
+    plan.attach(model)  # techniques that act through the attention bus (tome) stay on
+    model.plan = plan
     return model
 
 
-def training_condition(cfg: ModelConfig, x0: Tensor, cond: Condition | None, generator) -> Condition | None:
+def training_condition(
+    cfg: ModelConfig | ModelPlan, x0: Tensor, cond: Condition | None, generator
+) -> Condition | None:
     """The training batch's condition with what the config's techniques add from the clean data
-    (mask_cond: a random region to inpaint per sample); unchanged for every other model."""
-    for tech in built_techniques(cfg).values():
-        if hasattr(tech, "training_condition"):
-            cond = tech.training_condition(x0, cond, generator)
-    return cond
+    (mask_cond: a random region to inpaint per sample); unchanged for every other model.
+
+    Args:
+        cfg: the model config, or its resolved plan (resolved once, as the trainer does).
+    """
+    plan = cfg if isinstance(cfg, ModelPlan) else resolve(cfg)
+    return plan.training_condition(x0, cond, generator)
 
 
-__all__ = ["PRESETS", "AttnSpec", "DiT", "ModelConfig", "UNet", "build_model", "preset", "training_condition"]
+__all__ = [
+    "PRESETS",
+    "AttnSpec",
+    "DiT",
+    "ModelConfig",
+    "ModelPlan",
+    "UNet",
+    "build_model",
+    "preset",
+    "resolve",
+    "training_condition",
+]

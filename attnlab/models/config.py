@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from attnlab.errors import ConfigError
+from attnlab.errors import ConfigError, check
 
 BACKBONES = ("unet", "dit")
 CONDS = ("none", "class", "text")
@@ -74,47 +74,57 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field whose value is not allowed."""
-        _check(self.backbone in BACKBONES, "backbone", self.backbone, f"one of {', '.join(BACKBONES)}")
-        _check(self.dims in (1, 2), "dims", self.dims, "1 (audio) or 2 (images)")
-        _check(self.cond in CONDS, "cond", self.cond, f"one of {', '.join(CONDS)}")
+        check(self.backbone in BACKBONES, "model.backbone", self.backbone, f"one of {', '.join(BACKBONES)}")
+        check(self.dims in (1, 2), "model.dims", self.dims, "1 (audio) or 2 (images)")
+        check(self.cond in CONDS, "model.cond", self.cond, f"one of {', '.join(CONDS)}")
         for key in ("in_channels", "size", "width", "heads", "context_dim", "norm_groups"):
-            _check(_is_int(getattr(self, key), 1), key, getattr(self, key), "a positive integer")
-        _check(self.width % self.heads == 0, "heads", self.heads, f"a divisor of width={self.width}")
+            check(_is_int(getattr(self, key), 1), f"model.{key}", getattr(self, key), "a positive integer")
+        check(self.width % self.heads == 0, "model.heads", self.heads, f"a divisor of width={self.width}")
         ratio_ok = self.mlp_ratio is None or (
             isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio >= 0
         )
-        _check(ratio_ok, "mlp_ratio", self.mlp_ratio, "None or a number >= 0")
+        check(ratio_ok, "model.mlp_ratio", self.mlp_ratio, "None or a number >= 0")
         if self.cond == "class":
-            _check(
-                _is_int(self.num_classes, 1), "num_classes", self.num_classes, "at least 1 when cond=class"
+            check(
+                _is_int(self.num_classes, 1),
+                "model.num_classes",
+                self.num_classes,
+                "at least 1 when cond=class",
             )
         (self._validate_unet if self.backbone == "unet" else self._validate_dit)()
 
     def _validate_unet(self) -> None:
         mult = self.channel_mult
-        _check(bool(mult), "channel_mult", mult, "at least one level")
-        _check(_is_int(self.num_res_blocks, 1), "num_res_blocks", self.num_res_blocks, "a positive integer")
+        check(bool(mult), "model.channel_mult", mult, "at least one level")
+        check(
+            _is_int(self.num_res_blocks, 1), "model.num_res_blocks", self.num_res_blocks, "a positive integer"
+        )
         down = 2 ** (len(mult) - 1)
-        _check(self.size % down == 0, "size", self.size, f"a multiple of {down} for {len(mult)} levels")
+        check(self.size % down == 0, "model.size", self.size, f"a multiple of {down} for {len(mult)} levels")
         for m in mult:
-            _check(
-                (self.width * m) % self.heads == 0, "heads", self.heads, "a divisor of every level's channels"
+            check(
+                (self.width * m) % self.heads == 0,
+                "model.heads",
+                self.heads,
+                "a divisor of every level's channels",
             )
         sizes = self.feature_sizes()
         for r in self.attn_resolutions:
-            _check(r in sizes, "attn_resolutions", self.attn_resolutions, f"feature sizes among {sizes}")
+            check(r in sizes, "model.attn_resolutions", self.attn_resolutions, f"feature sizes among {sizes}")
 
     def _validate_dit(self) -> None:
-        _check(
+        check(
             _is_int(self.patch, 1) and self.size % self.patch == 0,
-            "patch",
+            "model.patch",
             self.patch,
             f"a divisor of size={self.size}",
         )
-        _check(_is_int(self.depth, 1), "depth", self.depth, "a positive integer")
+        check(_is_int(self.depth, 1), "model.depth", self.depth, "a positive integer")
         # the fixed sin-cos positions spend half the width on each axis, in sin/cos pairs
         step = 2 * self.dims
-        _check(self.width % step == 0, "width", self.width, f"a multiple of {step} for a {self.dims}D DiT")
+        check(
+            self.width % step == 0, "model.width", self.width, f"a multiple of {step} for a {self.dims}D DiT"
+        )
 
     # Derived values
 
@@ -148,7 +158,7 @@ class ModelConfig:
 
 def _int_tuple(key: str, value) -> tuple[int, ...]:
     ok = isinstance(value, (list, tuple)) and all(_is_int(v, 1) for v in value)
-    _check(ok, key, value, "a list of positive integers")
+    check(ok, f"model.{key}", value, "a list of positive integers")
     return tuple(value)
 
 
@@ -157,17 +167,12 @@ def _techniques(value) -> dict[str, dict[str, Any]]:
     ok = isinstance(value, Mapping) and all(
         isinstance(k, str) and (v is None or isinstance(v, Mapping)) for k, v in value.items()
     )
-    _check(ok, "techniques", value, "a mapping of technique name -> options mapping")
+    check(ok, "model.techniques", value, "a mapping of technique name -> options mapping")
     return {k: dict(v or {}) for k, v in value.items()}
 
 
 def _is_int(v, lo: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= lo
-
-
-def _check(ok: bool, key: str, value, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"model.{key}={value!r} is not allowed: expected {expected}")
 
 
 # Presets (named factories; a factory takes overrides, e.g. PRESETS["unet-tiny"](cond="text"))

@@ -12,8 +12,8 @@ from attnlab.attention import name_layers
 from attnlab.conditioning import Condition
 from attnlab.models.blocks import Context, TransformerBlock, as_map, conv_nd, to_tokens, zero_
 from attnlab.models.config import ModelConfig
-from attnlab.models.embeddings import CondEmbedding, TimestepEmbedding, batch_timesteps, sincos_pos_embed
-from attnlab.models.specs import built_techniques, dit_block_specs
+from attnlab.models.embeddings import CondEmbedding, TimestepEmbedding, batch_timesteps
+from attnlab.models.plan import ModelPlan, resolve
 
 
 class FinalLayer(nn.Module):
@@ -51,39 +51,33 @@ class DiT(nn.Module):
 
     Args:
         cfg: the model config (backbone="dit"); width is the hidden size, depth the number of blocks.
+        plan: its techniques resolved (`attnlab.models.plan.resolve(cfg)`, the default).
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, plan: ModelPlan | None = None):
         super().__init__()
         self.config, self.dims, d, p = cfg, cfg.dims, cfg.width, cfg.patch
         self.grid = (cfg.size // p,) * 2 if cfg.dims == 2 else (cfg.size // p,)
         self.patchify = conv_nd(cfg.dims, cfg.in_channels, d, p, stride=p, padding=0)
-        tech = built_techniques(cfg)
-        self.set_positions(tech.get("abs_pos") or tech.get("rope"), d)
+        plan = plan if plan is not None else resolve(cfg)
+        self.set_positions(plan.dit_positions(self.grid, d))
         self.time_embed = TimestepEmbedding(256, d)
         self.cond_embed = CondEmbedding(cfg.cond, d, cfg.num_classes, cfg.context_dim, d)
-        self.blocks = nn.ModuleList(TransformerBlock(d, s, d, d) for s in dit_block_specs(cfg))
-        mask, self.in_context = tech.get("mask_cond"), tech.get("in_context")
-        self.mask_in = (  # inpainting input: known data + region, added to every patch token
-            mask.input_layer(cfg.in_channels, d, lambda i, o: conv_nd(cfg.dims, i, o, p, stride=p, padding=0))
-            if mask is not None
-            else None
+        self.blocks = nn.ModuleList(TransformerBlock(d, s, d, d) for s in plan.dit_block_specs())
+        self.in_context = plan.condition_tokens()  # the condition joins the tokens, or None
+        # inpainting input (known data + region), added to every patch token
+        self.mask_in = plan.input_layer(
+            cfg.in_channels, d, lambda i, o: conv_nd(cfg.dims, i, o, p, stride=p, padding=0)
         )
-        time, skips = tech.get("time_embedding"), tech.get("long_skips")
-        self.time_input = time.time_input(d) if time is not None else None  # time in the tokens
-        self.long_skips = skips.skips(cfg.depth, d) if skips is not None else None
+        self.time_input = plan.time_input(d)  # the time in the tokens, or None (adaLN-Zero)
+        self.long_skips = plan.run_blocks(cfg.depth, d)
         self.final = FinalLayer(d, p**cfg.dims * cfg.in_channels, modulated=self.time_input is None)
         self.init_weights()
         name_layers(self)
 
-    def set_positions(self, technique, dim: int) -> None:
-        """`pos`: the (1, N, dim) table added to the patch tokens: fixed sin-cos (DiT), or what a
-        position technique asks for (a learned table; none with rotary positions)."""
-        pos = (
-            sincos_pos_embed(self.grid, dim)[None]
-            if technique is None
-            else technique.dit_table(self.grid, dim)
-        )
+    def set_positions(self, pos: Tensor | None) -> None:
+        """`pos`: the (1, N, dim) table added to the patch tokens (fixed sin-cos in DiT, a parameter when
+        learned, None with rotary positions)."""
         if isinstance(pos, nn.Parameter):
             self.pos = pos
         else:

@@ -1,46 +1,20 @@
-"""Typed specs of the attention blocks a backbone is assembled from, resolved once from a ModelConfig.
+"""Typed specs of the attention blocks a backbone is assembled from, and where a block sits.
 
-A backbone never reads the config to decide what a block contains; it asks these functions, which
-are the one place where techniques (issue: architectural techniques, levels 1-4) change a block.
+A backbone never reads the config to decide what a block contains; it asks the model plan
+(`attnlab.models.plan`), which starts from the base spec and lets each technique edit it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from torch import nn
 
 from attnlab.attention.core import AttnKernel
-from attnlab.errors import ConfigError
-from attnlab.models.config import ModelConfig
-from attnlab.techniques.registry import get
 
 Modulation = Literal["none", "adaln_zero"]
-
-# Architectural techniques the backbones implement: registry name -> backbones that take it.
-SUPPORTED_TECHNIQUES: dict[str, tuple[str, ...]] = {
-    # L1 input
-    "abs_pos": ("unet", "dit"),
-    "rope": ("unet", "dit"),
-    "in_context": ("dit",),
-    "mask_cond": ("unet", "dit"),
-    "tome": ("unet", "dit"),  # also a sampling-time control (training_free in the registry)
-    # L2 internal
-    "attn_placement": ("unet", "dit"),
-    "cross_attention": ("unet", "dit"),
-    "linear_attention": ("unet", "dit"),
-    "window_attention": ("unet", "dit"),
-    "channel_attention": ("unet", "dit"),
-    # L3 time
-    "time_embedding": ("unet", "dit"),
-    "time_gated_attention": ("unet", "dit"),
-    # L4 cross-scale
-    "attention_gate": ("unet",),
-    "long_skips": ("dit",),
-    "cross_scale_attention": ("unet",),
-}
 
 
 @dataclass(frozen=True)
@@ -97,66 +71,3 @@ class Where:
     side: Literal["down", "mid", "up", "block"]
     size: int | None = None
     index: int | None = None
-
-
-def built_techniques(cfg: ModelConfig) -> dict[str, Any]:
-    """The config's architectural techniques as their registered option objects, by name."""
-    out = {}
-    for name, options in cfg.techniques.items():
-        try:
-            out[name] = get(name).build(**options)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"model.techniques.{name}: {e}") from None
-    return out
-
-
-def _edited(cfg: ModelConfig, spec: AttnSpec, where: Where) -> AttnSpec:
-    """The spec after every technique with an `edit_spec(spec, where)` hook, in config order."""
-    for tech in built_techniques(cfg).values():
-        edit = getattr(tech, "edit_spec", None)
-        spec = spec if edit is None else edit(spec, where)
-    return spec
-
-
-def unet_attn_spec(cfg: ModelConfig, size: int | None, side: str | None = None) -> AttnSpec | None:
-    """The attention block of a U-Net block, or None.
-
-    Args:
-        size: the block's feature size; None is the middle block.
-        side: "down" or "up" (None: "down", or "mid" when size is None).
-    """
-    side = side or ("mid" if size is None else "down")
-    on = cfg.mid_attention if side == "mid" else size in cfg.attn_resolutions
-    if not on:
-        return None
-    spec = AttnSpec(heads=cfg.heads, cross_attn=cfg.cond == "text", mlp_ratio=cfg.block_mlp_ratio())
-    where = Where(side, cfg.feature_sizes()[-1] if side == "mid" else size)
-    spec = _edited(cfg, spec, where)
-    return spec if spec.sublayers() else None
-
-
-def dit_block_specs(cfg: ModelConfig) -> list[AttnSpec]:
-    """One spec per DiT block, in order."""
-    spec = AttnSpec(
-        heads=cfg.heads,
-        cross_attn=cfg.cond == "text",
-        mlp_ratio=cfg.block_mlp_ratio(),
-        modulation="adaln_zero",
-    )
-    return [_edited(cfg, spec, Where("block", index=i)) for i in range(cfg.depth)]
-
-
-def check_techniques(cfg: ModelConfig) -> None:
-    """Every technique in the config must be one this backbone implements (no silent no-ops)."""
-    for name in cfg.techniques:
-        backbones = SUPPORTED_TECHNIQUES.get(name, ())
-        if cfg.backbone not in backbones:
-            known = [n for n, b in SUPPORTED_TECHNIQUES.items() if cfg.backbone in b]
-            raise ConfigError(
-                f"model.techniques.{name} is not an architectural technique of the {cfg.backbone} backbone; "
-                f"available: {', '.join(known) or 'none'}"
-            )
-    for tech in built_techniques(cfg).values():
-        check = getattr(tech, "check", None)
-        if check is not None:
-            check(cfg)  # options that depend on the model (feature sizes, block indices, cond)

@@ -26,7 +26,8 @@ from attnlab.models.blocks import (
 )
 from attnlab.models.config import ModelConfig
 from attnlab.models.embeddings import CondEmbedding, TimestepEmbedding, batch_timesteps
-from attnlab.models.specs import AttnSpec, built_techniques, unet_attn_spec
+from attnlab.models.plan import ModelPlan, resolve
+from attnlab.models.specs import AttnSpec
 
 
 class UNetBlock(nn.Module):
@@ -87,9 +88,10 @@ class UNet(nn.Module):
 
     Args:
         cfg: the model config (backbone="unet").
+        plan: its techniques resolved (`attnlab.models.plan.resolve(cfg)`, the default).
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, plan: ModelPlan | None = None):
         super().__init__()
         self.config, self.dims = cfg, cfg.dims
         emb_dim = 4 * cfg.width
@@ -98,25 +100,18 @@ class UNet(nn.Module):
         self.time_embed = TimestepEmbedding(cfg.width, emb_dim)
         self.cond_embed = CondEmbedding(cfg.cond, emb_dim, cfg.num_classes, cfg.context_dim, token_dim)
         self.conv_in = conv_nd(cfg.dims, cfg.in_channels, widths[0], 3)
-        tech = built_techniques(cfg)
-        time, gate, xscale, pos, mask = (
-            tech.get(n)
-            for n in ("time_embedding", "attention_gate", "cross_scale_attention", "abs_pos", "mask_cond")
-        )
-        res_block = time.res_block() if time is not None else ResBlock
-        self.mask_in = (  # inpainting input: known data + region, added to the first map
-            mask.input_layer(cfg.in_channels, widths[0], lambda i, o: conv_nd(cfg.dims, i, o, 3))
-            if mask is not None
-            else None
-        )
+        plan = plan if plan is not None else resolve(cfg)
+        res_block = plan.res_block()
+        # inpainting input (known data + region), added to the first map
+        self.mask_in = plan.input_layer(cfg.in_channels, widths[0], lambda i, o: conv_nd(cfg.dims, i, o, 3))
 
         def positions(size: int, dim: int, spec: AttnSpec | None) -> nn.Module | None:
-            if pos is None or spec is None or not spec.self_attn:
+            if spec is None or not spec.self_attn:
                 return None
-            return pos.unet_positions((size,) * cfg.dims, dim)
+            return plan.unet_positions((size,) * cfg.dims, dim)
 
         def block(cin: int, cout: int, size: int | None, side: str, skip: int = 0) -> UNetBlock:
-            spec = unet_attn_spec(cfg, size, side)
+            spec = plan.unet_attn_spec(size, side)
             up = side == "up"
             return UNetBlock(
                 cin + skip,
@@ -126,8 +121,8 @@ class UNet(nn.Module):
                 spec,
                 token_dim,
                 res_block,
-                gate.gate(cfg, size, skip, cin) if up and gate is not None else None,
-                xscale.layer(cfg, size, cout) if up and xscale is not None else None,
+                plan.skip_gate(size, skip, cin) if up else None,
+                plan.cross_scale(size, cout) if up else None,
                 positions(size or cfg.feature_sizes()[-1], cout, spec),
             )
 
@@ -152,7 +147,7 @@ class UNet(nn.Module):
         self.out = nn.Sequential(
             group_norm(ch, cfg.norm_groups), nn.SiLU(), zero_(conv_nd(cfg.dims, ch, cfg.in_channels, 3))
         )
-        self.needs_encoder = xscale is not None
+        self.needs_encoder = plan.reads_encoder
         name_layers(self)
 
     def embed(self, t: Tensor, cond: Condition | None, batch: int) -> tuple[Tensor, Context]:

@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf import MISSING
 
-from attnlab.config import DiffusionConfig, TrainConfig, _dotlist, _first_line, _read_yaml
+from attnlab.config import DiffusionConfig, TrainConfig
+from attnlab.configio import load_structured
 from attnlab.data.config import DataConfig
 from attnlab.errors import AttnlabError, ConfigError
+from attnlab.errors import check as _check
 from attnlab.models.config import ModelConfig
 from attnlab.poc.variants import lineage, technique, variant_model
 
@@ -22,11 +23,6 @@ SEED_STRIDE = 100_000  # sample k of sampling seed s draws its noise from seed s
 
 METRICS = ("fid", "kid", "alignment", "cost", "localisation")
 DEFAULT_METRICS = ("fid", "kid", "alignment", "cost")  # localisation: text models on shapes only
-# Registered techniques a PoC cannot compare by sampling from prompts, and why.
-NOT_IN_POC = {
-    "p2p": "a sampling technique: p2p edits one prompt into another; use `attnlab edit`",
-    "mask_cond": "a technique a PoC can sample: mask_cond needs known data and a region to fill (inpainting)",
-}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
@@ -142,62 +138,29 @@ class PocConfig:
     def variant(self, name: str) -> VariantConfig:
         return next(v for v in self.variants if v.name == name)
 
+    def validate(self) -> None:
+        """Raise ConfigError naming the first key whose value is not allowed."""
+        validate(self)  # the module's function (Validation, below)
+
 
 # Loading
 
+# Keys a run config has but a PoC takes from elsewhere, and where they go instead.
+_MISPLACED = {
+    "train.steps": "not a PoC key: set the training budget with budget.train_steps or budget.train_minutes",
+    "model.techniques": "not a PoC key: name techniques per variant (variants[i].techniques)",
+    "sample.steps": "not a PoC key: set sampling steps with budget.sample_steps",
+}
+
 
 def load_poc_config(path: str | Path | None = None, overrides: list[str] = ()) -> PocConfig:
-    """Load a PocConfig from YAML with `key=value` overrides (e.g. `budget.train_steps=200`).
+    """Load a PocConfig from YAML with `key=value` overrides (e.g. `budget.train_steps=200`); the model
+    fields the data decides are filled in from the data, as for a run config.
 
     Raises:
         ConfigError: naming the file or override, the key and what was expected.
     """
-    layers = [_read_yaml(Path(path))] if path is not None else []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. budget.train_steps=200)")
-        layers.append(_dotlist(item))
-    source = str(path) if path is not None else "overrides"
-    for layer in layers:
-        _reject_misplaced(layer, source)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(PocConfig), *layers)
-        _fit_model_to_data(merged)
-        cfg = OmegaConf.to_object(merged)
-    except ConfigKeyError as e:
-        raise ConfigError(f"{source}: unknown key {e.full_key!r}: {_first_line(e)}") from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{source}: {e.full_key}: {_first_line(e)}") from None
-    except AttnlabError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    try:
-        validate(cfg)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    return cfg
-
-
-def _reject_misplaced(layer, source: str) -> None:
-    """Keys a run config has but a PoC takes from elsewhere, named with where they go instead."""
-    misplaced = {
-        "train.steps": "set the training budget with budget.train_steps or budget.train_minutes",
-        "model.techniques": "name techniques per variant (variants[i].techniques)",
-        "sample.steps": "set sampling steps with budget.sample_steps",
-    }
-    for key, where in misplaced.items():
-        if OmegaConf.select(layer, key, default=None) is not None:
-            raise ConfigError(f"{source}: {key} is not a PoC key: {where}")
-
-
-def _fit_model_to_data(merged) -> None:
-    """The data decides the model's channels, size and dimensionality (and classes when cond=class)."""
-    from attnlab.data import build_dataset
-
-    ds = build_dataset(OmegaConf.to_object(merged.data), "eval")
-    x = ds[0]["x"]
-    merged.model.in_channels, merged.model.size, merged.model.dims = x.shape[0], x.shape[-1], x.dim() - 1
-    if merged.model.cond == "class" and not merged.model.num_classes and ds.num_classes:
-        merged.model.num_classes = ds.num_classes
+    return load_structured(PocConfig, path, overrides, refused=_MISPLACED)
 
 
 # Validation
@@ -205,6 +168,8 @@ def _fit_model_to_data(merged) -> None:
 
 def validate(cfg: PocConfig) -> None:
     """Raise ConfigError naming the first key whose value is not allowed."""
+    cfg.diffusion.validate()  # the sections a run config also has, checked as a run config checks them
+    cfg.train.validate()
     _validate_lists(cfg)
     names = [v.name for v in cfg.variants]
     for i, v in enumerate(cfg.variants):
@@ -323,12 +288,13 @@ def _validate_variant(cfg: PocConfig, v: VariantConfig, key: str) -> None:
 
 def _check_technique(cfg: PocConfig, v: VariantConfig, tech, opts: dict, key: str) -> None:
     _check(
-        cfg.model.backbone in tech.backbones,
+        cfg.model.backbone in tech.hosts,
         key,
         opts,
-        f"a technique of the {cfg.model.backbone} backbone ({tech.name} works in {', '.join(tech.backbones)})",
+        f"a technique of the {cfg.model.backbone} backbone ({tech.name} works in {', '.join(tech.hosts)})",
     )
     _check(cfg.model.dims in tech.modalities, key, opts, f"a technique for {cfg.model.dims}D data")
+    _check(tech.not_in_poc is None, key, opts, tech.not_in_poc or "")
     if not tech.training_free:
         _check(
             v.base is None,
@@ -337,8 +303,7 @@ def _check_technique(cfg: PocConfig, v: VariantConfig, tech, opts: dict, key: st
             "no architectural technique in a variant with a base (it samples the base's model): drop base to train it",
         )
         return
-    _check(tech.name not in NOT_IN_POC, key, opts, NOT_IN_POC.get(tech.name, ""))
-    if tech.name in ("heatmaps", "attend_excite"):
+    if tech.needs_text:
         _check(
             cfg.model.cond == "text",
             key,
@@ -349,8 +314,3 @@ def _check_technique(cfg: PocConfig, v: VariantConfig, tech, opts: dict, key: st
         tech.build(**opts)
     except (TypeError, ValueError, AttnlabError) as e:
         raise ConfigError(f"{key}: {e}") from None
-
-
-def _check(ok: bool, key: str, value, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is not allowed: expected {expected}")

@@ -3,17 +3,14 @@ training-free techniques installed, and the wall time per sample is kept as its 
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from attnlab.attention import control
 from attnlab.config import RunConfig
 from attnlab.control.plan import SamplingPlan, sampling_plan
 from attnlab.generate import Item, generate
@@ -22,8 +19,6 @@ from attnlab.poc.config import SEED_STRIDE
 from attnlab.poc.prompts import PromptSet
 from attnlab.poc.stages import VariantDirs, fingerprint, run_stage
 
-# Techniques the generic plan leaves out because they need the prompts of each batch (bound here).
-BOUND_HERE = ("heatmaps", "attend_excite")
 # Default words Attend-and-Excite strengthens, per dataset: the words that name objects.
 OBJECT_WORDS = {
     "shapes": ("circle", "square", "triangle", "diamond", "cross"),
@@ -33,8 +28,8 @@ OBJECT_WORDS = {
 
 @dataclass
 class VariantSampler:
-    """Draws samples the way a variant does: its plan of controls and guidance terms, plus the
-    prompt-bound techniques (heat-map recording, Attend-and-Excite)."""
+    """Draws samples the way a variant does: its plan of controls and guidance terms, with the
+    prompt-bound ones (Attend-and-Excite) bound to each batch's prompts."""
 
     model: nn.Module
     rc: RunConfig
@@ -44,25 +39,15 @@ class VariantSampler:
     plan: SamplingPlan = field(init=False)
 
     def __post_init__(self):
-        self.plan = sampling_plan({k: v for k, v in self.spec.items() if k not in BOUND_HERE})
+        self.plan = sampling_plan(self.spec, bind_prompts=True)
 
     def draw(self, items: Sequence[Item], batch_size: int, progress: bool = False) -> Tensor:
         """(N, C, *spatial) samples of `items`, in batches of `batch_size`."""
-        out = []
-        with ExitStack() as stack:
-            stack.enter_context(self.plan.installed(self.model))
-            if "heatmaps" in self.spec:
-                from attnlab.control import HeatMaps
-
-                stack.enter_context(control(self.model, HeatMaps(**self.spec["heatmaps"])))
-            for i in range(0, len(items), batch_size):
-                out.append(self._batch(items[i : i + batch_size], progress))
+        with self.plan.installed(self.model):
+            out = [self._batch(items[i : i + batch_size], progress) for i in range(0, len(items), batch_size)]
         return torch.cat(out)
 
     def _batch(self, chunk: Sequence[Item], progress: bool) -> Tensor:
-        extra = list(self.plan.guidances)
-        if "attend_excite" in self.spec:
-            extra.append(self._excite([it.prompt for it in chunk]))
         s = self.rc.sample
         return generate(
             self.model,
@@ -73,31 +58,9 @@ class VariantSampler:
             guidance=self.plan.guidance(s.guidance),
             encoder=self.encoder,
             batch_size=len(chunk),
-            guidances=extra,
+            guidances=self.plan.for_prompts([it.prompt for it in chunk], self.encoder, self.excite_words),
             progress=progress,
         )
-
-    def _excite(self, prompts: list[str]):
-        from attnlab.control import AttendExcite
-
-        tokens, spans = [], []
-        for p in prompts:
-            span = (1, len(self.encoder.tokens_of(p)) - 1)  # the text tokens, without [CLS] and [SEP]
-            idx = sorted(
-                {
-                    i
-                    for w in self.excite_words
-                    if _has_word(p, w)
-                    for i in self.encoder.word_token_indices(p, w)
-                }
-            )
-            tokens.append(idx or list(range(*span)))
-            spans.append(span)
-        return AttendExcite(**self.spec["attend_excite"]).bind(tokens, spans)
-
-
-def _has_word(prompt: str, word: str) -> bool:
-    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt, re.IGNORECASE) is not None
 
 
 def items_for(prompts: PromptSet, seed: int) -> list[Item]:

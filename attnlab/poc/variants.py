@@ -36,7 +36,7 @@ def model_owner(cfg: PocConfig, v: VariantConfig) -> VariantConfig:
 
 def variant_model(cfg: PocConfig, v: VariantConfig, key: str = "") -> ModelConfig:
     """The model a variant is trained with: the base model, its `model` fields, its architectural techniques."""
-    from attnlab.models.specs import check_techniques
+    from attnlab.models.plan import resolve
 
     key = key or f"variant {v.name!r}"
     v = lineage(cfg, v)[-1]
@@ -44,7 +44,7 @@ def variant_model(cfg: PocConfig, v: VariantConfig, key: str = "") -> ModelConfi
     fields = {**cfg.model.to_dict(), **v.model, "techniques": arch}
     try:
         model = ModelConfig.from_dict(fields)
-        check_techniques(model)
+        resolve(model)
     except ConfigError as e:
         raise ConfigError(f"{key}: {e}") from None
     return model
@@ -71,13 +71,11 @@ def _training_free(name: str) -> bool:
 
 
 def technique(name: str):
-    """The registry entry `name`, with every room that registers techniques imported first.
+    """The registry entry `name` (every provider of techniques is imported first).
 
     Raises:
         KeyError: an unknown name (the message lists the known ones).
     """
-    import attnlab.control  # noqa: F401  (registers the training-free techniques)
-    import attnlab.models  # noqa: F401  (registers the architectural ones)
     from attnlab.techniques import get
 
     return get(name)

@@ -1,8 +1,49 @@
-"""The technique registry: every attention design, registered once with its level, paper and config."""
+"""The technique contract: every attention design declares, once and in its own file, what it is and
+what it provides; hosts (the backbones, the sampling plan, the PoC, the CLI) read only the declaration.
+
+A technique is a dataclass of its options, registered with `@register`. Its declaration says:
+
+- `level` (1-5, see LEVELS), `paper`, `summary`: what it is, for the registry table and the reports;
+- `training_free`: whether it acts on a trained model at sampling time (else it changes the
+  architecture, and a model is trained with it; token merging is both);
+- `hosts` and `modalities`: the backbones ("unet", "dit") and data dimensionalities (1 = audio,
+  2 = images) it works in; anything else is refused from this declaration;
+- `provides`: the hook points it fills, each a method of the options class (see HOOKS). The
+  backbones ask the resolved model plan (`attnlab.models.plan`) for a hook point; the sampling plan
+  (`attnlab.control.plan`) asks for controls, guidance terms and CFG schedules. No host ever names a
+  technique or probes it with `hasattr`;
+- `needs_prompts`: where to use it when it needs its prompts bound first (editing, heat maps,
+  Attend-and-Excite), which the plain sampling plan refuses; `needs_text`: it reads cross-attention,
+  so the model must be text-conditioned; `not_in_poc`: why a PoC cannot compare it, if it cannot.
+
+Adding a technique touches one new file and `PROVIDERS` below (when the file is in a new package).
+For example, a sampling-time control that scales every cross-attention output::
+
+    # attnlab/control/cross_scale.py
+    @register(
+        "cross_gain",
+        level=5,
+        paper="(the paper, arXiv id)",
+        training_free=True,
+        summary="scale cross-attention outputs: stronger or weaker prompt adherence, no extra cost",
+        provides=("controls",),
+    )
+    @dataclass(eq=False)
+    class CrossGain(Control):
+        gain: float = 1.0
+        kind = "cross"
+
+        def after(self, call: AttnCall, out: Tensor) -> Tensor:
+            return self.gain * out
+
+It is then listed by `attnlab techniques`, sampled with `attnlab sample -t cross_gain.gain=1.5`,
+accepted by a PoC variant (`techniques: {cross_gain: {gain: 1.5}}`) and covered by the contract tests.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,21 +55,50 @@ LEVELS = {
     5: "output: re-adjusting samples at sampling time",
 }
 
+HOSTS = ("unet", "dit")
+MODALITIES = (1, 2)
+
+# Hook points: a technique that provides one defines the method of that name.
+BACKBONE_HOOKS = {
+    "check": "check(model_cfg): refuse options that do not fit the model (sizes, blocks, other techniques)",
+    "edit_spec": "edit_spec(spec, where) -> AttnSpec: change one attention block (kernel, sub-layers, ...)",
+    "res_block": "res_block() -> ResBlock class: the U-Net's residual block (how the timestep enters)",
+    "skip_gate": "skip_gate(model_cfg, size, skip_ch, gate_ch) -> module | None: gate a U-Net skip map",
+    "cross_scale": "cross_scale(model_cfg, size, dim) -> module | None: a layer reading other encoder scales",
+    "unet_positions": "unet_positions(grid, dim) -> module: positions added to a U-Net attention block's tokens",
+    "dit_positions": "dit_positions(grid, dim) -> table | None: the DiT's patch-token positions",
+    "input_layer": "input_layer(in_ch, out_ch, conv) -> module: an extra input added to the stem's map",
+    "time_input": "time_input(dim) -> module | None: the DiT's timestep put into the tokens",
+    "condition_tokens": "condition_tokens(vec, tokens, mask) and join(h, cond): the condition as tokens",
+    "run_blocks": "run_blocks(depth, dim) -> module: how the DiT runs its blocks (long skips)",
+    "training_condition": "training_condition(x0, cond, generator) -> Condition: what training feeds",
+    "attach": "attach(model): bus controls the model carries for its whole life",
+}
+SAMPLING_HOOKS = {
+    "controls": "the options object is an attention-bus Control installed for the sampling run",
+    "guidance": "the options object is a guidance term (controls, active, correction) of the sampling loop",
+    "cfg_schedule": "guidance_schedule(scale) -> float | (i, steps) -> float: the loop's CFG scale",
+    "bind_prompts": "bind_prompts(prompts, encoder, words) -> guidance: bound to one batch's prompts",
+}
+HOOKS = {**BACKBONE_HOOKS, **SAMPLING_HOOKS}
+# Hook points of which a model can have one provider only (the backbone has one slot for it).
+SINGLE_SLOT = ("res_block", "dit_positions", "input_layer", "time_input", "condition_tokens", "run_blocks")
+_METHODS = {
+    "condition_tokens": ("condition_tokens", "join"),
+    "controls": ("select", "active"),
+    "guidance": ("controls", "active", "correction"),
+    "cfg_schedule": ("guidance_schedule",),
+}
+
 
 @dataclass(frozen=True)
 class Technique:
-    """One registered attention design.
+    """One registered attention design (see the module docstring for what each field declares).
 
     Attributes:
         name: registry key, used in configs and on the command line.
-        level: 1 to 5, see LEVELS.
-        paper: the source paper (short citation with arXiv id where there is one).
-        training_free: True if it acts on a trained model at sampling time.
-        summary: one line on what it is for and what it costs.
-        target: the class built from the config (a Control for training-free ones, a config
-            dataclass for architectural ones).
-        backbones: backbones it works in ("unet", "dit").
-        modalities: data dimensionalities it works on (1 = audio, 2 = images).
+        options: the options dataclass; an instance of it is what hosts call hooks on.
+        defaults: each option's default, read off the dataclass.
     """
 
     name: str
@@ -36,21 +106,113 @@ class Technique:
     paper: str
     training_free: bool
     summary: str
-    target: Any
-    backbones: tuple[str, ...] = ("unet", "dit")
-    modalities: tuple[int, ...] = (1, 2)
+    options: type
+    provides: frozenset[str]
+    hosts: tuple[str, ...] = HOSTS
+    modalities: tuple[int, ...] = MODALITIES
+    needs_prompts: str | None = None
+    needs_text: bool = False
+    not_in_poc: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def architectural(self) -> bool:
+        """Whether a model can be built with it (it fills backbone hook points)."""
+        return bool(self.provides & (BACKBONE_HOOKS.keys() - {"check"}))
+
     def build(self, **overrides):
+        """The options object: the defaults updated by `overrides`.
+
+        Raises:
+            ValueError: an option the technique does not have (the message lists its options).
+        """
         unknown = set(overrides) - set(self.defaults)
         if unknown:
             raise ValueError(
                 f"technique {self.name!r} has no option(s) {sorted(unknown)}; options: {sorted(self.defaults)}"
             )
-        return self.target(**{**self.defaults, **overrides})
+        return self.options(**{**self.defaults, **overrides})
+
+    def offers(self, hook: str) -> bool:
+        return hook in self.provides
 
 
 REGISTRY: dict[str, Technique] = {}
+
+
+def register(
+    name: str,
+    *,
+    level: int,
+    paper: str,
+    training_free: bool,
+    summary: str,
+    provides: tuple[str, ...],
+    hosts: tuple[str, ...] = HOSTS,
+    modalities: tuple[int, ...] = MODALITIES,
+    needs_prompts: str | None = None,
+    needs_text: bool = False,
+    not_in_poc: str | None = None,
+):
+    """Class decorator that declares a technique; the class's dataclass fields are its options.
+
+    Raises:
+        ValueError: a bad level, host or modality, an unknown hook point, a hook whose method the
+            class lacks, or a name registered twice.
+    """
+    _require(level in LEVELS, name, f"level must be one of {sorted(LEVELS)}, got {level}")
+    _require(set(hosts) <= set(HOSTS), name, f"hosts must be among {HOSTS}, got {hosts}")
+    _require(set(modalities) <= set(MODALITIES), name, f"modalities must be among {MODALITIES}")
+    unknown = set(provides) - HOOKS.keys()
+    _require(not unknown, name, f"unknown hook point(s) {sorted(unknown)}; known: {', '.join(HOOKS)}")
+    _require(bool(provides), name, "provides no hook point")
+
+    def deco(cls):
+        _require(name not in REGISTRY, name, "is registered twice")
+        missing = [m for h in provides for m in _METHODS.get(h, (h,)) if not callable(getattr(cls, m, None))]
+        _require(not missing, name, f"declares hook point(s) without their method(s): {missing}")
+        REGISTRY[name] = Technique(
+            name,
+            level,
+            paper,
+            training_free,
+            summary,
+            cls,
+            frozenset(provides),
+            tuple(hosts),
+            tuple(modalities),
+            needs_prompts,
+            needs_text,
+            not_in_poc,
+            defaults=_defaults(cls),
+        )
+        return cls
+
+    return deco
+
+
+def get(name: str) -> Technique:
+    """The registered technique `name`.
+
+    Raises:
+        KeyError: an unknown name (the message lists the known ones).
+    """
+    load_all()
+    if name not in REGISTRY:
+        raise KeyError(f"unknown technique {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def techniques(level: int | None = None) -> list[Technique]:
+    """Every registered technique (of one level), ordered by level, then name."""
+    load_all()
+    return sorted((t for t in REGISTRY.values() if level in (None, t.level)), key=lambda t: (t.level, t.name))
+
+
+def load_all() -> None:
+    """Import the modules that register techniques (lazy, so the registry has no import cycles)."""
+    for module in PROVIDERS:
+        importlib.import_module(module)
 
 
 def _defaults(cls) -> dict[str, Any]:
@@ -65,42 +227,11 @@ def _defaults(cls) -> dict[str, Any]:
     return out
 
 
-def register(name: str, *, level: int, paper: str, training_free: bool, summary: str, **kw):
-    """Class decorator that registers a technique; the class's dataclass fields are its config."""
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {sorted(LEVELS)}, got {level}")
-
-    def deco(cls):
-        if name in REGISTRY:
-            raise ValueError(f"technique {name!r} is registered twice")
-        REGISTRY[name] = Technique(
-            name, level, paper, training_free, summary, cls, defaults=_defaults(cls), **kw
-        )
-        return cls
-
-    return deco
+def _require(ok: bool, name: str, what: str) -> None:
+    if not ok:
+        raise ValueError(f"technique {name!r}: {what}")
 
 
-def get(name: str) -> Technique:
-    load_all()
-    if name not in REGISTRY:
-        raise KeyError(f"unknown technique {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
-
-
-def techniques(level: int | None = None) -> list[Technique]:
-    load_all()
-    return sorted((t for t in REGISTRY.values() if level in (None, t.level)), key=lambda t: (t.level, t.name))
-
-
-def load_all() -> None:
-    """Import the modules that register techniques (kept lazy so the registry has no import cycles)."""
-    import importlib
-
-    for mod in _PROVIDERS:
-        importlib.import_module(mod)
-
-
-# Modules whose import registers techniques: the architectural ones (levels 1-4) and the
-# sampling-time controls (levels 1, 3, 5).
-_PROVIDERS: list[str] = ["attnlab.models.techniques", "attnlab.control"]
+# Packages whose import registers techniques: the architectural ones (levels 1-4, one file each,
+# found by the package) and the sampling-time controls (levels 1, 3, 5).
+PROVIDERS: list[str] = ["attnlab.models.techniques", "attnlab.control"]

@@ -14,7 +14,7 @@ def _row(t: Technique) -> list[str]:
         f"L{t.level}",
         f"`{t.name}`",
         "yes" if t.training_free else "no",
-        "/".join(t.backbones),
+        "/".join(t.hosts),
         "/".join(f"{m}D" for m in t.modalities),
         t.paper,
         t.summary,

@@ -24,7 +24,7 @@ from attnlab.configio import DataFacts, model_fields_from_data
 from attnlab.diffusion import alphas_cumprod, diffusion_loss
 from attnlab.errors import ConfigError
 from attnlab.io import write_json
-from attnlab.models import training_condition
+from attnlab.models import resolve
 from attnlab.train import checkpoint as ckpt
 from attnlab.train.batches import TrainingData, prepare_training_data
 from attnlab.train.ema import EMA
@@ -170,6 +170,7 @@ class Trainer:
         data = self.data.to(acc.device)
         ab = alphas_cumprod(cfg.diffusion.num_train_timesteps, cfg.diffusion.beta_schedule).to(acc.device)
         per_proc = t.batch_size // acc.num_processes
+        self.plan = resolve(cfg.model)  # the techniques, resolved once for every step
         # the log is cut back to its size at the checkpoint: the steps since are trained again
         log = LossLog(self.out / LOG, keep_bytes=state["log_bytes"]) if acc.is_main_process else None
         bar = tqdm(
@@ -214,7 +215,7 @@ class Trainer:
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))  # dropout layers, if any
         idx = torch.randint(0, len(data), (per_proc,), generator=g).to(self.acc.device)
         x0, cond = data.batch(idx)
-        cond = training_condition(cfg.model, x0, cond, g)  # e.g. mask_cond's regions to inpaint
+        cond = self.plan.training_condition(x0, cond, g)  # e.g. mask_cond's regions to inpaint
         cond = drop_condition(cond, cfg.diffusion.cond_drop, g)
         for group in opt.param_groups:
             group["lr"] = lr

@@ -48,6 +48,7 @@ def position_table(kind: str, grid: tuple[int, ...], dim: int) -> Tensor:
     level=1,
     paper="Transformer sin-cos (Vaswani et al., 2017, arXiv:1706.03762); learned: ViT (Dosovitskiy et al., 2021, arXiv:2010.11929)",
     training_free=False,
+    provides=("check", "unet_positions", "dit_positions"),
     summary=(
         "absolute positions added to the tokens: DiT's table made learned, or a table for each U-Net "
         "attention block; N x width parameters (learned), one addition per block"
@@ -86,7 +87,7 @@ class AbsolutePositions:
 
     # Backbone hooks
 
-    def dit_table(self, grid: tuple[int, ...], dim: int) -> Tensor:
+    def dit_positions(self, grid: tuple[int, ...], dim: int) -> Tensor:
         """DiT: the table added to the patch tokens."""
         return position_table(self.kind, grid, dim)
 

@@ -49,7 +49,8 @@ class AttentionGate(nn.Module):
     level=4,
     paper="Attention U-Net (Oktay et al., 2018, arXiv:1804.03999)",
     training_free=False,
-    backbones=("unet",),
+    provides=("check", "skip_gate"),
+    hosts=("unet",),
     summary=(
         "decoder features gate the encoder skip maps position by position: suppresses irrelevant "
         "skip detail; three 1x1 convolutions per gated skip"
@@ -77,7 +78,7 @@ class AttentionGateTechnique:
     def check(self, cfg) -> None:
         self.scope.check(cfg)
 
-    def gate(self, cfg, size: int, skip_channels: int, gate_channels: int) -> AttentionGate | None:
+    def skip_gate(self, cfg, size: int, skip_channels: int, gate_channels: int) -> AttentionGate | None:
         """U-Net: the gate of an up block at feature size `size`, or None."""
         if self.resolutions is not None and size not in self.resolutions:
             return None

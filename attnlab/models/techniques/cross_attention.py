@@ -18,6 +18,7 @@ from attnlab.techniques import register
     level=2,
     paper="Latent Diffusion cross-attention conditioning (Rombach et al., 2022, arXiv:2112.10752)",
     training_free=False,
+    provides=("check", "edit_spec"),
     summary=(
         "choose which blocks cross-attend to the text tokens (or none: pooled text only); each layer "
         "costs O(N L) and 4 dim^2 parameters"

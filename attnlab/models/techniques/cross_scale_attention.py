@@ -52,7 +52,8 @@ class CrossScaleAttention(nn.Module):
     level=4,
     paper="multi-scale cross-attention (CrossViT, Chen et al., 2021, arXiv:2103.14899) in a U-Net decoder",
     training_free=False,
-    backbones=("unet",),
+    provides=("check", "cross_scale"),
+    hosts=("unet",),
     summary=(
         "decoder tokens attend to encoder tokens of the next finer (or coarser) resolution: "
         "long-range detail transfer; O(N_dec N_enc) per layer"
@@ -98,7 +99,7 @@ class CrossScale:
                 f"among {cfg.feature_sizes()}"
             )
 
-    def layer(self, cfg, size: int, dim: int) -> CrossScaleAttention | None:
+    def cross_scale(self, cfg, size: int, dim: int) -> CrossScaleAttention | None:
         """U-Net: the cross-scale layer of an up block at feature size `size`, or None."""
         source = self.source_size(cfg, size)
         if source is None or (self.resolutions is not None and size not in self.resolutions):

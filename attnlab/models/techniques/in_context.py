@@ -27,11 +27,12 @@ NO_KEY_MASK = ("linear_attention", "window_attention", "channel_attention")
     level=1,
     paper="DiT in-context conditioning (Peebles & Xie, 2023, arXiv:2212.09748); U-ViT (Bao et al., 2023, arXiv:2209.12152)",
     training_free=False,
+    provides=("check", "edit_spec", "condition_tokens"),
     summary=(
         "condition tokens join the patch sequence and are dropped after the blocks: no cross-attention, "
         "no adaLN condition; self-attention pays for (N + L)^2 scores"
     ),
-    backbones=("dit",),
+    hosts=("dit",),
 )
 @dataclass
 class InContext:

@@ -46,7 +46,8 @@ class LongSkips(nn.Module):
     level=4,
     paper="U-ViT long skip connections (Bao et al., 2023, arXiv:2209.12152)",
     training_free=False,
-    backbones=("dit",),
+    provides=("check", "run_blocks"),
+    hosts=("dit",),
     summary=(
         "U-Net-like skips between mirrored DiT blocks: low-level features reach the output blocks, "
         "faster convergence in U-ViT; one 2 dim x dim linear per skip"
@@ -60,6 +61,6 @@ class LongSkipsTechnique:
         if cfg.depth < 2:
             raise ConfigError(f"model.techniques.long_skips needs model.depth >= 2, got {cfg.depth}")
 
-    def skips(self, depth: int, dim: int) -> LongSkips:
+    def run_blocks(self, depth: int, dim: int) -> LongSkips:
         """DiT: the module that runs the blocks with skips."""
         return LongSkips(depth, dim)

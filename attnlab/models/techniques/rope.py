@@ -73,6 +73,7 @@ class Rotary(nn.Module):
     level=1,
     paper="RoFormer (Su et al., 2021, arXiv:2104.09864); 2D axial: RoPE-ViT (Heo et al., 2024, arXiv:2403.13298)",
     training_free=False,
+    provides=("check", "edit_spec", "dit_positions"),
     summary=(
         "relative positions inside every self-attention (q, k rotated by position); DiT drops its "
         "absolute table; no parameters, a few elementwise ops per layer"
@@ -114,7 +115,7 @@ class RoPE:
         """Every self-attention rotates its queries and keys."""
         return dataclasses.replace(spec, rotary=self.rotary) if spec.self_attn else spec
 
-    def dit_table(self, grid: tuple[int, ...], dim: int) -> Tensor | None:
+    def dit_positions(self, grid: tuple[int, ...], dim: int) -> Tensor | None:
         """DiT: the absolute table added to the patch tokens: none, unless `absolute`."""
         from attnlab.models.embeddings import sincos_pos_embed
 

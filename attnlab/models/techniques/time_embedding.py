@@ -59,6 +59,7 @@ class TimeInput(nn.Module):
     level=3,
     paper="U-ViT time as a token (Bao et al., 2023, arXiv:2209.12152); DDPM addition; DiT adaLN-Zero",
     training_free=False,
+    provides=("check", "edit_spec", "res_block", "time_input"),
     summary=(
         "how the timestep enters: U-Net add or adaln_zero (base: scale_shift); DiT add or token "
         "(base: adaln_zero); token/add drop adaLN's 6 dim^2 parameters per block"

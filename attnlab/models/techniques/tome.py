@@ -100,6 +100,7 @@ def bipartite_merge(x: Tensor, grid: tuple[int, ...], r: int, stride: int = 2) -
     level=1,
     paper="ToMe (Bolya et al., 2023, arXiv:2210.09461); ToMe for SD (Bolya & Hoffman, 2023, arXiv:2303.17604)",
     training_free=True,
+    provides=("controls", "check", "attach"),
     summary=(
         "merge similar tokens before self-attention, unmerge after: fewer tokens in q/k/v and the "
         "N^2 scores at the price of a matching step and some detail; also a model option "

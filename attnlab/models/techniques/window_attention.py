@@ -128,6 +128,7 @@ class WindowKernel:
     level=2,
     paper="Swin Transformer (Liu et al., 2021, arXiv:2103.14030)",
     training_free=False,
+    provides=("check", "edit_spec"),
     summary=(
         "self-attention inside w x w windows (shifted every other DiT block): cost linear in tokens; "
         "long-range mixing only through depth, convolutions or shifts"

@@ -1,0 +1,59 @@
+"""Sampling-time techniques on the command line: the `sample` command's shorthand flags and the
+generic `--technique NAME[.option=value]`, which reaches every training-free technique by name."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import yaml
+
+from attnlab.errors import ConfigError
+
+
+def technique_options(items: Sequence[str]) -> dict[str, dict]:
+    """`["pag", "pag.scale=2", "tgate.layers=[mid]"]` -> {"pag": {"scale": 2}, "tgate": {"layers": ["mid"]}}.
+
+    Values are read as YAML (numbers, booleans, lists); a bare name asks for the defaults.
+
+    Raises:
+        ConfigError: an item that is neither NAME nor NAME.option=value.
+    """
+    spec: dict[str, dict] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        name, dot, option = key.partition(".")
+        if not name or (eq and not option) or (dot and not eq):
+            raise ConfigError(f"--technique {item!r}: expected NAME or NAME.option=value (e.g. pag.scale=2)")
+        opts = spec.setdefault(name, {})
+        if eq:
+            try:
+                opts[option] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"--technique {item!r}: {value!r} is not a valid value") from None
+    return spec
+
+
+def cli_spec(
+    pag: float = 0.0,
+    pag_layers: str = "**",
+    sag: float = 0.0,
+    sag_layers: str = "**",
+    tgate: float | None = None,
+    tgate_drop_cfg: bool = False,
+    cache_every: int = 1,
+) -> dict[str, dict]:
+    """The spec the `sample` command's options ask for (off options are left out)."""
+    spec: dict[str, dict] = {}
+    if pag:
+        spec["pag"] = {"scale": pag, "layers": pag_layers}
+    if sag:
+        spec["sag"] = {"scale": sag, "layers": sag_layers}
+    if tgate is not None:
+        spec["tgate"] = {"gate": tgate, "drop_cfg": tgate_drop_cfg}
+    elif tgate_drop_cfg:
+        raise ConfigError(
+            "--tgate-drop-cfg needs --tgate GATE (the fraction of steps after which CFG is dropped)"
+        )
+    if cache_every > 1:
+        spec["attn_cache"] = {"every": cache_every}
+    return spec
