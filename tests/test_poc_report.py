@@ -2,8 +2,27 @@
 and the two renderings of one document."""
 
 import math
+import shutil
+import subprocess
+from collections import Counter
+from html.parser import HTMLParser
 
-from attnlab.poc.document import Cell, Document, Figure, Heading, Para, Table, to_html, to_markdown
+import pytest
+
+from attnlab.poc.document import (
+    Audio,
+    Bullets,
+    Cell,
+    Document,
+    Figure,
+    Gallery,
+    Heading,
+    Para,
+    Table,
+    markdown_to_html,
+    to_html,
+    to_markdown,
+)
 from attnlab.poc.metrics import ALL, Stat, within_noise
 from attnlab.poc.report import metric_table
 from attnlab.poc.results import compare, results_csv
@@ -117,3 +136,142 @@ def test_a_tie_on_the_priority_points_to_a_design_better_elsewhere():
         entry("b", [1], fid=(20.2, 1.0), all_correct=(0.81, 0.03)),
     ]
     assert "Worth a larger run" not in Summary(clear, "ref").recommendation("quality")
+
+
+def _page(tmp_path):
+    """A small report with every kind of block, its Markdown, and the page rendered from it."""
+    from PIL import Image
+
+    for name, colour in (("plot", "red"), ("grid-a", "blue"), ("grid-b", "green")):
+        Image.new("RGB", (60, 30), colour).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.wav").write_bytes(b"RIFF fake")
+    marked = [Cell("`a`"), Cell("1.0", bold=True), Cell("2 ms", note="≈ best"), Cell("−0.5", note="better")]
+    table = Table(
+        ["variant", "FID", "latency", "FID vs reference"],
+        [
+            (
+                "reference and variants without a technique",
+                [[Cell("`ref`"), Cell("1.5"), Cell("3 ms"), Cell("reference")]],
+            ),
+            (
+                "L2 · internal",
+                [marked, [Cell("`b`"), Cell("2.0"), Cell("9 ms", note="of ref"), Cell("+0.5", note="worse")]],
+            ),
+            (
+                "L5 · output",
+                [[Cell("`c`"), Cell("1.6"), Cell("4 ms", note="≈ best"), Cell("+0.1", note="within noise")]],
+            ),
+        ],
+        caption="Bold: best.",
+    )
+    doc = Document("Designs on shapes").add(
+        Para("3 variants · priority: **quality**"),
+        Heading("Summary"),
+        Bullets(["**Best quality:** `a` (L2), FID 1.0", "**Within noise** of the reference: `c` on FID."]),
+        Heading("Quality"),
+        table,
+        Heading("Samples"),
+        Figure(tmp_path / "plot.png", "Each point is a variant."),
+        Gallery([Figure(tmp_path / f"grid-{n}.png", f"`{n}`: its samples", 520) for n in "ab"]),
+        Audio(tmp_path / "a.wav", "`a`: first sample"),
+        Heading("How this was measured"),
+        Bullets(["Each number is the mean ± std over the seeds."]),
+    )
+    md = to_markdown(doc, tmp_path)
+    return md, markdown_to_html(md, tmp_path)
+
+
+class _Page(HTMLParser):
+    """The text of a page, its table rows as lists of cell texts, and every tag with its attributes."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.text, self.rows, self.tags, self.in_cell = [], [], [], False
+        self.feed(page)
+        self.text = " ".join("".join(self.text).split())
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self.rows[-1].append("")
+            self.in_cell = True
+
+    def handle_endtag(self, tag):
+        self.in_cell = self.in_cell and tag not in ("td", "th")
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self.in_cell:
+            self.rows[-1][-1] += data
+
+
+def _plain(markdown: str) -> str:
+    """Markdown inline text as the page shows it: without its `code`, **bold** and *emphasis* marks."""
+    return " ".join(markdown.replace("**", "").replace("`", "").replace("*", "").split())
+
+
+def test_the_page_is_the_markdown_rendered(tmp_path):
+    md, html = _page(tmp_path)
+    page = _Page(html)
+    md_rows = [line for line in md.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    html_rows = [[" ".join(c.split()) for c in row] for row in page.rows]
+    # every table row of report.md, cell by cell (a group title spans its row as one cell)
+    assert html_rows == [[_plain(c) for c in line.strip("|").split(" | ") if c.strip()] for line in md_rows]
+    for line in md.splitlines():
+        if line.startswith("- ") or (line and line[0].isalnum()):  # list items and paragraphs
+            assert _plain(line.removeprefix("- ")) in page.text, line
+    flat = html.replace("\n", "")
+    assert "<title>Designs on shapes</title>" in flat and "<h1>Designs on shapes</h1>" in flat
+    assert '<section class="summary"><h2>Summary</h2><ul>' in flat
+    assert '<section class="how-this-was-measured"><h2>How this was measured</h2><ul>' in flat
+    assert '<tr class="group"><th colspan="4"><em>L2 · internal</em></th></tr>' in flat
+    assert '<td style="text-align:right"><strong>1.0</strong></td>' in flat  # best: bold
+    for kind, note in (
+        ("noise", "≈ best"),
+        ("better", "better"),
+        ("worse", "worse"),
+        ("noise", "within noise"),
+    ):
+        assert f'<span class="tag {kind}">{note}</span></td>' in flat
+    assert '<span class="tag noise">of ref</span>' in flat and ">reference</td>" in flat  # not a mark
+    assert "<figcaption><em>Each point is a variant.</em></figcaption></figure>" in flat
+
+
+def test_the_page_requests_nothing_outside_itself(tmp_path):
+    md, html = _page(tmp_path)
+    assert '"width=520"' in md and "](grid-a.png" in md  # the Markdown links its files
+    tags = _Page(html).tags
+    links = [(t, a.get("src") or a.get("href")) for t, a in tags if a.get("src") or a.get("href")]
+    assert sorted(t for t, _ in links) == ["audio", "img", "img", "img"]
+    assert all(url.startswith("data:") for _, url in links)
+    assert [a.get("width") for t, a in tags if t == "img"] == [None, "520", "520"]
+    assert html.count("data:image/png;base64,") == 3 and html.count("data:audio/wav;base64,") == 1
+    assert not {"link", "script", "iframe"} & {t for t, _ in tags}
+    assert "url(" not in html and "@import" not in html  # nor does its CSS
+
+
+def test_raw_html_in_the_markdown_is_shown_as_text(tmp_path):
+    html = markdown_to_html("# a <b>\n\nprompt: <img src=x onerror=alert(1)>\n", tmp_path)
+    assert "<title>a &lt;b&gt;</title>" in html and "&lt;img src=x" in html and "<img" not in html
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="needs chromium (Debian: apt-get install chromium)"
+)
+def test_chromium_draws_the_summary_box_group_rows_and_figures(tmp_path):
+    from PIL import Image
+
+    _, html = _page(tmp_path)
+    page, shot = tmp_path / "report.html", tmp_path / "shot.png"
+    page.write_text(html)
+    headless = "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-sync"
+    quiet = "--disable-background-networking --disable-component-update --window-size=1000,1400"
+    profile = f"--user-data-dir={tmp_path / 'profile'}"
+    cmd = ["chromium", *headless.split(), *quiet.split(), profile, f"--screenshot={shot}", page.as_uri()]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    colours = Counter(Image.open(shot).convert("RGB").getdata())
+    assert colours[(0xF4, 0xF8, 0xFD)] > 20_000  # the shaded summary box
+    assert colours[(0xFA, 0xFB, 0xFC)] > 5_000  # the group title rows
+    assert colours[(255, 0, 0)] > 1_000 and colours[(0, 0, 255)] > 1_000  # inlined figures

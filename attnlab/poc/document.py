@@ -1,5 +1,6 @@
-"""A report as a list of blocks (headings, paragraphs, lists, grouped tables, figures), rendered once to
-Markdown with figures beside it and once to one self-contained HTML file with figures inlined."""
+"""A report as a list of blocks (headings, paragraphs, lists, grouped tables, figures), written as
+Markdown with figures beside it; the one self-contained HTML page is that Markdown rendered by
+markdown-it (CommonMark with GFM tables) into a page template, figures and audio inlined."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import base64
 import html
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
+from string import Template
+
+from markdown_it import MarkdownIt
+from markdown_it.rules_core import StateCore
+from markdown_it.token import Token
 
 
 @dataclass
@@ -18,7 +25,7 @@ class Heading:
 
 @dataclass
 class Para:
-    """Text with `code` and **bold** marks; `kind` "summary" or "note" styles it in HTML."""
+    """Text with `code` and **bold** marks; `kind` "note" sets it apart as a quote."""
 
     text: str
     kind: str = ""
@@ -27,7 +34,6 @@ class Para:
 @dataclass
 class Bullets:
     items: list[str]
-    kind: str = ""
 
 
 @dataclass
@@ -60,7 +66,7 @@ class Gallery:
 class Figure:
     path: Path
     caption: str = ""
-    width: int | None = None  # CSS pixels in HTML; None: as wide as the page allows
+    width: int | None = None  # CSS pixels in HTML, carried as the image's title; None: as the page allows
 
 
 @dataclass
@@ -100,7 +106,8 @@ def _md(b, base: Path) -> list[str]:
     if isinstance(b, Table):
         return _md_table(b)
     if isinstance(b, Figure):
-        return [f"![{b.caption}]({_rel(b.path, base)})", "", f"*{b.caption}*" if b.caption else ""]
+        title = f' "width={b.width}"' if b.width else ""
+        return [f"![{b.caption}]({_rel(b.path, base)}{title})", "", f"*{b.caption}*" if b.caption else ""]
     if isinstance(b, Audio):
         return [f"[{b.caption or b.path.name}]({_rel(b.path, base)})"]
     if isinstance(b, Gallery):
@@ -114,7 +121,8 @@ def _md_cell(c: Cell) -> str:
 
 
 def _md_table(t: Table) -> list[str]:
-    lines = ["| " + " | ".join(t.header) + " |", "|" + "---|" * len(t.header)]
+    align = ["---" if i < t.left else "---:" for i in range(len(t.header))]  # numbers to the right
+    lines = ["| " + " | ".join(t.header) + " |", "|" + "".join(a + "|" for a in align)]
     for title, rows in t.groups:
         if title:
             lines.append("| " + " | ".join([f"*{title}*"] + [""] * (len(t.header) - 1)) + " |")
@@ -133,101 +141,145 @@ def _rel(path: Path, base: Path) -> str:
 
 # HTML
 
-CSS = """
-body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
-       color: #1d2125; background: #fff; margin: 0; }
-main { max-width: 1180px; margin: 0 auto; padding: 28px 36px 60px; }
-h1 { font-size: 26px; margin: 0 0 4px; }
-h2 { font-size: 20px; margin: 34px 0 10px; padding-bottom: 4px; border-bottom: 2px solid #e4e7eb; }
-h3 { font-size: 16px; margin: 22px 0 8px; }
-code { font: 13px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background: #f1f3f5;
-       padding: 1px 5px; border-radius: 4px; }
-.summary { background: #f4f8fd; border: 1px solid #cfe0f3; border-left: 5px solid #2f6fb3;
-           border-radius: 6px; padding: 8px 22px 8px 14px; }
-.summary li { margin: 7px 0; }
-.note { color: #555; font-size: 13.5px; border-left: 3px solid #d7dbe0; padding-left: 12px; }
-.meta { color: #5a6470; margin: 0 0 18px; }
-table { border-collapse: collapse; margin: 6px 0 4px; font-size: 13.5px; }
-th, td { padding: 5px 11px; text-align: right; border-bottom: 1px solid #e9ecef; white-space: nowrap; }
-th.l, td.l { text-align: left; white-space: normal; }
-thead th { background: #f1f3f5; border-bottom: 2px solid #d7dbe0; font-weight: 600; }
-tr.group th { background: #fafbfc; text-align: left; color: #2f6fb3; font-weight: 600; font-size: 12.5px;
-              letter-spacing: .02em; padding-top: 9px; }
-td.best { font-weight: 700; }
-td .tag { color: #8a6d00; font-size: 11.5px; margin-left: 4px; }
-td .tag.better { color: #1e7b34; } td .tag.worse { color: #b42318; } td .tag.noise { color: #7a828c; }
-.tablewrap { overflow-x: auto; }
-figure { margin: 12px 0 18px; }
-figure img { max-width: 100%; border: 1px solid #eceff2; border-radius: 4px; }
-figcaption { color: #5a6470; font-size: 13px; margin-top: 4px; }
-.gallery { display: flex; flex-wrap: wrap; gap: 6px 26px; }
-.gallery figure { margin: 6px 0; }
-.caption { color: #5a6470; font-size: 13px; margin-top: 2px; }
-audio { height: 30px; vertical-align: middle; }
-"""
+PAGE = "page.html"  # the page template beside this file: $title, $body, and the CSS the rules below serve
+MIME = {".png": "image/png", ".wav": "audio/wav"}  # the files a report links
+# The notes a number in a table may end with (see report.metric_table and report.versus); the page
+# shows "better" and "worse" in colour, the others in grey.
+MARK = re.compile(r" (≈ best|within noise|same|better|worse|of \S+)$")
 
 
-def to_html(doc: Document) -> str:
-    """One self-contained HTML page: inline CSS, figures and audio as base64 data URIs."""
-    body = "\n".join(_html(b) for b in doc.blocks)
-    return (
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>{html.escape(doc.title)}</title><style>{CSS}</style></head>\n"
-        f"<body><main>\n<h1>{html.escape(doc.title)}</h1>\n{body}\n</main></body></html>\n"
-    )
+def to_html(doc: Document, base: Path = Path(".")) -> str:
+    """The page of `to_markdown(doc, base)`: see `markdown_to_html`."""
+    return markdown_to_html(to_markdown(doc, base), base)
 
 
-def inline(text: str) -> str:
-    """Escape, then turn `code` and **bold** into HTML."""
-    out = html.escape(text, quote=False)
-    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
-    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
+def markdown_to_html(text: str, base: Path) -> str:
+    """One self-contained HTML page from a report's Markdown.
+
+    markdown-it renders it (CommonMark and tables, raw HTML escaped); four core rules give the page's
+    CSS its hooks: each `##` part is a <section> named after its heading (`.summary`), an image with its
+    *caption* paragraph is a <figure>, a table row with only an *emphasised* first cell is a group
+    title, and a number's trailing note (better, worse, ≈ best) is a tagged span. The images and
+    audio it links are inlined as base64 data URIs.
+
+    Args:
+        text: the Markdown, as `to_markdown` writes it.
+        base: the folder its links are relative to.
+
+    Returns:
+        The page, which requests nothing outside itself.
+    """
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    for rule in (_sections, _figures, _table_rows, _media):
+        md.core.ruler.push(rule.__name__.strip("_"), rule)
+    env = {"base": Path(base)}
+    tokens = md.parse(text, env)
+    h1 = next((i for i, t in enumerate(tokens) if t.tag == "h1"), None)
+    title = tokens[h1 + 1].content if h1 is not None else ""
+    page = Template((resources.files("attnlab.poc") / PAGE).read_text(encoding="utf-8"))
+    return page.substitute(title=html.escape(title), body=md.renderer.render(tokens, md.options, env))
 
 
-def _html(b) -> str:
-    if isinstance(b, Heading):
-        return f"<h{b.level}>{inline(b.text)}</h{b.level}>"
-    if isinstance(b, Para):
-        return f"<p class='{b.kind}'>{inline(b.text)}</p>"
-    if isinstance(b, Bullets):
-        items = "".join(f"<li>{inline(i)}</li>" for i in b.items)
-        return f"<ul class='{b.kind}'>{items}</ul>"
-    if isinstance(b, Table):
-        return _html_table(b)
-    if isinstance(b, Figure):
-        style = f" style='width:{b.width}px'" if b.width else ""
-        src = _data_uri(b.path, "image/png")
-        return f"<figure><img src='{src}' alt='{html.escape(b.caption)}'{style}><figcaption>{inline(b.caption)}</figcaption></figure>"
-    if isinstance(b, Gallery):
-        return "<div class='gallery'>" + "".join(_html(f) for f in b.figures) + "</div>"
-    if isinstance(b, Audio):
-        return f"<div><audio controls src='{_data_uri(b.path, 'audio/wav')}'></audio> <span class='caption'>{inline(b.caption)}</span></div>"
-    raise TypeError(f"unknown block {type(b).__name__}")
+def _sections(state: StateCore) -> None:
+    """Each `##` heading opens a <section> whose class is the heading in lower case with dashes."""
+    out: list[Token] = []
+    opened = False
+    for i, t in enumerate(state.tokens):
+        if t.type == "heading_open" and t.tag == "h2":
+            name = re.sub(r"[^a-z0-9]+", "-", state.tokens[i + 1].content.lower()).strip("-")
+            out += [_section_close()] if opened else []
+            out.append(Token("section_open", "section", 1, attrs={"class": name}, block=True))
+            opened = True
+        out.append(t)
+    state.tokens = out + ([_section_close()] if opened else [])
 
 
-def _html_cell(c: Cell, left: bool) -> str:
-    tag = ""
-    if c.note:
-        kind = "better" if "better" in c.note else "worse" if "worse" in c.note else "noise"
-        tag = f"<span class='tag {kind}'>{html.escape(c.note)}</span>"
-    classes = " ".join(k for k, on in (("best", c.bold), ("l", left)) if on)
-    attr = f' class="{classes}"' if classes else ""
-    return f"<td{attr}>{inline(c.text)}{tag}</td>"
+def _section_close() -> Token:
+    return Token("section_close", "section", -1, block=True)
 
 
-def _html_table(t: Table) -> str:
-    head = "".join(f"<th{' class=l' if i < t.left else ''}>{inline(h)}</th>" for i, h in enumerate(t.header))
-    rows = []
-    for title, group in t.groups:
-        if title:
-            rows.append(f"<tr class='group'><th colspan='{len(t.header)}'>{inline(title)}</th></tr>")
-        rows += [
-            "<tr>" + "".join(_html_cell(c, i < t.left) for i, c in enumerate(row)) + "</tr>" for row in group
-        ]
-    caption = f"<div class='caption'>{inline(t.caption)}</div>" if t.caption else ""
-    return f"<div class='tablewrap'><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>{caption}"
+def _figures(state: StateCore) -> None:
+    """A paragraph holding only an image becomes a <figure>; the *caption* paragraph after it, its
+    <figcaption>."""
+    t = state.tokens
+    for i in range(len(t) - 2):
+        kids = t[i + 1].children or []
+        if t[i].type != "paragraph_open" or len(kids) != 1 or kids[0].type != "image":
+            continue
+        t[i].tag = t[i + 2].tag = "figure"
+        if i + 5 < len(t) and t[i + 3].type == "paragraph_open" and _emphasised(t[i + 4]):
+            t[i + 3].tag = t[i + 5].tag = "figcaption"
+            t[i + 2 : i + 6] = [t[i + 3], t[i + 4], t[i + 5], t[i + 2]]  # the caption inside the figure
 
 
-def _data_uri(path: Path, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode()}"
+def _table_rows(state: StateCore) -> None:
+    """A row whose first cell alone has text, all of it *emphasised*, is a group title spanning the
+    table; in the other rows, a number's trailing note becomes a tagged span."""
+    t, out, i = state.tokens, [], 0
+    while i < len(t):
+        if t[i].type != "tr_open":
+            out.append(t[i])
+            i += 1
+            continue
+        j = next(k for k in range(i, len(t)) if t[k].type == "tr_close")
+        cells = [t[k : k + 3] for k in range(i + 1, j, 3)]  # (td_open, inline, td_close)
+        if _emphasised(cells[0][1]) and not any(c[1].content for c in cells[1:]):
+            t[i].attrSet("class", "group")
+            cells[0][0].tag = cells[0][2].tag = "th"
+            cells[0][0].attrSet("colspan", str(len(cells)))
+            out += [t[i], *cells[0], t[j]]
+        else:
+            for opening, inline, _ in cells:
+                if opening.type == "td_open" and opening.attrGet("style") == "text-align:right":
+                    _tag_mark(inline)
+            out += t[i : j + 1]
+        i = j + 1
+    state.tokens = out
+
+
+def _tag_mark(inline: Token) -> None:
+    """`12 ms better` becomes `12 ms <span class="tag better">better</span>`."""
+    last = (inline.children or [None])[-1]
+    found = MARK.search(last.content) if last is not None and last.type == "text" else None
+    if found:
+        last.content = last.content[: found.start()] + " "
+        kind = found[1] if found[1] in ("better", "worse") else "noise"
+        note = Token("text", "", 0, content=found[1])
+        inline.children += [_raw(f'<span class="tag {kind}">'), note, _raw("</span>")]
+
+
+def _media(state: StateCore) -> None:
+    """Images and audio links inlined as data URIs; an image's title "width=N" becomes its width."""
+    base = state.env["base"]
+    for block in (t for t in state.tokens if t.type == "inline"):
+        kids = block.children or []
+        for i, t in enumerate(kids):
+            if t.type == "image":
+                t.attrSet("src", _data_uri(base / str(t.attrGet("src"))))
+                title = str(t.attrGet("title") or "")
+                if title.startswith("width="):
+                    t.attrSet("width", title.removeprefix("width="))
+                    del t.attrs["title"]
+            elif t.type == "link_open" and _mime(str(t.attrGet("href"))).startswith("audio/"):
+                src = _data_uri(base / str(t.attrGet("href")))
+                kids[i] = _raw(f'<audio controls src="{src}"></audio> <span class="caption">')
+                end = next(k for k in range(i, len(kids)) if kids[k].type == "link_close")
+                kids[end] = _raw("</span>")
+
+
+def _emphasised(inline: Token) -> bool:
+    """Whether inline text is one *emphasis* from end to end."""
+    kinds = [k.type for k in inline.children or []]
+    return bool(kinds) and kinds[0] == "em_open" and kinds.index("em_close") == len(kinds) - 1
+
+
+def _raw(markup: str) -> Token:
+    return Token("html_inline", "", 0, content=markup)
+
+
+def _mime(path: str) -> str:
+    return MIME.get(Path(path).suffix.lower(), "")
+
+
+def _data_uri(path: Path) -> str:
+    return f"data:{_mime(str(path))};base64,{base64.b64encode(path.read_bytes()).decode()}"

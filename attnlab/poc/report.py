@@ -1,5 +1,6 @@
-"""The PoC report: results.json/csv, figures, and report.md + a self-contained report.html that open
-with a plain-words summary, then the tables grouped by level, the plots, samples and heat maps."""
+"""The PoC report: results.json/csv, figures, and report.md (with report.html, the same Markdown as one
+self-contained page) that open with a plain-words summary, then the tables grouped by level, the
+plots, samples and heat maps."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from attnlab.poc.document import (
     Heading,
     Para,
     Table,
-    to_html,
+    markdown_to_html,
     to_markdown,
 )
 from attnlab.poc.metrics import ALIGNMENT, ALL, COST, QUALITY, Metric, Stat, show, within_noise
@@ -73,8 +74,9 @@ def write_report(
     write_results(out, results)
     figs = _figures(cfg, out, entries, prompts)
     doc = build_document(cfg, results, figs, heat)
-    write_text(out / "report.md", to_markdown(doc, out))
-    write_text(out / "report.html", to_html(doc))
+    markdown = to_markdown(doc, out)
+    write_text(out / "report.md", markdown)
+    write_text(out / "report.html", markdown_to_html(markdown, out))
     mark(marker, fp, {"files": list(REPORT_FILES)})
     return {**results, "skipped": False}
 
@@ -164,8 +166,8 @@ def _wav(path: Path, x, sample_rate: int) -> Path:
 def build_document(cfg: PocConfig, results: dict, figs: dict, heat: list[dict]) -> Document:
     entries, ref = results["variants"], results["reference"]
     doc = Document(results["title"])
-    doc.add(Para(_meta(cfg, results), "meta"))
-    doc.add(Heading("Summary"), Bullets(results["summary"]["sentences"], "summary"))
+    doc.add(Para(_meta(cfg, results)))
+    doc.add(Heading("Summary"), Bullets(results["summary"]["sentences"]))
     doc.add(Heading("Variants"), _variants_table(cfg, entries, ref))
     comparisons = results["comparisons"]
     for title, family, lead in (
@@ -185,7 +187,7 @@ def build_document(cfg: PocConfig, results: dict, figs: dict, heat: list[dict]) 
                 metric_table(entries, metrics, comparisons, ref, results["real_data"]),
             )
     _figure_sections(doc, cfg, figs, heat)
-    doc.add(Heading("How this was measured"), Bullets(_method(cfg, results), "note"))
+    doc.add(Heading("How this was measured"), Bullets(_method(cfg, results)))
     return doc
 
 
