@@ -187,3 +187,20 @@ def test_a_training_free_technique_samples_from_its_declaration(name, backbone, 
         )
     assert out.shape == shape and torch.isfinite(out).all()
     assert not any(layer.controls for layer in attention_layers(model).values())  # the scope cleaned up
+
+
+def test_every_module_that_registers_a_technique_is_a_provider():
+    """A technique file left out of PROVIDERS would be missing from the registry whenever nothing
+    else happened to import it."""
+    from pathlib import Path
+
+    from attnlab.techniques.registry import PROVIDERS
+
+    root = Path(__file__).resolve().parents[1] / "attnlab"
+    registering = {
+        ".".join(p.relative_to(root.parent).with_suffix("").parts)
+        for p in root.rglob("*.py")
+        if "\n@register(" in p.read_text()
+    }
+    assert registering == set(PROVIDERS)
+    assert len({t.options.__module__ for t in techniques()}) == len(techniques())  # one technique a file

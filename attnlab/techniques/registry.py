@@ -16,10 +16,10 @@ A technique is a dataclass of its options, registered with `@register`. Its decl
   Attend-and-Excite), which the plain sampling plan refuses; `needs_text`: it reads cross-attention,
   so the model must be text-conditioned; `not_in_poc`: why a PoC cannot compare it, if it cannot.
 
-Adding a technique touches one new file and `PROVIDERS` below (when the file is in a new package).
-For example, a sampling-time control that scales every cross-attention output::
+Adding a technique touches one new file and one line of `PROVIDERS` below. For example, a
+sampling-time control that scales every cross-attention output::
 
-    # attnlab/control/cross_scale.py
+    # attnlab/control/cross_gain.py, and "cross_gain" added to the attnlab.control providers
     @register(
         "cross_gain",
         level=5,
@@ -232,6 +232,28 @@ def _require(ok: bool, name: str, what: str) -> None:
         raise ValueError(f"technique {name!r}: {what}")
 
 
-# Packages whose import registers techniques: the architectural ones (levels 1-4, one file each,
-# found by the package) and the sampling-time controls (levels 1, 3, 5).
-PROVIDERS: list[str] = ["attnlab.models.techniques", "attnlab.control"]
+# The modules whose import registers techniques, one technique each: levels 1-4 change the
+# architecture (attnlab/models/techniques), levels 1, 3 and 5 act at sampling time (attnlab/control).
+PROVIDERS: list[str] = [
+    *(
+        f"attnlab.models.techniques.{m}"
+        for m in (
+            "abs_pos",
+            "in_context",
+            "mask_cond",
+            "rope",
+            "tome",
+            "attn_placement",
+            "channel_attention",
+            "cross_attention",
+            "linear_attention",
+            "window_attention",
+            "time_embedding",
+            "time_gated_attention",
+            "attention_gate",
+            "cross_scale_attention",
+            "long_skips",
+        )
+    ),
+    *(f"attnlab.control.{m}" for m in ("tgate", "cache", "pag", "sag", "excite", "heatmaps", "p2p")),
+]

@@ -1,12 +1,6 @@
-"""Architectural attention techniques (levels 1-4), one file each; importing this package registers them.
+"""Architectural attention techniques (levels 1-4), one file each.
 
-Each module holds a technique's config dataclass (registered in `attnlab.techniques`), the blocks or
-kernels it adds, and the hooks a backbone asks for. Modules are found, not listed, so adding a
-technique is adding a file.
+Each module holds a technique's options dataclass (registered in `attnlab.techniques`, which imports
+the modules listed in its `PROVIDERS`), the blocks or kernels it adds, and the hooks it provides to
+the backbones through the model plan (`attnlab.models.plan`).
 """
-
-import importlib
-import pkgutil
-
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
