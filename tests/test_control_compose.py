@@ -52,7 +52,7 @@ def _kernel_log(monkeypatch, model):
 def test_fused_kernel_stays_on_layers_no_control_needs_maps(monkeypatch):
     model = toy()
     log = _kernel_log(monkeypatch, model)
-    _sample(model, controls=[HeatMaps(), TGate(gate=0.5)], guidances=[PAG(scale=1.0)], steps=2)
+    _sample(model, controls=[HeatMaps(), TGate(gate=0.5)], guidances=[PAG(scale=1.0, layers="**")], steps=2)
     main = {(kernel, cross) for kernel, roles, cross in log if roles == ("uncond", "cond")}
     pag = {(kernel, cross) for kernel, roles, cross in log if roles == ("pag",)}
     assert main == {("sdpa", False), ("math", True)}  # only the mapped cross layers use the math path

@@ -1,5 +1,6 @@
 """PAG and SAG: the perturbed and degraded passes, and their combination with classifier-free guidance."""
 
+import pytest
 import torch
 from control_toy import WordTokenizer, toy
 
@@ -79,16 +80,25 @@ def test_pag_step_window_limits_the_extra_passes():
     assert sorted(s for s, r in seen if r == ("pag",)) == [2, 3]
 
 
-def test_sag_mask_marks_tokens_with_above_average_attention():
+@pytest.mark.parametrize("branch", ["uncond", "cond"])
+def test_sag_mask_marks_tokens_with_above_average_attention(branch):
     model = toy()
-    sag = SAG(scale=1.0, layers="blocks.0")
+    sag = SAG(scale=1.0, layers="blocks.0", branch=branch)
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([500] * 4)
+    cond = ENC.condition(["a", "b"])
+    both = type(cond).cat([cond.null_like(), cond])
     with control(model, sag.controls()):
-        with sampling_step(model, 0, 4, torch.tensor([500] * 4), roles=("uncond", "cond")):
-            cond = ENC.condition(["a", "b"])
-            both = type(cond).cat([cond.null_like(), cond])
-            model(torch.randn(4, 1, 8, 8), torch.tensor([500] * 4), both)
+        with sampling_step(model, 0, 4, t, roles=("uncond", "cond")):
+            model(x, t, both)
     mass = sag._recorder.mass["blocks.0.attn1"]
-    assert mass.shape == (2, 8, 8)  # the cond rows only, on the layer's grid
+    assert mass.shape == (2, 8, 8)  # the branch's rows only, on the layer's grid
+    layer = attention_layers(model)["blocks.0.attn1"]
+    seen = []
+    layer.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    model(x, t, both)
+    p = layer.forward_math(seen[0])[1]  # (4, heads, 64, 64), rows [uncond; cond]
+    rows = slice(0, 2) if branch == "uncond" else slice(2, 4)
+    torch.testing.assert_close(mass.flatten(1), p[rows].mean(1).sum(1))
     torch.testing.assert_close(mass.flatten(1).sum(1), torch.full((2,), 64.0))  # each query spreads mass 1
     mask = sag.mask((8, 8))
     assert mask.shape == (2, 1, 8, 8) and torch.equal(mask[:, 0], (mass > 1).float())

@@ -1,23 +1,50 @@
 """Perturbed-Attention Guidance: guide away from a pass whose self-attention maps are the identity.
 
 Ahn et al., "Self-Rectifying Diffusion Sampling with Perturbed-Attention Guidance" (2024,
-arXiv:2403.17377): the perturbed pass replaces chosen self-attention maps with the identity, so
-each token keeps only its own value (output = to_out(V)); the guidance term is
-scale * (out_cond - out_perturbed), added on top of classifier-free guidance.
+arXiv:2403.17377). The perturbed pass replaces chosen self-attention maps with the identity, so
+each token keeps only its own value (output = to_out(V)). The defaults are those of diffusers' PAG
+pipelines (`pipelines/pag/pag_utils.py`, `pipeline_pag_sd.py`): the mid block's self-attention on a
+U-Net (`pag_applied_layers="mid"`), the second transformer block on a DiT ("blocks.1", as for
+PixArt-Sigma, SD3 and HunyuanDiT), scale 3.0, and the guidance
+
+    with CFG:    eps = eps_u + w (eps_c - eps_u) + s (eps_c - eps_ptb)
+    without CFG: eps = eps_c + s (eps_c - eps_ptb)
+
+with the adaptive scale s(t) = max(0, scale - adaptive_scale * (1000 - t)).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab.attention import AttnCall, Control, select_layers
+from attnlab.attention import AttnCall, Control, attention_layers, select_layers
 from attnlab.control.common import as_patterns, check_positive, extra_pass, require_layers, window
 from attnlab.techniques import register
 
 PAG_ROLE = "pag"
+UNET_LAYERS = "mid"  # diffusers' default for SD and SDXL: every self-attention of the mid block
+DIT_LAYERS = "blocks.1"  # diffusers' default for transformers; attnlab's DiT names it "blocks.1.self"
+
+
+def transformer_blocks(model: nn.Module) -> list[str]:
+    """The "blocks.{i}" holding a DiT's self-attention layers, in order; [] for any other model.
+
+    attnlab names layers by module path, so the names tell a DiT (every self-attention under
+    `blocks`) from a U-Net (down/mid/up).
+    """
+    names = [n for n, m in attention_layers(model).items() if m.kind == "self"]
+    if not names or any(n.split(".")[0] != "blocks" for n in names):
+        return []
+    return list(dict.fromkeys(".".join(n.split(".")[:2]) for n in names))
+
+
+def reference_layers(model: nn.Module) -> str:
+    """PAG's default layer pattern for `model`: "blocks.1" on a DiT, "mid" otherwise."""
+    return DIT_LAYERS if transformer_blocks(model) else UNET_LAYERS
 
 
 def identity_attention(layer, x: Tensor) -> Tensor:
@@ -30,17 +57,21 @@ def identity_attention(layer, x: Tensor) -> Tensor:
 
 @dataclass(eq=False)
 class IdentitySelfAttention(Control):
-    """On passes that carry `role`, the selected self-attention layers output to_out(V)."""
+    """On passes that carry `role`, the selected self-attention layers output to_out(V).
 
-    layers: tuple[str, ...] = ("**",)
+    `layers=None` selects the reference's layers for the model's backbone (`reference_layers`).
+    """
+
+    layers: tuple[str, ...] | None = None
     role: str = PAG_ROLE
 
     def __post_init__(self):
         self.kind = "self"
 
     def select(self, model: nn.Module):
-        found = select_layers(model, self.layers, "self")
-        require_layers("pag", model, found, self.layers, "self")
+        patterns = self.layers or (reference_layers(model),)
+        found = select_layers(model, patterns, "self")
+        require_layers("pag", model, found, patterns, "self")
         return found
 
     def active(self, call: AttnCall) -> bool:
@@ -58,7 +89,8 @@ class IdentitySelfAttention(Control):
     paper="PAG (Ahn et al., 2024, arXiv:2403.17377)",
     training_free=True,
     provides=("guidance",),
-    summary="guide away from an identity-self-attention pass: sharper structure, one extra forward per step",
+    summary="guide away from a pass with identity self-attention (U-Net mid block, DiT blocks.1, as "
+    "diffusers): sharper structure, one extra forward per step",
 )
 @dataclass(eq=False)
 class PAG:
@@ -66,19 +98,28 @@ class PAG:
 
     Args:
         scale: guidance strength s in out + s * (out_cond - out_perturbed); 0 turns it off.
-        layers: self-attention layer patterns whose map becomes the identity in the perturbed pass.
+        layers: self-attention layer patterns whose map becomes the identity in the perturbed pass;
+            None (the default) is the reference's: "mid" on a U-Net, "blocks.1" (the second
+            transformer block) on a DiT. Patterns match whole name parts, so "blocks.1" never
+            selects "blocks.10" (diffusers' `re.search` does). "**" perturbs every self-attention
+            (attnlab's former default).
+        adaptive_scale: s(t) = max(0, scale - adaptive_scale * (1000 - t)) at timestep t (t on the
+            0..1000 training scale, as the reference); 0 keeps s constant. A step where s(t) is 0
+            skips the perturbed pass.
         start, end: the step window, as fractions of the run.
     """
 
     scale: float = 3.0
-    layers: str | tuple[str, ...] = "**"
+    layers: str | tuple[str, ...] | None = None
+    adaptive_scale: float = 0.0
     start: float = 0.0
     end: float = 1.0
 
     def __post_init__(self):
         check_positive("pag", "scale", self.scale, allow_zero=True)
+        check_positive("pag", "adaptive_scale", self.adaptive_scale, allow_zero=True)
         self.window = window(self.start, self.end, "pag")
-        self.layers = as_patterns(self.layers)
+        self.layers = None if self.layers is None else as_patterns(self.layers)
         self._control = IdentitySelfAttention(self.layers)
 
     def controls(self) -> list[Control]:
@@ -87,7 +128,14 @@ class PAG:
     def active(self, i: int, steps: int) -> bool:
         return self.scale != 0 and self.window.contains(i, steps)
 
+    def scale_at(self, t: Tensor) -> Tensor:
+        """(B,) the guidance scale at timesteps t: max(0, scale - adaptive_scale * (1000 - t))."""
+        return (self.scale - self.adaptive_scale * (1000 - t.double())).clamp(min=0)
+
     def correction(self, model, x_in: Tensor, t: Tensor, cond, out: dict, ctx: dict) -> Tensor:
+        s = self.scale_at(t).to(x_in.dtype).view(-1, *[1] * (x_in.dim() - 1))  # (B, 1, ..., 1)
+        if not bool((s > 0).any()):
+            return torch.zeros_like(out["cond"])  # the adaptive scale reached 0: no pass needed
         with extra_pass(model, (PAG_ROLE,), ctx, t):
             perturbed = model(x_in, t, cond)
-        return self.scale * (out["cond"] - perturbed)
+        return s * (out["cond"] - perturbed)
