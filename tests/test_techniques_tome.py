@@ -54,7 +54,7 @@ def test_ratio_removes_the_expected_number_of_tokens(backbone, dims, ratio):
     assert set(rec.seen) == {n for n, m in attention_layers(model).items() if m.kind == "self"}
     for grid, n in rec.seen.values():
         full = torch.Size(grid).numel()
-        sources = full - torch.Size([(g + 1) // 2 for g in grid]).numel()  # all but one per 2x2 (2) cell
+        sources = full - torch.Size([g // 2 for g in grid]).numel()  # all but one per whole 2x2 (2) cell
         assert n == full - min(int(ratio * full), sources)
         assert n < full
 
@@ -122,7 +122,15 @@ def test_control_during_sampling_changes_little_and_leaves_no_trace():
 def test_the_registry_entry_is_training_free_and_a_model_option():
     tech = get("tome")
     assert tech.training_free and tech.level == 1
-    assert tech.defaults == {"ratio": 0.5, "stride": 2, "layers": "**", "start": 0.0, "end": 1.0}
+    assert tech.defaults == {
+        "ratio": 0.5,
+        "stride": 2,
+        "rand": True,
+        "max_downsample": 1,
+        "layers": "**",
+        "start": 0.0,
+        "end": 1.0,
+    }
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from attnlab.attention.core import Attention, AttnCall
@@ -20,12 +21,31 @@ from attnlab.errors import ConfigError
 
 @dataclass
 class BusState:
-    """Shared by every Attention of one model; the sampling loop writes it, controls read it."""
+    """Shared by every Attention of one model; the sampling loop writes it, controls read it.
+
+    Attributes:
+        step, num_steps, timestep: the sampling step of the current model call (`sampling_step`).
+        roles: names of the equal chunks the current batch is made of (e.g. ("uncond", "cond")).
+        seeds: one seed per sample of the current sampling run (`sample_seeds`), None when the run
+            has none; controls read them per batch row as `AttnCall.seeds`.
+        rows: which of the run's samples the rows of each chunk are, when a model call covers only
+            some of them (`sample_rows`); None: all, in order.
+        grids: every layer's query grid by name, found once (`attention_grids`).
+    """
 
     step: int | None = None
     num_steps: int | None = None
     timestep: Tensor | None = None
     roles: tuple[str, ...] = ("cond",)
+    seeds: tuple[int, ...] | None = None
+    rows: tuple[int, ...] | None = None
+    grids: dict[str, tuple[int, ...]] | None = None
+
+    def chunk_seeds(self) -> tuple[int, ...] | None:
+        """The seeds of the samples one chunk's rows belong to, in row order (None without seeds)."""
+        if self.seeds is None:
+            return None
+        return self.seeds if self.rows is None else tuple(self.seeds[i] for i in self.rows)
 
 
 def name_layers(model: nn.Module) -> BusState:
@@ -143,6 +163,49 @@ class Control:
         """Called once when the scope ends."""
 
 
+def attention_grids(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every Attention layer's query grid, by name, at the sample size of `model.config`.
+
+    Found once per model, by one batch-1 forward of zeros (null condition, no gradient) with every
+    installed control set aside, and kept on the bus state. A model without a config that has
+    `sample_shape` (a bare Attention, a hand-built toy) gives {}.
+    """
+    st = bus_state(model)
+    if st.grids is None:
+        st.grids = _probe_grids(model)
+    return st.grids
+
+
+class _GridRecorder(Control):
+    """Stands in for a layer's controls during `attention_grids`' forward: notes the grid, then
+    steps aside so the layer runs its plain path."""
+
+    def __init__(self):
+        self.seen: dict[str, tuple[int, ...]] = {}
+
+    def active(self, call: AttnCall) -> bool:
+        self.seen[call.name] = call.grid
+        return False
+
+
+def _probe_grids(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    shape = getattr(getattr(model, "config", None), "sample_shape", None)
+    if shape is None:
+        return {}
+    rec, layers = _GridRecorder(), list(attention_layers(model).values())
+    saved = [layer.controls for layer in layers]
+    p = next(model.parameters())
+    try:
+        for layer in layers:
+            layer.controls = [rec]
+        with torch.no_grad():
+            model(torch.zeros(shape(1), device=p.device, dtype=p.dtype), torch.zeros(1, device=p.device))
+    finally:
+        for layer, controls in zip(layers, saved):
+            layer.controls = controls
+    return rec.seen
+
+
 @contextmanager
 def control(model: nn.Module, controls: Control | Iterable[Control]) -> Iterator[list[Control]]:
     """Install controls on the layers they select for the duration of the block.
@@ -179,3 +242,35 @@ def sampling_step(model: nn.Module, step: int, num_steps: int, timestep: Tensor,
     finally:
         st.step = st.num_steps = st.timestep = None
         st.roles = ("cond",)
+
+
+@contextmanager
+def sample_seeds(model: nn.Module, seeds: Sequence[int] | None):
+    """Tell the bus the per-sample seeds of a sampling run (`attnlab.diffusion.sample` does).
+
+    Row i of every chunk of a model call is sample i (see `sample_rows` for calls over fewer), so
+    each control that draws random numbers can draw a row's from its own sample's seed, and a
+    sample never depends on the batch around it. None: the run has no per-sample seeds.
+    """
+    st = bus_state(model)
+    saved = st.seeds, st.rows
+    st.seeds, st.rows = (None if seeds is None else tuple(int(s) for s in seeds)), None
+    try:
+        yield st
+    finally:
+        st.seeds, st.rows = saved
+
+
+@contextmanager
+def sample_rows(model: nn.Module, rows: Sequence[int] | Tensor):
+    """Model calls inside cover only some samples, one row each per chunk, in this order: `rows`
+    indexes the samples the enclosing calls cover (at the top of a run: its samples, so a batch
+    row index), e.g. a refinement pass over the latents not yet converged. Nested scopes compose."""
+    st = bus_state(model)
+    saved = st.rows
+    picked = [int(r) for r in (rows.tolist() if isinstance(rows, Tensor) else rows)]
+    st.rows = tuple(picked if saved is None else (saved[r] for r in picked))
+    try:
+        yield st
+    finally:
+        st.rows = saved

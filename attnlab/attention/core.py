@@ -37,6 +37,11 @@ class AttnCall:
         roles: names of the equal chunks the batch is made of, in order (e.g. ("uncond", "cond")).
         layer: the Attention module itself (for caches keyed by layer).
         scratch: free storage that lives for this one call (controls pass notes to later hooks).
+        pre_norm: (B, N, dim) the tokens before the sub-layer's norm (the block's residual stream),
+            when the block passes them; token merging measures similarity on them, as tomesd does.
+        batch: number of rows in the call's batch.
+        chunk_seeds: the seeds of the samples one chunk's rows belong to (`BusState.chunk_seeds`);
+            read them per row as `seeds`.
     """
 
     name: str
@@ -49,12 +54,36 @@ class AttnCall:
     roles: tuple[str, ...]
     layer: Attention
     scratch: dict[str, Any] = field(default_factory=dict)
+    pre_norm: Tensor | None = None
+    batch: int = 0
+    chunk_seeds: tuple[int, ...] | None = None
 
     def chunk(self, t: Tensor, role: str) -> slice:
         """Batch rows of `t` that belong to `role` (the batch is `len(roles)` equal chunks)."""
         n = t.shape[0] // len(self.roles)
         i = self.roles.index(role)
         return slice(i * n, (i + 1) * n)
+
+    @property
+    def seeds(self) -> tuple[int, ...] | None:
+        """One seed per batch row: its sample's seed, the same in every chunk (uncond, cond, a
+        guidance pass), so a control can draw a row's random numbers independently of its batch.
+        None when the sampling run has no per-sample seeds (or outside one).
+
+        Raises:
+            ValueError: the batch is not one row per sample per chunk; a pass over some samples
+                only must say which (`attnlab.attention.sample_rows`).
+        """
+        if self.chunk_seeds is None:
+            return None
+        per_row = self.chunk_seeds * len(self.roles)
+        if len(per_row) != self.batch:
+            raise ValueError(
+                f"layer {self.name or '?'}: a batch of {self.batch} rows in {len(self.roles)} chunk(s) "
+                f"{self.roles} does not match the {len(self.chunk_seeds)} sample seed(s) the bus "
+                "holds; run a pass over some samples inside `sample_rows(model, rows)`"
+            )
+        return per_row
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
@@ -161,6 +190,7 @@ class Attention(nn.Module):
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
         grid: tuple[int, ...] | None = None,
+        pre_norm: Tensor | None = None,
     ) -> Tensor:
         """Args:
             x: (B, N, dim) query tokens.
@@ -168,6 +198,8 @@ class Attention(nn.Module):
             context_mask: (B, L) bool, True where the key token is real (the context tokens, or for
                 self-attention the input tokens, e.g. padded in-context text); padding gets no attention.
             grid: the query tokens' grid shape, reported to controls (defaults to (N,)).
+            pre_norm: (B, N, dim) the tokens before the block normalised them into x, reported to
+                controls (`AttnCall.pre_norm`); unused by the computation.
         Returns:
             (B, N, dim).
         """
@@ -177,7 +209,7 @@ class Attention(nn.Module):
             )
         grid = grid or (x.shape[1],)
         if self.controls:
-            return self._forward_controlled(x, context, context_mask, grid)
+            return self._forward_controlled(x, context, context_mask, grid, pre_norm)
         q, k, v = self.project(x, context, grid)
         return self.to_out(merge_heads(self._fused(q, k, v, grid, context_mask)))
 
@@ -205,7 +237,7 @@ class Attention(nn.Module):
             return self.kernel.probs(q, k, grid, context_mask)
         return attention_probs(q, k, key_padding_bias(context_mask))
 
-    def _forward_controlled(self, x, context, context_mask, grid):
+    def _forward_controlled(self, x, context, context_mask, grid, pre_norm=None):
         st = self.state
         call = AttnCall(
             name=self.name,
@@ -217,6 +249,9 @@ class Attention(nn.Module):
             timestep=st.timestep if st else None,
             roles=st.roles if st else ("cond",),
             layer=self,
+            pre_norm=pre_norm,
+            batch=x.shape[0],
+            chunk_seeds=st.chunk_seeds() if st else None,
         )
         active = [c for c in self.controls if c.active(call)]
         for c in active:

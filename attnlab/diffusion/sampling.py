@@ -11,7 +11,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from attnlab.attention import control, sampling_step
+from attnlab.attention import control, sample_seeds, sampling_step
 from attnlab.conditioning import Condition
 from attnlab.diffusion.guidance import Guidance
 from attnlab.diffusion.objective import predict_x0
@@ -49,6 +49,8 @@ def sample(
             whose scale is 1 only the cond rows run (T-GATE drops CFG after its gate this way).
         generator: one generator for the whole batch (ignored when `seeds` is given).
         seeds: one seed per sample; the result for a seed does not depend on the batch around it.
+            The bus holds them for the run, so controls that draw random numbers (token merging)
+            draw each row's from its sample's seed (`AttnCall.seeds`).
         guidances: extra guidance terms (see `attnlab.diffusion.guidance.Guidance`); one that has
             `prepare(model, x, t, cond, ctx) -> x` may also replace the latent entering each step.
         callback: called once per step with {"i", "t", "x", "x0_pred"} (x entering step i and the
@@ -70,7 +72,7 @@ def sample(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), control(model, extra):
+        with torch.no_grad(), control(model, extra), sample_seeds(model, seeds):
             for i, t in enumerate(
                 tqdm(scheduler.timesteps, disable=not progress, leave=False, desc="sample")
             ):

@@ -199,19 +199,25 @@ class TransformerBlock(nn.Module):
             h = self.norms[i](x)
             if mods is not None:
                 shift, scale, gate = mods[3 * i : 3 * i + 3]  # 3 x (B, 1, dim)
-                h = self._run(name, torch.addcmul(shift, h, 1 + scale), ctx, grid, key_mask)
+                h = self._run(name, torch.addcmul(shift, h, 1 + scale), ctx, grid, key_mask, x)
             else:
-                gate, h = None, self._run(name, h, ctx, grid, key_mask)
+                gate, h = None, self._run(name, h, ctx, grid, key_mask, x)
             if tgates is not None and name in tgates:
                 gate = tgates[name] if gate is None else gate * tgates[name]
             x = x + h if gate is None else torch.addcmul(x, gate, h)  # x + gate * sublayer(...)
         return x
 
     def _run(
-        self, name: str, h: Tensor, ctx: Context, grid: tuple[int, ...], key_mask: Tensor | None
+        self,
+        name: str,
+        h: Tensor,
+        ctx: Context,
+        grid: tuple[int, ...],
+        key_mask: Tensor | None,
+        x: Tensor,
     ) -> Tensor:
-        if name == "self":
-            return self.self(h, None, key_mask, grid=grid)
+        if name == "self":  # x, before the norm: what token merging measures similarity on (tomesd)
+            return self.self(h, None, key_mask, grid=grid, pre_norm=x)
         if name == "chan":
             return self.chan(h)
         if name == "cross":

@@ -2,6 +2,13 @@
 arXiv:2303.17604): before self-attention, similar tokens are merged by bipartite soft matching; after
 it, every merged token gets its destination's output back, so the layer keeps its token grid.
 
+The defaults are tomesd's (`apply_patch(ratio=0.5, max_downsample=1, sx=2, sy=2, use_rand=True)`):
+similarity is measured on the block's input before the norm (tomesd's `compute_merge(x)`) while the
+normalised attention input is what gets merged; each 2x2 cell's destination is drawn at random; and
+only the finest resolution that has self-attention merges. Where tomesd draws one destination per
+cell for the whole batch from a forked global generator, each row here draws its own from its
+sample's seed, the step and the layer name, so a sample never depends on the batch around it.
+
 One class serves both uses: a sampling-time control on a trained model (training-free, as in
 tomesd) and, through `model.techniques.tome`, a control the model carries from its construction, so
 it is trained with the merging it samples with.
@@ -10,43 +17,107 @@ it is trained with the merging it samples with.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from attnlab.attention import AttnCall, Control, select_layers
+from attnlab.attention import AttnCall, Control, attention_grids, attention_layers, select_layers
 from attnlab.errors import ConfigError
 from attnlab.techniques import register
 
 Unmerge = Callable[[Tensor], Tensor]
 
 
-# Matching
+# Partition
+
+
+def plane(grid: tuple[int, ...]) -> tuple[int, int]:
+    """(h, w) of a token grid: a 1D grid (T,) is one row."""
+    return (grid[0], grid[1]) if len(grid) == 2 else (1, grid[0])
+
+
+def cells(grid: tuple[int, ...], stride: int) -> tuple[int, int, int, int]:
+    """(rows, cols, sy, sx): the whole sy x sx cells that hold one destination each. A 2D grid has
+    stride x stride cells (tomesd's sx = sy = stride); a 1D grid is one row of 1 x stride cells."""
+    h, w = plane(grid)
+    sy, sx = (stride, stride) if len(grid) == 2 else (1, stride)
+    return h // sy, w // sx, sy, sx
+
+
+def partition(grid: tuple[int, ...], stride: int, choice: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(dst (B', D), src (B', S)) token indices of the row-major grid, each in ascending order.
+
+    Args:
+        grid: the token grid.
+        stride: cell side (see `cells`).
+        choice: (B, rows, cols) each cell's destination, k meaning (k // sx, k % sx) inside the cell
+            (tomesd's layout); None: the top-left token of every cell (tomesd's `no_rand`), B' = 1.
+    Tokens outside the whole cells (a grid the stride does not divide) are all sources, as in tomesd.
+    """
+    if choice is None:
+        return _fixed_partition(tuple(grid), stride)
+    hc, wc, sy, sx = cells(grid, stride)
+    b = choice.shape[0]
+    in_cell = torch.zeros(b, hc, wc, sy * sx, dtype=torch.bool, device=choice.device)
+    in_cell.scatter_(3, choice[..., None], True)
+    is_dst = torch.zeros(b, *plane(grid), dtype=torch.bool, device=choice.device)  # (B, h, w)
+    cell_maps = in_cell.view(b, hc, wc, sy, sx).transpose(2, 3)  # (B, rows, sy, cols, sx)
+    is_dst[:, : hc * sy, : wc * sx] = cell_maps.reshape(b, hc * sy, wc * sx)
+    order = (~is_dst.flatten(1)).to(torch.uint8).argsort(dim=1, stable=True)  # (B, N) dst first, then src
+    return order[:, : hc * wc], order[:, hc * wc :]
 
 
 @lru_cache(maxsize=64)
-def _partition(grid: tuple[int, ...], stride: int) -> tuple[Tensor, Tensor]:
-    """(dst, src) token indices: the first token of every stride x stride cell (stride cell in 1D)
-    is a destination, every other token a source that may merge into one."""
-    coords = torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij")
-    is_dst = torch.ones(grid, dtype=torch.bool)
-    for c in coords:
-        is_dst &= c % stride == 0
-    flat = is_dst.flatten()
-    return flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
+def _fixed_partition(grid: tuple[int, ...], stride: int) -> tuple[Tensor, Tensor]:
+    hc, wc, _, _ = cells(grid, stride)
+    return partition(grid, stride, torch.zeros(1, hc, wc, dtype=torch.long))
 
 
 def merge_count(grid: tuple[int, ...], ratio: float, stride: int) -> int:
-    """How many of the grid's N tokens `ratio` removes: ratio * N, at most the number of sources."""
-    _, src = _partition(tuple(grid), stride)
-    return min(int(ratio * math.prod(grid)), src.numel())
+    """How many of the grid's N tokens `ratio` removes: int(ratio * N), at most the sources (so the
+    ratio is capped at 1 - 1/stride^2 on a grid the stride divides, as tomesd caps it silently)."""
+    hc, wc, _, _ = cells(grid, stride)
+    n = math.prod(grid)
+    return 0 if hc * wc == 0 else min(int(ratio * n), n - hc * wc)
 
 
-def bipartite_merge(x: Tensor, grid: tuple[int, ...], r: int, stride: int = 2) -> tuple[Tensor, Unmerge]:
-    """Merge r grid tokens of `x` into their most similar destination (Bolya et al. 2023, Alg. 1).
+def destination_seed(seed: int, step: int, name: str) -> int:
+    """The 64-bit seed of one row's destination draw: numpy's SeedSequence mixes the sample's seed,
+    the sampling step and the CRC-32 of the layer name (as the trainer mixes seed, step and rank)."""
+    words = np.random.SeedSequence([int(seed) % 2**64, step, zlib.crc32(name.encode())]).generate_state(
+        2, dtype=np.uint32
+    )
+    return int(words[0]) << 32 | int(words[1])
+
+
+@lru_cache(maxsize=4096)
+def destination_choice(seed: int, step: int, name: str, grid: tuple[int, ...], stride: int) -> Tensor:
+    """(rows, cols) one row's random destination per cell: tomesd's draw,
+    `torch.randint(sy * sx, (rows, cols, 1), generator=g)`, from g seeded by `destination_seed`."""
+    hc, wc, sy, sx = cells(grid, stride)
+    g = torch.Generator().manual_seed(destination_seed(seed, step, name))
+    return torch.randint(sy * sx, (hc, wc, 1), generator=g)[..., 0]
+
+
+# Matching
+
+
+def bipartite_merge(
+    x: Tensor,
+    grid: tuple[int, ...],
+    r: int,
+    stride: int = 2,
+    *,
+    metric: Tensor | None = None,
+    choice: Tensor | None = None,
+) -> tuple[Tensor, Unmerge]:
+    """Merge r grid tokens of `x` into their most similar destination (Bolya et al. 2023, Alg. 1;
+    tomesd's `bipartite_soft_matching_random2d`).
 
     Sources and destinations split the grid (one destination per stride cell), each source picks its
     most cosine-similar destination, and the r sources with the best matches are averaged into theirs.
@@ -55,41 +126,67 @@ def bipartite_merge(x: Tensor, grid: tuple[int, ...], r: int, stride: int = 2) -
         x: (B, N, C) tokens; the first prod(grid) are the grid in row-major order, any after it
             (e.g. in-context condition tokens) pass through unmerged.
         grid: the token grid.
-        r: tokens to remove.
+        r: tokens to remove (at most the sources).
         stride: side of the cell that holds one destination.
+        metric: (B, N, C'') the tokens whose cosine similarity decides the matching (default x).
+        choice: (B, rows, cols) each cell's destination (see `partition`); None: top-left.
     Returns:
-        (merged (B, N - r, C), unmerge: (B, N - r, C') -> (B, N, C')).
+        (merged (B, N - r, C): the unmerged sources, most similar first, then the destinations in
+        grid order, then the extra tokens; unmerge: (B, N - r, C') -> (B, N, C')).
     """
     b, n, c = x.shape
     g = math.prod(grid)
-    dst, src = (i.to(x.device) for i in _partition(tuple(grid), stride))
-    extra = x[:, g:]  # (B, N - G, C)
+    dst, src = (i.to(x.device) for i in partition(tuple(grid), stride, choice))  # (B', D), (B', S)
+    n_dst, n_src = dst.shape[1], src.shape[1]
+    r = min(r, n_src)
+    metric = x if metric is None else metric
+
+    def pick(t: Tensor, idx: Tensor) -> Tensor:  # rows idx (B', k) of t (B, M, C) -> (B, k, C)
+        return t.gather(1, idx[..., None].expand(t.shape[0], -1, t.shape[-1]))
+
     with torch.no_grad():  # the matching is a discrete choice; gradients flow through the averages
-        metric = x[:, :g] / x[:, :g].norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        scores = metric[:, src] @ metric[:, dst].transpose(1, 2)  # (B, S, D) cosine similarities
+        m = metric[:, :g] / metric[:, :g].norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        scores = pick(m, src) @ pick(m, dst).transpose(1, 2)  # (B, S, D) cosine similarities
         best, best_dst = scores.max(dim=-1)  # (B, S) each source's closest destination
         order = best.argsort(dim=-1, descending=True)  # (B, S) most similar sources first
         merged_src, kept_src = order[:, :r], order[:, r:]  # positions in `src`
         into = best_dst.gather(1, merged_src)  # (B, r) destination position of each merged source
 
-    def pick(t: Tensor, idx: Tensor) -> Tensor:  # rows idx (B, k) of t (B, M, C) -> (B, k, C)
-        return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
-
-    x_src, x_dst = x[:, src], x[:, dst]  # (B, S, C), (B, D, C)
+    x_src, x_dst = pick(x[:, :g], src), pick(x[:, :g], dst)  # (B, S, C), (B, D, C)
     dst_mean = x_dst.scatter_reduce(1, into[..., None].expand(-1, -1, c), pick(x_src, merged_src), "mean")
-    merged = torch.cat([pick(x_src, kept_src), dst_mean, extra], dim=1)  # (B, S - r + D + N - G, C)
-    n_kept, n_dst = kept_src.shape[1], dst.numel()
+    merged = torch.cat([pick(x_src, kept_src), dst_mean, x[:, g:]], dim=1)  # (B, S - r + D + N - G, C)
+    n_kept = n_src - r
 
     def unmerge(y: Tensor) -> Tensor:
         kept, y_dst, y_extra = y[:, :n_kept], y[:, n_kept : n_kept + n_dst], y[:, n_kept + n_dst :]
-        y_src = y.new_empty(b, src.numel(), y.shape[-1])  # (B, S, C')
+        cy = y.shape[-1]
+        y_src = y.new_empty(b, n_src, cy)  # (B, S, C')
         y_src.scatter_(1, kept_src[..., None].expand_as(kept), kept)
-        y_src.scatter_(1, merged_src[..., None].expand(-1, -1, y.shape[-1]), pick(y_dst, into))
-        out = y.new_empty(b, g, y.shape[-1])  # (B, G, C') back on the grid
-        out[:, src], out[:, dst] = y_src, y_dst
+        y_src.scatter_(1, merged_src[..., None].expand(-1, -1, cy), pick(y_dst, into))
+        out = y.new_empty(b, g, cy)  # (B, G, C') back on the grid
+        out.scatter_(1, dst[..., None].expand(b, -1, cy), y_dst)
+        out.scatter_(1, src[..., None].expand(b, -1, cy), y_src)
         return torch.cat([out, y_extra], dim=1)
 
     return merged, unmerge
+
+
+def downsamples(model: nn.Module, layers) -> dict[str, int]:
+    """Each self-attention layer's downsample, tomesd's `ceil(sqrt(HW / tokens))` measured from the
+    finest self-attention grid of the model instead of the latent: 1 at the finest grid, 2 at half
+    its side, and so on (the token ratio itself on 1D grids). On a model that attends at its
+    sample's resolution (Stable Diffusion's U-Net) the two agree; on one whose finest attention is
+    coarser (attnlab's U-Nets, a DiT's patch grid) tomesd's default would merge nothing. Layers the
+    model's grids do not list (a model without a config) count as the finest."""
+    grids, kinds = attention_grids(model), {n: m.kind for n, m in attention_layers(model).items()}
+    finest = max((math.prod(g) for n, g in grids.items() if kinds.get(n) == "self"), default=0)
+    out = {}
+    for layer in layers:
+        grid = grids.get(layer.name)
+        if grid is not None:
+            ratio = finest // math.prod(grid)
+            out[layer.name] = math.ceil(math.sqrt(ratio)) if len(grid) == 2 else ratio
+    return out
 
 
 # The technique
@@ -103,24 +200,43 @@ def bipartite_merge(x: Tensor, grid: tuple[int, ...], r: int, stride: int = 2) -
     provides=("controls", "check", "attach"),
     summary=(
         "merge similar tokens before self-attention, unmerge after: fewer tokens in q/k/v and the "
-        "N^2 scores at the price of a matching step and some detail; also a model option "
-        "(model.techniques.tome) to train with it"
+        "N^2 scores at the price of a matching step and some detail; tomesd's defaults; also a "
+        "model option (model.techniques.tome) to train with it"
     ),
 )
 @dataclass(eq=False)
 class TokenMerging(Control):
     """Merge `ratio` of each selected self-attention layer's tokens (at most the sources of the
-    stride cells) inside the sampling window [start, end).
+    stride cells) inside the sampling window [start, end), with tomesd's defaults.
+
+    The matching is measured on the tokens before the block's norm (`AttnCall.pre_norm`, the
+    attention input where a block does not pass them) and applied to the attention input.
+
+    Where each cell's destination is (with `rand`): in a sampling run, row i draws it from a
+    generator seeded by (its sample's seed, the step, the layer name) (`destination_seed`), the
+    same for its uncond and cond rows and on every guidance pass of the step; a run without
+    per-sample seeds, or a forward in eval mode outside one, uses seed 0 (step 0 outside a run), so
+    every row gets the same choice. In training (a layer in train mode outside a sampling run) each
+    row draws from torch's global generator, which the trainer seeds from each step's generator:
+    the model trains on the random destinations it will meet when sampling. tomesd turns the
+    randomness off for odd batches, so that prompted and unprompted rows computed apart agree;
+    seeding per sample makes them agree anyway, so the batch size changes nothing here.
 
     Args:
-        ratio: fraction of the grid's tokens removed before attention (0 = the layer unchanged).
-        stride: one destination token per stride x stride cell (stride cells in 1D).
+        ratio: fraction of the grid's tokens removed before attention (0 = the layer unchanged),
+            capped at the sources, 1 - 1/stride^2 (tomesd's silent cap).
+        stride: one destination token per stride x stride cell (tomesd's sx = sy; 1 x stride in 1D).
+        rand: draw each cell's destination at random (tomesd's use_rand); False: its top-left token.
+        max_downsample: merge only layers whose downsample (see `downsamples`: 1 at the model's
+            finest self-attention grid, 2 at half its side, ...) is at most this; None: every layer.
         layers: self-attention layer name patterns (see `attnlab.attention.match_layer`).
         start, end: the sampling window, as fractions of the run (training: always on).
     """
 
     ratio: float = 0.5
     stride: int = 2
+    rand: bool = True
+    max_downsample: int | None = 1
     layers: str | tuple[str, ...] = "**"
     start: float = 0.0
     end: float = 1.0
@@ -132,10 +248,16 @@ class TokenMerging(Control):
             raise ConfigError(f"tome: ratio must be in [0, 1), got {self.ratio}")
         if not isinstance(self.stride, int) or self.stride < 2:
             raise ConfigError(f"tome: stride must be an integer >= 2, got {self.stride!r}")
+        if not isinstance(self.rand, bool):
+            raise ConfigError(f"tome: rand must be true or false, got {self.rand!r}")
+        md = self.max_downsample
+        if md is not None and (isinstance(md, bool) or not isinstance(md, int) or md < 1):
+            raise ConfigError(f"tome: max_downsample must be an integer >= 1 or null, got {md!r}")
         from attnlab.control.common import as_patterns, window
 
         self.window = window(self.start, self.end, "tome")
         self.layers = as_patterns(self.layers)
+        self.downsample: dict[str, int] = {}  # layer name -> downsample, found at install
 
     def select(self, model: nn.Module):
         from attnlab.control.common import require_layers
@@ -146,13 +268,31 @@ class TokenMerging(Control):
 
     def on_install(self, model: nn.Module, layers) -> None:
         check_model(getattr(model, "config", None))
+        self.downsample.update(downsamples(model, layers))
+
+    def merges(self, name: str) -> bool:
+        """Whether layer `name` merges at all (its downsample is within `max_downsample`)."""
+        return self.max_downsample is None or self.downsample.get(name, 1) <= self.max_downsample
 
     def before(self, call: AttnCall, x: Tensor) -> Tensor:
         r = merge_count(call.grid, self.ratio, self.stride)
-        if r == 0 or x.shape[1] < math.prod(call.grid):  # nothing to merge, or merged already
-            return x
-        merged, call.scratch[id(self)] = bipartite_merge(x, call.grid, r, self.stride)
+        if r == 0 or x.shape[1] < math.prod(call.grid) or not self.merges(call.name):
+            return x  # nothing to merge, merged already, or too coarse a layer
+        metric = call.pre_norm if call.pre_norm is not None and call.pre_norm.shape == x.shape else x
+        choice = self.choice(call) if self.rand else None
+        merged, call.scratch[id(self)] = bipartite_merge(
+            x, call.grid, r, self.stride, metric=metric, choice=choice
+        )
         return merged
+
+    def choice(self, call: AttnCall) -> Tensor:
+        """(B, rows, cols) each row's destination per cell (see the class docstring)."""
+        hc, wc, sy, sx = cells(call.grid, self.stride)
+        if call.step is None and call.layer.training:
+            return torch.randint(sy * sx, (call.batch, hc, wc))  # the global generator (training)
+        seeds = call.seeds or (0,) * call.batch
+        step = call.step or 0
+        return torch.stack([destination_choice(s, step, call.name, call.grid, self.stride) for s in seeds])
 
     def after(self, call: AttnCall, out: Tensor) -> Tensor:
         unmerge = call.scratch.get(id(self))
