@@ -39,9 +39,15 @@ GATE = 0.4  # T-GATE's own setting: gate step 10 of 25
 def variants() -> dict[str, dict]:
     out = {
         "baseline": {},
-        f"T-GATE g={GATE}, CFG kept (own cache per chunk)": {"tgate": {"gate": GATE, "average": False}},
-        f"T-GATE g={GATE}, CFG kept (averaged cache)": {"tgate": {"gate": GATE}},
-        f"T-GATE g={GATE}, CFG dropped (as T-GATE code)": {"tgate": {"gate": GATE, "drop_cfg": True}},
+        f"T-GATE g={GATE} (as T-GATE code: CFG dropped, self-attention cached)": {"tgate": {"gate": GATE}},
+        # variants, reported apart: CFG kept after the gate, no self-attention cache (sp_interval=1)
+        f"T-GATE g={GATE}, CFG kept (own cache per chunk)": {
+            "tgate": {"gate": GATE, "average": False, "drop_cfg": False, "sp_interval": 1}
+        },
+        f"T-GATE g={GATE}, CFG kept (averaged cache)": {
+            "tgate": {"gate": GATE, "drop_cfg": False, "sp_interval": 1}
+        },
+        f"T-GATE g={GATE}, CFG dropped, no self-attention cache": {"tgate": {"gate": GATE, "sp_interval": 1}},
         "attention cache k=2": {"attn_cache": {"every": 2}},
         "attention cache k=3": {"attn_cache": {"every": 3}},
         "PAG s=2": {"pag": {"scale": 2.0}},

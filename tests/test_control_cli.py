@@ -118,7 +118,7 @@ def test_sample_with_guidance_and_caching_records_and_regenerates(run2d, tmp_pat
     from attnlab.samples import read_provenance
 
     args = ["sample", run2d, "--no-ema", "-p", "a red circle", "-n", "1", "--pag", "1.5", "--sag", "0.5",
-            "--tgate", "0.5", "--tgate-drop-cfg", "--cache-every", "2", "--out", tmp_path / "s"]  # fmt: skip
+            "--tgate", "0.5", "--cache-every", "2", "--out", tmp_path / "s"]  # fmt: skip
     code, out = _invoke(*args)
     assert code == 0, out
     png = next((tmp_path / "s").glob("000-*.png"))
@@ -135,7 +135,7 @@ def test_sample_with_guidance_and_caching_records_and_regenerates(run2d, tmp_pat
 
 
 def test_sample_option_errors(run2d, tmp_path):
-    code, out = _invoke("sample", run2d, "--no-ema", "-p", "x", "--tgate-drop-cfg", "--out", tmp_path)
-    assert code == 2 and "--tgate-drop-cfg needs --tgate GATE" in out
+    code, out = _invoke("sample", run2d, "--no-ema", "-p", "x", "--tgate-keep-cfg", "--out", tmp_path)
+    assert code == 2 and "--tgate-keep-cfg needs --tgate GATE" in out
     code, out = _invoke("sample", run2d, "--no-ema", "-p", "x", "--tgate", "1.5", "--out", tmp_path)
     assert code == 2 and out.strip() == "error: tgate: gate must be a fraction of the run in [0, 1], got 1.5"

@@ -38,14 +38,22 @@ def test_guidance_at_zero_scale_is_exact(model, base, guidance):
     assert torch.equal(_sample(model, guidances=[guidance]), base)
 
 
-@pytest.mark.parametrize("ctrl", [TGate(gate=1.0), AttnCache(every=1), TGate(gate=1.0, self_every=1)])
+# T-GATE with gate 1.0 still caches self-attention before the gate (every sp_interval steps): off here
+NEVER_REUSE = [
+    TGate(gate=1.0, sp_interval=1),
+    AttnCache(every=1),
+    TGate(gate=1.0, sp_interval=1, fi_interval=2),
+]
+
+
+@pytest.mark.parametrize("ctrl", NEVER_REUSE)
 def test_step_controls_that_never_reuse_are_exact(model, base, ctrl):
     with control(model, ctrl):
         assert torch.equal(_sample(model), base)
 
 
 def test_tgate_gate_after_last_step_with_drop_cfg_is_exact(model, base):
-    tg = TGate(gate=1.0, drop_cfg=True)
+    tg = TGate(gate=1.0, sp_interval=1, drop_cfg=True)
     with control(model, tg):
         out = _sample(model, guidance=tg.guidance_schedule(3.0))
     assert torch.equal(out, base) and tg.skipped["cross"] == 0

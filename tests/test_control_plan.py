@@ -15,7 +15,11 @@ def test_spec_builds_controls_guidances_and_the_cfg_schedule():
     assert [type(c) for c in plan.controls] == [TGate, AttnCache] and isinstance(plan.guidances[0], PAG)
     schedule = plan.guidance(3.0)
     assert [schedule(i, 4) for i in range(4)] == [3.0, 3.0, 1.0, 1.0]
-    assert sampling_plan({"tgate": {"gate": 0.5}}).guidance(3.0) == 3.0
+    assert sampling_plan({"tgate": {"gate": 0.5, "drop_cfg": False}}).guidance(3.0) == 3.0
+    default = sampling_plan({"tgate": {"gate": 0.5}}).guidance(3.0)  # drops CFG, as the T-GATE code
+    assert [default(i, 4) for i in range(4)] == [3.0, 3.0, 1.0, 1.0]
+    assert cli_spec(tgate=0.5) == {"tgate": {"gate": 0.5, "drop_cfg": True}}
+    assert cli_spec(tgate=0.5, tgate_keep_cfg=True) == {"tgate": {"gate": 0.5, "drop_cfg": False}}
 
 
 @pytest.mark.parametrize(

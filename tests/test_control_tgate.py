@@ -67,16 +67,19 @@ def test_tgate_drop_cfg_halves_the_batch_after_the_gate():
     assert [batch[s] for s in range(STEPS)] == [4, 4, 4, 2, 2, 2]
 
 
-def test_tgate_reuses_the_mean_of_uncond_and_cond():
+def test_tgate_keeps_the_mean_of_uncond_and_cond_or_each_chunk():
     model = toy()
-    tg = TGate(gate=0.5)
-    seen = {}
-    with control(model, tg):
-        _sample(model)
-        seen = {k: {r: v.clone() for r, v in d.items()} for k, d in tg.frozen.items()}
-    name = next(iter(seen))
-    assert set(seen[name]) == {"uncond", "cond"}
-    assert not torch.equal(seen[name]["uncond"], seen[name]["cond"])
+    cross = [n for n, m in attention_layers(model).items() if m.kind == "cross"]
+    kept = {}
+    for average in (True, False):
+        tg = TGate(gate=0.5, average=average, drop_cfg=False)
+        with control(model, tg):
+            _sample(model)
+            kept[average] = {n: dict(tg.cache[n]) for n in cross}
+    assert all(set(kept[True][n]) == {None} for n in cross)  # one mean shared by both chunks
+    own = kept[False][cross[0]]
+    assert set(own) == {"uncond", "cond"} and not torch.equal(own["uncond"], own["cond"])
+    torch.testing.assert_close(kept[True][cross[0]][None], (own["uncond"] + own["cond"]) / 2)
 
 
 def test_tgate_changes_samples_and_keeps_guidance_per_chunk_when_not_averaging():
@@ -102,19 +105,25 @@ def test_attention_cache_computes_every_kth_step_in_its_window():
     assert cache.hits == 3 * n_self and not cache.cache.store  # cleared when the scope ends
 
 
-def test_tgate_self_attention_interval_after_warm_up():
+def test_tgate_self_attention_intervals_around_the_gate():
     model = toy()
-    tg = TGate(gate=0.5, self_every=3, warm_up=0.3)
+    tg = TGate(gate=0.5, sp_interval=3, fi_interval=2, warm_up=1)
     log, _ = _count_projections(model)
+    cond = ENC.condition(["a red circle", "a blue square"])
     with control(model, tg):
-        _sample(model)
-    assert sorted({s for s, kind, _ in log if kind == "self"}) == [0, 1, 2, 5]
+        sample(
+            model, (2, 1, 8, 8), cond, scheduler=make_scheduler("ddim"), steps=12, seeds=[0, 1], guidance=3.0
+        )
+    # warm-up step 0; stored at warm_up (1) and multiples of 3; the gate (5); multiples of 2 after
+    assert sorted({s for s, kind, _ in log if kind == "self"}) == [0, 1, 3, 5, 6, 8, 10]
 
 
 @pytest.mark.parametrize(
     "make, match",
     [
         (lambda: TGate(gate=1.5), "gate must be"),
+        (lambda: TGate(sp_interval=0), "sp_interval must be > 0"),
+        (lambda: TGate(warm_up=-1), "warm_up must be >= 0"),
         (lambda: AttnCache(every=0), "every must be > 0"),
         (lambda: AttnCache(kind="joint"), "kind='joint' is not one of"),
         (lambda: AttnCache(start=0.8, end=0.2), "start=0.8, end=0.2"),

@@ -39,20 +39,24 @@ def cli_spec(
     sag: float = 0.0,
     sag_layers: str = "**",
     tgate: float | None = None,
-    tgate_drop_cfg: bool = False,
+    tgate_keep_cfg: bool = False,
     cache_every: int = 1,
 ) -> dict[str, dict]:
-    """The spec the `sample` command's options ask for (off options are left out)."""
+    """The spec the `sample` command's options ask for (off options are left out).
+
+    T-GATE's spec always names drop_cfg, so a sample's provenance says whether guidance was dropped
+    after the gate (the reference's default) or kept (`--tgate-keep-cfg`, a variant).
+    """
     spec: dict[str, dict] = {}
     if pag:
         spec["pag"] = {"scale": pag, "layers": pag_layers}
     if sag:
         spec["sag"] = {"scale": sag, "layers": sag_layers}
     if tgate is not None:
-        spec["tgate"] = {"gate": tgate, "drop_cfg": tgate_drop_cfg}
-    elif tgate_drop_cfg:
+        spec["tgate"] = {"gate": tgate, "drop_cfg": not tgate_keep_cfg}
+    elif tgate_keep_cfg:
         raise ConfigError(
-            "--tgate-drop-cfg needs --tgate GATE (the fraction of steps after which CFG is dropped)"
+            "--tgate-keep-cfg needs --tgate GATE (the fraction of steps after which cross-attention is frozen)"
         )
     if cache_every > 1:
         spec["attn_cache"] = {"every": cache_every}

@@ -58,11 +58,17 @@ def sample_command(
     ] = "**",
     tgate: Annotated[
         float | None,
-        typer.Option("--tgate", help="T-GATE: freeze cross-attention from this fraction of the steps."),
+        typer.Option(
+            "--tgate",
+            help="T-GATE: freeze cross-attention from this fraction of the steps and drop classifier-free "
+            "guidance after it, as the T-GATE code does.",
+        ),
     ] = None,
-    tgate_drop_cfg: Annotated[
+    tgate_keep_cfg: Annotated[
         bool,
-        typer.Option("--tgate-drop-cfg", help="T-GATE: also drop classifier-free guidance after the gate."),
+        typer.Option(
+            "--tgate-keep-cfg", help="T-GATE variant: keep classifier-free guidance after the gate."
+        ),
     ] = False,
     cache_every: Annotated[
         int, typer.Option("--cache-every", min=1, help="Recompute attention every k steps, reuse in between.")
@@ -84,7 +90,7 @@ def sample_command(
     from attnlab.samples import model_techniques, provenance_base, write_samples
     from attnlab.train.checkpoint import load_model, model_dir, weights_file
 
-    spec = cli_spec(pag, pag_layers, sag, sag_layers, tgate, tgate_drop_cfg, cache_every)
+    spec = cli_spec(pag, pag_layers, sag, sag_layers, tgate, tgate_keep_cfg, cache_every)
     for name, opts in technique_options(technique or ()).items():
         spec[name] = {**spec.get(name, {}), **opts}
     techniques = sampling_plan(spec)

@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from attnlab.attention import AttnCall, Control
-from attnlab.control.common import as_patterns, check_choice, check_positive, require_layers, window
+from attnlab.control.common import (
+    as_patterns,
+    check_choice,
+    check_positive,
+    is_main_pass,
+    require_layers,
+    window,
+)
 from attnlab.techniques import register
 
 
@@ -65,6 +72,8 @@ class AttnCache(Control):
         layers: layer name patterns (see `attnlab.attention.match_layer`).
         kind: "self", "cross" or "both".
         start, end: the step window, as fractions of the run, where outputs are reused.
+    Only the sampling loop's own passes are cached: a guidance's extra pass (PAG's perturbed pass,
+    SAG's degraded pass, Attend-and-Excite's excite pass) computes every layer at every step.
     """
 
     every: int = 2
@@ -90,7 +99,8 @@ class AttnCache(Control):
         return found
 
     def active(self, call: AttnCall) -> bool:
-        return call.step is not None  # the window decides reuse, not whether to record
+        # the window decides reuse, not whether to record; extra passes are never cached
+        return call.step is not None and is_main_pass(call)
 
     def replace(self, call: AttnCall, x: Tensor) -> Tensor | None:
         out = self.cache.get(call, x)

@@ -117,7 +117,13 @@ def gaussian_kernel(sigma: float) -> Tensor:
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     """Separable Gaussian blur over the spatial dims of (B, C, *spatial), reflect-padded, any dim."""
-    k = gaussian_kernel(sigma).to(x)
+    return separable_blur(x, gaussian_kernel(sigma))
+
+
+def separable_blur(x: Tensor, kernel: Tensor) -> Tensor:
+    """(B, C, *spatial) convolved with the odd 1D `kernel` along every spatial dim, reflect-padded
+    (replicate where a dim is too short to reflect): one 1D pass per dim equals the product kernel."""
+    k = kernel.to(x)
     r = k.numel() // 2
     b, c = x.shape[:2]
     spatial = x.shape[2:]

@@ -22,10 +22,10 @@ from attnlab.control.common import (
     as_patterns,
     check_positive,
     extra_pass,
-    gaussian_blur,
     grid_tokens,
     require_layers,
     resize,
+    separable_blur,
     to_grid,
     window,
 )
@@ -79,22 +79,32 @@ class DifferentiableCrossMaps(Control):
     provides=("guidance", "bind_prompts"),
     needs_prompts="attnlab.control.AttendExcite.bind",
     needs_text=True,
-    summary="latent updates at early steps so every named object gets attention: fewer missing objects, slower",
+    summary="latent updates at early steps so every named object gets attention, each latent refined on "
+    "its own as the reference code: fewer missing objects, slower",
 )
 @dataclass(eq=False)
 class AttendExcite:
     """Attend-and-Excite, a plug-in for `attnlab.diffusion.sample(guidances=...)` (acts in `prepare`).
 
+    The defaults are the reference code's (yuval-alaluf/Attend-and-Excite, 50 steps: thresholds
+    {0: 0.05, 10: 0.5, 20: 0.8}, scale_factor 20, max_iter_to_alter 25, 20 refinement steps, a 3x3
+    smoothing kernel with sigma 0.5). Each latent row is refined on its own: a row that reached its
+    threshold is left alone while others still refine, so a sample never depends on its batch.
+
     Args:
-        end: fraction of the run during which the latent is updated (the paper: 25 of 50 steps).
-        step_size: gradient step (scaled by sqrt(linspace(1, 0.5)) over the run, as the paper).
-        refine_at: fractions of the run at which the update is iterated until the loss is low enough.
+        end: fraction of the run during which the latent is updated (the reference: 25 of 50 steps).
+        step_size: gradient step, scaled by sqrt(linspace(1, 0.5)) over the run (scale_factor).
+        refine_at: fractions of the run at which the update is iterated until the loss is low enough
+            (step i refines when i == round(fraction * steps)).
         thresholds: the attention each token must reach at the matching `refine_at` step.
-        max_refine: at most this many refinement iterations per refine step.
-        temperature: softmax temperature over the text tokens (the paper: 1/100).
-        smooth_sigma: Gaussian smoothing of each token map before its maximum is taken.
+        max_refine: at most this many refinement updates per refine step.
+        temperature: softmax temperature over the text tokens (the reference: 1/100).
+        smooth_sigma: sigma of the reference's smoothing kernel, weights exp(-(d / (2 sigma))^2)
+            (0 = no smoothing).
+        smooth_size: taps of that kernel per spatial dim (odd).
         layers: cross-attention layer name patterns.
-    Call `bind(token_indices, spans)` before sampling.
+    Call `bind(token_indices, spans)` before sampling. After a run, `refinements[i]` holds each
+    row's number of refinement updates at refine step i (before the step's own update).
     """
 
     end: float = 0.5
@@ -104,12 +114,19 @@ class AttendExcite:
     max_refine: int = 20
     temperature: float = 0.01
     smooth_sigma: float = 0.5
+    smooth_size: int = 3
     layers: str | tuple[str, ...] = "**"
 
     def __post_init__(self):
         window(0.0, self.end, "attend_excite")
         check_positive("attend_excite", "step_size", self.step_size, allow_zero=True)
         check_positive("attend_excite", "temperature", self.temperature)
+        check_positive("attend_excite", "max_refine", self.max_refine, allow_zero=True)
+        check_positive("attend_excite", "smooth_sigma", self.smooth_sigma, allow_zero=True)
+        if self.smooth_size < 1 or self.smooth_size % 2 == 0:
+            raise ConfigError(
+                f"attend_excite: smooth_size must be an odd number >= 1, got {self.smooth_size}"
+            )
         if len(self.refine_at) != len(self.thresholds):
             raise ConfigError(
                 f"attend_excite: refine_at has {len(self.refine_at)} entries but thresholds has {len(self.thresholds)}"
@@ -118,6 +135,7 @@ class AttendExcite:
         self._maps = DifferentiableCrossMaps(self.layers)
         self.tokens: list[list[int]] = []
         self.spans: list[tuple[int, int]] = []
+        self.refinements: dict[int, list[int]] = {}
 
     def bind(self, token_indices: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]) -> AttendExcite:
         """Per batch row: the chosen tokens' positions and the [first, last) span of text tokens
@@ -159,17 +177,40 @@ class AttendExcite:
         i, steps = ctx["i"], ctx["steps"]
         if not self.tokens or i / steps >= self.end or self.step_size == 0:
             return x
+        if x.shape[0] != len(self.tokens):
+            raise ConfigError(f"attend_excite: bound to {len(self.tokens)} rows, the batch has {x.shape[0]}")
         step = self.step_size * (1.0 - 0.5 * i / max(1, steps - 1)) ** 0.5  # sqrt(linspace(1, 0.5))
-        z = x.detach()
+        z = x.detach().clone()
+        every = torch.arange(x.shape[0], device=x.device)
+        loss, grad = self._loss_and_grad(model, z, t, cond, ctx, every)
         threshold = self._threshold(i, steps)
         if threshold is not None:
-            for _ in range(self.max_refine):
-                loss, grad = self._loss_and_grad(model, z, t, cond, ctx)
-                if loss.max() <= 1 - threshold:
-                    break
-                z = z - step * grad
-        _, grad = self._loss_and_grad(model, z, t, cond, ctx)
-        return (z - step * grad).detach()
+            counts = self._refine(model, z, t, cond, ctx, loss, grad, step, max(0.0, 1.0 - threshold))
+            self.refinements[i] = counts.tolist()
+        return _descend(z, loss, grad, step).detach()
+
+    def _refine(self, model, z, t, cond, ctx, loss, grad, step, target) -> Tensor:
+        """The reference's iterative refinement, row by row, in place on z, loss and grad.
+
+        Each iteration updates the row with the gradient at its current latent, then stops once the
+        loss that drove the update was at most `target`, or after `max_refine` updates; the loss
+        and gradient are then taken again at the refined latent for the step's own update.
+        """
+        todo = loss > target  # (B,) rows that refine at all
+        counts = torch.zeros_like(todo, dtype=torch.long)
+        going = todo & (counts < self.max_refine)
+        while going.any():
+            r = going.nonzero().flatten()
+            z[r] = _descend(z[r], loss[r], grad[r], step)
+            counts[r] += 1
+            going = going & (loss > target) & (counts < self.max_refine)
+            r = going.nonzero().flatten()
+            if len(r):
+                loss[r], grad[r] = self._loss_and_grad(model, z[r], t, cond, ctx, r)
+        r = todo.nonzero().flatten()
+        if len(r):
+            loss[r], grad[r] = self._loss_and_grad(model, z[r], t, cond, ctx, r)
+        return counts
 
     def _threshold(self, i: int, steps: int) -> float | None:
         for frac, thr in zip(self.refine_at, self.thresholds):
@@ -179,35 +220,49 @@ class AttendExcite:
 
     def token_maxima(self, model, x: Tensor, t: Tensor, cond, ctx: dict) -> list[Tensor]:
         """Per row, (K,): each chosen token's smoothed attention peak at latent x (no gradient)."""
+        every = torch.arange(x.shape[0], device=x.device)
         with torch.no_grad():
-            return self._maxima(self._excite_maps(model, x, t, cond, ctx))
+            return self._maxima(self._excite_maps(model, x, t, cond, ctx, every), every)
 
-    def _loss_and_grad(self, model, z: Tensor, t: Tensor, cond, ctx: dict) -> tuple[Tensor, Tensor]:
+    def _loss_and_grad(self, model, z: Tensor, t: Tensor, cond, ctx: dict, rows: Tensor):
+        """Per row of z (the batch rows `rows`): the loss max_k (1 - peak_k) and its gradient."""
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
-            peaks = self._maxima(self._excite_maps(model, z, t, cond, ctx))
-            loss = torch.stack([(1 - p).amax() for p in peaks])  # (B,): each row's most neglected token
-            (grad,) = torch.autograd.grad(loss.sum(), z)
+            peaks = self._maxima(self._excite_maps(model, z, t, cond, ctx, rows), rows)
+            loss = torch.stack([(1 - p).clamp(min=0).amax() for p in peaks])  # (n,): the most neglected token
+            (grad,) = torch.autograd.grad(loss.sum(), z)  # rows are independent: each gets its own
         return loss.detach(), grad
 
-    def _excite_maps(self, model, z: Tensor, t: Tensor, cond, ctx: dict) -> Tensor:
+    def _excite_maps(self, model, z: Tensor, t: Tensor, cond, ctx: dict, rows: Tensor) -> Tensor:
         x_in = ctx["scheduler"].scale_model_input(z, t[0]) if "scheduler" in ctx else z
-        with extra_pass(model, (EXCITE_ROLE,), ctx, t):
-            model(x_in, t, cond)
-        return self._maps.take()  # (B, L, *grid)
+        tr = t[rows]
+        with extra_pass(model, (EXCITE_ROLE,), ctx, tr):  # the rows still refining
+            model(x_in, tr, cond.index(rows))
+        return self._maps.take()  # (n, L, *grid)
 
-    def _maxima(self, maps: Tensor) -> list[Tensor]:
-        if maps.shape[0] != len(self.tokens):
-            raise ConfigError(
-                f"attend_excite: bound to {len(self.tokens)} rows, the batch has {maps.shape[0]}"
-            )
-        rows = []
-        for r, (idx, (a, b)) in enumerate(zip(self.tokens, self.spans)):
-            text = (maps[r, a:b] / self.temperature).softmax(0)  # (T, *grid): tokens compete per position
+    def _maxima(self, maps: Tensor, rows: Tensor) -> list[Tensor]:
+        kernel = smoothing_kernel(self.smooth_size, self.smooth_sigma) if self.smooth_sigma > 0 else None
+        peaks = []
+        for m, r in zip(maps, rows.tolist()):
+            (a, b), idx = self.spans[r], self.tokens[r]
+            text = (m[a:b] / self.temperature).softmax(0)  # (T, *grid): tokens compete per position
             chosen = text[[k - a for k in idx]].unsqueeze(1)  # (K, 1, *grid)
-            smooth = gaussian_blur(chosen, self.smooth_sigma) if self.smooth_sigma > 0 else chosen
-            rows.append(smooth.flatten(1).amax(1))  # (K,)
-        return rows
+            smooth = separable_blur(chosen, kernel) if kernel is not None else chosen
+            peaks.append(smooth.flatten(1).amax(1))  # (K,)
+        return peaks
+
+
+def smoothing_kernel(size: int, sigma: float) -> Tensor:
+    """The reference's 1D smoothing weights (its GaussianSmoothing): exp(-((d - c) / (2 sigma))^2), summed to 1."""
+    d = torch.arange(size, dtype=torch.float64) - (size - 1) / 2  # cast to the maps by separable_blur
+    k = torch.exp(-((d / (2 * sigma)) ** 2))
+    return k / k.sum()
+
+
+def _descend(z: Tensor, loss: Tensor, grad: Tensor, step: float) -> Tensor:
+    """z - step * grad, rows whose loss is exactly 0 left alone (the reference skips them)."""
+    moving = (loss != 0).to(z.dtype).view(-1, *[1] * (z.dim() - 1))
+    return z - step * moving * grad
 
 
 def _has_word(prompt: str, word: str) -> bool:

@@ -1,9 +1,12 @@
-"""T-GATE: after a gate step, cross-attention outputs are frozen and reused instead of computed.
+"""T-GATE: cross-attention frozen after a gate step, self-attention cached on a schedule, CFG dropped.
 
 Zhang et al., "Cross-Attention Makes Inference Cumbersome in Text-to-Image Diffusion Models"
 (2024, arXiv:2404.02747) and its v2 "Faster Diffusion via Temporal Attention Decomposition":
 cross-attention converges in the first steps (semantics planning), so the later steps (fidelity
-improving) can reuse its last output; self-attention may also be cached every k steps.
+improving) reuse its last output and need no classifier-free guidance; self-attention is cached
+every few steps in both phases. The schedule is the reference code's (`tgate_scheduler` in
+HaozheLiu-ST/T-GATE `tgate/tgate_utils.py`, its defaults `gate_step=10, sp_interval=5,
+fi_interval=1, warm_up=2` of 25 steps).
 """
 
 from __future__ import annotations
@@ -11,15 +14,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from attnlab.attention import AttnCall, Control, select_layers
-from attnlab.control.cache import StepCache
 from attnlab.control.common import as_patterns, check_positive, is_main_pass, require_layers
 from attnlab.errors import ConfigError
 from attnlab.techniques import register
+
+Action = Literal["compute", "store", "reuse"]
+MEAN = None  # key of the averaged entry in a layer's cache (rows shared by every chunk)
 
 
 @register(
@@ -28,44 +34,61 @@ from attnlab.techniques import register
     paper="T-GATE (Zhang et al., 2024, arXiv:2404.02747)",
     training_free=True,
     provides=("controls", "cfg_schedule"),
-    summary="freeze cross-attention after a gate step (optionally cache self-attention, drop CFG): faster late steps",
+    summary="as the T-GATE code: cross-attention frozen after a gate step, self-attention cached every "
+    "few steps, CFG dropped after the gate (drop_cfg=False keeps it, a variant): faster late steps",
 )
 @dataclass(eq=False)
 class TGate(Control):
-    """Freeze the selected cross-attention layers from step `gate * steps` on.
+    """T-GATE on the selected layers; the defaults are the reference code's (10 of 25 steps gated).
+
+    Per step i, with gate step g = ceil(gate * steps), as `tgate_scheduler` does:
+    - i < g - 1 (semantics planning): cross-attention computed; self-attention computed for the
+      first `warm_up` steps, then stored at step `warm_up` and every step that is a multiple of
+      `sp_interval`, reused at the others;
+    - i == g - 1 (the gate): both computed and stored, as the mean of the uncond and cond outputs;
+    - i >= g (fidelity improving): cross-attention reused; self-attention stored at multiples of
+      `fi_interval`, reused at the others; without classifier-free guidance when `drop_cfg`.
+    Only the sampling loop's own passes are gated or cached: a guidance's extra pass (PAG, SAG,
+    Attend-and-Excite) computes every layer.
 
     Args:
-        gate: fraction of the run after which cross-attention is no longer computed (1.0 = never).
-        layers: layer name patterns (cross-attention layers among them are gated).
-        average: reuse the mean of the uncond and cond outputs for every batch chunk, as T-GATE
-            does; False reuses each chunk's own output (keeps guidance alive after the gate).
-        self_every: also cache self-attention, recomputing it every k steps after `warm_up`
-            (T-GATE v2's interval caching); 0 leaves self-attention alone.
-        warm_up: fraction of the run at the start where self-attention is always computed.
-        drop_cfg: after the gate, sample without the unconditional batch (as the T-GATE code does).
-            Read by the sampling loop through `guidance_scale`; the attention part ignores it.
+        gate: fraction of the run after which cross-attention is no longer computed (1.0 = never);
+            the reference's gate_step / steps.
+        layers: layer name patterns (their cross- and self-attention layers are gated and cached).
+        average: at the gate, keep the mean of the uncond and cond outputs for every chunk, as
+            T-GATE does; False keeps each chunk's own output (with drop_cfg=False, guidance stays
+            alive after the gate).
+        sp_interval: self-attention refresh interval in steps before the gate (1 = always computed).
+        fi_interval: the same after the gate.
+        warm_up: number of steps at the start where self-attention is always computed (steps, as
+            the reference counts them, not a fraction).
+        drop_cfg: after the gate, run one chunk with no guidance formula, as the reference does;
+            False ("CFG kept", a variant) keeps both chunks and the guidance. Read by the sampling
+            loop through `guidance_schedule`; the attention part ignores it. The chunk is the cond
+            rows, where the reference passes the negative prompt: the same when text enters only
+            through the frozen cross-attention (SD); attnlab's models also add a pooled text vector.
     """
 
     gate: float = 0.4
     layers: str | tuple[str, ...] = "**"
     average: bool = True
-    self_every: int = 0
-    warm_up: float = 0.1
-    drop_cfg: bool = False
+    sp_interval: int = 5
+    fi_interval: int = 1
+    warm_up: int = 2
+    drop_cfg: bool = True
 
     def __post_init__(self):
         if not 0.0 <= self.gate <= 1.0:
             raise ConfigError(f"tgate: gate must be a fraction of the run in [0, 1], got {self.gate}")
-        check_positive("tgate", "self_every", self.self_every, allow_zero=True)
-        if not 0.0 <= self.warm_up <= 1.0:
-            raise ConfigError(f"tgate: warm_up must be in [0, 1], got {self.warm_up}")
+        check_positive("tgate", "sp_interval", self.sp_interval)
+        check_positive("tgate", "fi_interval", self.fi_interval)
+        check_positive("tgate", "warm_up", self.warm_up, allow_zero=True)
         self.layers = as_patterns(self.layers)
         self.kind = None
-        self.frozen: dict[str, dict[str, Tensor]] = {}  # layer -> role -> last cross output
-        self.self_cache = StepCache(max(1, self.self_every), self.warm_up, 1.0)
+        self.cache: dict[str, dict[str | None, Tensor]] = {}  # layer -> role (or MEAN) -> output rows
         self.skipped = {"cross": 0, "self": 0}
 
-    # Which steps are gated
+    # The schedule
 
     def gate_step(self, num_steps: int) -> int:
         """First gated step index for a run of `num_steps` (== num_steps when never gated)."""
@@ -73,6 +96,22 @@ class TGate(Control):
 
     def gated(self, step: int | None, num_steps: int | None) -> bool:
         return step is not None and step >= self.gate_step(num_steps)
+
+    def action(self, kind: str, step: int, num_steps: int) -> Action:
+        """What a `kind` ("cross" or "self") layer does at `step`: compute, store (compute and keep
+        for later steps) or reuse the kept output."""
+        g = self.gate_step(num_steps)
+        if step == g - 1:
+            return "store"  # the gate forces a refresh of both
+        if step >= g:
+            if kind == "cross":
+                return "reuse"
+            return "store" if step % self.fi_interval == 0 else "reuse"
+        if kind == "cross":
+            return "compute"
+        if step < self.warm_up:
+            return "compute"
+        return "store" if step == self.warm_up or step % self.sp_interval == 0 else "reuse"
 
     def guidance_scale(self, scale: float, step: int, num_steps: int) -> float:
         """The CFG scale the loop should use at `step`: 1.0 (no uncond pass) after the gate if drop_cfg."""
@@ -86,57 +125,49 @@ class TGate(Control):
 
     # Control hooks
 
+    def caches_self(self) -> bool:
+        return self.sp_interval > 1 or self.fi_interval > 1
+
     def select(self, model: nn.Module):
-        kinds = ("cross", "self") if self.self_every else ("cross",)
+        kinds = ("cross", "self") if self.caches_self() else ("cross",)
         found = [m for m in select_layers(model, self.layers) if m.kind in kinds]
         require_layers("tgate", model, found, self.layers, "cross")
         return found
 
     def active(self, call: AttnCall) -> bool:
-        return call.step is not None
+        return call.step is not None and is_main_pass(call)
 
     def replace(self, call: AttnCall, x: Tensor) -> Tensor | None:
-        if call.kind == "self":
-            return self._self_replace(call, x)
-        if not self.gated(call.step, call.num_steps):
-            call.scratch[id(self)] = is_main_pass(call)  # record this output in `after`
-            return None
-        out = self._frozen_output(call, x)
+        act = self.action(call.kind, call.step, call.num_steps)
+        out = self._reused(call, x) if act == "reuse" else None
         if out is not None:
-            self.skipped["cross"] += 1
+            self.skipped[call.kind] += 1
+        elif act == "store":
+            call.scratch[id(self)] = call.step == self.gate_step(call.num_steps) - 1 and self.average
         return out
 
     def after(self, call: AttnCall, out: Tensor) -> Tensor:
-        note = call.scratch.get(id(self))
-        if call.kind == "cross" and note:
+        average = call.scratch.get(id(self))
+        if average is not None:
             n = out.shape[0] // len(call.roles)
-            self.frozen[call.name] = {r: out[i * n : (i + 1) * n].detach() for i, r in enumerate(call.roles)}
-        elif call.kind == "self" and note is not None:
-            self.self_cache.put(note, out)
+            own = {r: out[i * n : (i + 1) * n].detach() for i, r in enumerate(call.roles)}
+            # T-GATE at the gate: cache = (hidden_uncond + hidden_pred_text) / 2
+            self.cache[call.name] = {MEAN: torch.stack(list(own.values())).mean(0)} if average else own
         return out
 
-    def _frozen_output(self, call: AttnCall, x: Tensor) -> Tensor | None:
-        cache = self.frozen.get(call.name)
-        if not cache:
-            return None  # gated before anything was recorded (gate = 0): compute
-        mean = torch.stack(list(cache.values())).mean(0)  # T-GATE: (uncond + cond) / 2
-        parts = [mean if self.average else cache.get(r, mean) for r in call.roles]
+    def _reused(self, call: AttnCall, x: Tensor) -> Tensor | None:
+        kept = self.cache.get(call.name)
+        if not kept:
+            return None  # nothing stored yet (gate = 0): compute
+        parts = [kept.get(r, kept.get(MEAN)) for r in call.roles]
+        if any(p is None for p in parts):
+            return None
         out = torch.cat(parts)
         return out if out.shape[:2] == x.shape[:2] else None
 
-    def _self_replace(self, call: AttnCall, x: Tensor) -> Tensor | None:
-        out = self.self_cache.get(call, x)
-        if out is None:
-            call.scratch[id(self)] = self.self_cache.key(call, x)
-        else:
-            self.skipped["self"] += 1
-        return out
-
     def on_install(self, model, layers):
-        self.frozen.clear()
-        self.self_cache.store.clear()
+        self.cache.clear()
         self.skipped = {"cross": 0, "self": 0}
 
     def on_remove(self, model):
-        self.frozen.clear()
-        self.self_cache.store.clear()
+        self.cache.clear()
