@@ -23,7 +23,8 @@ def test_heat_maps_are_non_negative_normalised_and_sized(dims, size):
             model, (2, 1, *size), cond, scheduler=make_scheduler("ddim"), steps=3, seeds=[0, 1], guidance=2.0
         )
     n_cross = 3  # blocks.0, blocks.1, mid: cond rows only, every step
-    assert hm.count == 3 * n_cross and set(hm.sums) == {size[:1] * dims, tuple(s // 2 for s in size)}
+    assert hm.count == 3 * n_cross and set(hm.sums) == {"blocks.0.attn2", "blocks.1.attn2", "mid.attn2"}
+    assert {tuple(m.shape[3:]) for m in hm.sums.values()} == {size[:1] * dims, tuple(s // 2 for s in size)}
     maps = hm.maps(size)
     assert maps.shape == (2, cond.tokens.shape[1], *size) and (maps >= 0).all()
     words = word_maps(hm, PROMPT, ["red", "square"], ENC, size, row=0)
@@ -32,14 +33,14 @@ def test_heat_maps_are_non_negative_normalised_and_sized(dims, size):
     assert not torch.allclose(words["red"], words["square"])
 
 
-def test_heat_maps_average_layer_steps():
+def test_heat_maps_sum_steps_and_average_heads():
     model = toy()
     hm = HeatMaps(layers="blocks.0")
     with control(model, hm):
         for _ in range(2):
             model(torch.randn(1, 1, 8, 8), torch.tensor([10]), ENC.condition([PROMPT]))
-    # each query's map sums to 1 over tokens, so the mean over layer-steps does too
-    torch.testing.assert_close(hm.maps((8, 8)).sum(1), torch.ones(1, 8, 8))
+    # each query's map sums to 1 over tokens: summed over 2 steps (DAAM), averaged over heads
+    torch.testing.assert_close(hm.maps((8, 8)).sum(1), torch.full((1, 8, 8), 2.0))
 
 
 def test_heat_map_errors_name_the_problem():

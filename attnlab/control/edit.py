@@ -73,4 +73,4 @@ def edit(
         seeds=[seed] * len(prompts),
         guidances=[p2p, *guidances],
     )
-    return p2p.blend_latent(x)  # Prompt-to-Prompt blends after every step, the last one included
+    return p2p.after_step(x, steps - 1, steps)  # Prompt-to-Prompt blends after every step, the last one too

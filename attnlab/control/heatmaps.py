@@ -1,13 +1,17 @@
-"""Per-token attention heat maps, aggregated over layers, heads and steps (DAAM).
+"""Per-token attention heat maps aggregated as DAAM does: per layer and head, over steps.
 
 Tang et al., "What the DAAM: Interpreting Stable Diffusion Using Cross Attention" (ACL 2023,
-arXiv:2210.04885): the cross-attention a token receives, averaged over heads, summed over steps,
-upsampled from every layer's grid to the sample's resolution, clamped at zero and averaged over
-layers, localises what the token produced. Works on 2D grids (images) and 1D grids (audio).
+arXiv:2210.04885), as its code does it (castorini/daam: `trace.py`, `heatmap.py`): each cross-attention
+layer's map, per head, summed over the sampling steps; at query time every (layer, head) map is
+upsampled bicubically to the sample's size and clamped at zero, and the maps are averaged over
+layers and heads. The coarsest maps are left out (DAAM skips factor 8, the 8x8 maps of a 64x64
+latent). A word's map is the mean over its tokens. Works on 2D grids (images) and 1D grids (audio,
+upsampled linearly).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,12 +21,12 @@ from torch import Tensor, nn
 from attnlab.attention import AttnCall, Control, select_layers
 from attnlab.control.common import (
     as_patterns,
+    check_positive,
     grid_tokens,
     is_main_pass,
     require_layers,
     resize,
     rows,
-    to_grid,
     window,
 )
 from attnlab.errors import ConfigError
@@ -37,7 +41,7 @@ from attnlab.techniques import register
     provides=("controls",),
     needs_prompts="attnlab maps",
     needs_text=True,
-    summary="per-word heat maps from cross-attention: explains a sample; maps only the selected layers",
+    summary="per-word heat maps from cross-attention, aggregated as DAAM's code (per layer and head, summed over steps, coarsest maps left out): explains a sample; maps only the selected layers",
 )
 @dataclass(eq=False)
 class HeatMaps(Control):
@@ -46,18 +50,24 @@ class HeatMaps(Control):
     Args:
         layers: cross-attention layer name patterns.
         start, end: the step window, as fractions of the run.
+        skip_factor: maps whose grid is at least this many times coarser than the sample (per side,
+            DAAM's `factor`) are left out, as DAAM leaves out Stable Diffusion's 8x8 maps of a 64x64
+            latent; where every recorded map is that coarse, all are kept. None keeps every map.
     After sampling, `maps(size)` gives per-token maps and `word_map(indices, size)` per-word maps.
     """
 
     layers: str | tuple[str, ...] = "**"
     start: float = 0.0
     end: float = 1.0
+    skip_factor: float | None = 8
 
     def __post_init__(self):
         self.layers = as_patterns(self.layers)
         self.window = window(self.start, self.end, "heatmaps")
+        if self.skip_factor is not None:
+            check_positive("heatmaps", "skip_factor", self.skip_factor)
         self.kind = "cross"
-        self.sums: dict[tuple[int, ...], Tensor] = {}  # grid -> (B, L, *grid) summed maps
+        self.sums: dict[str, Tensor] = {}  # layer name -> (B, heads, L, *grid) summed over steps
         self.count = 0  # layer-steps recorded
 
     def select(self, model: nn.Module):
@@ -73,9 +83,10 @@ class HeatMaps(Control):
 
     def probs(self, call: AttnCall, p: Tensor) -> Tensor:
         if grid_tokens(call, p.shape[-2]):
-            m = to_grid(rows(call, p, "cond").detach().float().mean(1), call.grid)  # (B, L, *grid)
-            prev = self.sums.get(call.grid)
-            self.sums[call.grid] = m if prev is None else prev + m
+            c = rows(call, p, "cond").detach().float()  # (B, heads, N, L)
+            m = c.transpose(-1, -2).reshape(*c.shape[:2], c.shape[-1], *call.grid)  # (B, heads, L, *grid)
+            prev = self.sums.get(call.name)
+            self.sums[call.name] = m if prev is None else prev + m
             self.count += 1
         return p
 
@@ -86,15 +97,35 @@ class HeatMaps(Control):
         self.sums, self.count = {}, 0
 
     def maps(self, size: Sequence[int]) -> Tensor:
-        """(B, L, *size): per-token maps, mean over layer-steps, resized and clamped at zero."""
+        """(B, L, *size): per-token maps at the sample's size `size`: each (layer, head) map summed
+        over steps, upsampled, clamped at zero, then the mean over layers and heads (DAAM's
+        `compute_global_heat_map`)."""
         if not self.count:
             raise ConfigError("heatmaps: nothing was recorded (no conditional cross-attention call ran)")
         size = tuple(size)
-        total = sum(resize(s, size).clamp(min=0) for s in self.sums.values())
-        return total / self.count
+        kept = self._kept(size)
+        total = sum(self._upsampled(self.sums[name], size).sum(1) for name in kept)
+        return total / sum(self.sums[name].shape[1] for name in kept)
+
+    def _kept(self, size: tuple[int, ...]) -> list[str]:
+        """The layers whose maps are fine enough to use (all of them if none is)."""
+
+        def factor(m: Tensor) -> float:  # sample side / map side, DAAM's sqrt(latent_hw // N)
+            return (math.prod(size) / math.prod(m.shape[3:])) ** (1 / len(size))
+
+        skip = None if self.skip_factor is None else self.skip_factor * (1 - 1e-9)  # roots of exact powers
+        fine = [n for n, m in self.sums.items() if skip is None or factor(m) < skip]
+        return fine or list(self.sums)
+
+    @staticmethod
+    def _upsampled(m: Tensor, size: tuple[int, ...]) -> Tensor:
+        b, h, k = m.shape[:3]
+        up = resize(m.reshape(b, h * k, *m.shape[3:]), size)  # (B, heads * L, *size), bicubic in 2D
+        return up.reshape(b, h, k, *size).clamp(min=0)  # clamping per head fixes bicubic undershoot
 
     def word_map(self, indices: Sequence[int], size: Sequence[int]) -> Tensor:
-        """(B, *size) map of the tokens `indices` (one word's pieces), min-max normalised per row."""
+        """(B, *size) map of the tokens `indices` (one word's pieces, every occurrence): their mean
+        (DAAM's `compute_word_heat_map`), min-max normalised per row (its `expand_as`)."""
         if not indices:
             raise ConfigError("heatmaps: a word map needs at least one token index")
         return normalise(self.maps(size)[:, list(indices)].mean(1))
@@ -102,7 +133,7 @@ class HeatMaps(Control):
 
 def normalise(m: Tensor, shift: bool = True) -> Tensor:
     """Per row, to [0, 1]: (m - min) / (max - min) as DAAM's relative maps, or m / max with
-    shift=False (Prompt-to-Prompt's blend mask). A constant row becomes zero. (B, *size)."""
+    shift=False. A constant row becomes zero. (B, *size)."""
     m = m.clamp(min=0)
     flat = m.flatten(1)
     low = flat.amin(1) if shift else torch.zeros_like(flat[:, 0])

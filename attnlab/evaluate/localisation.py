@@ -55,8 +55,9 @@ def word_localisation(
     """Heat-map IoU of words with their objects' masks on real images, so the masks are exact.
 
     Each image is noised to the sampler's timesteps (one fixed noise per image) and denoised once per
-    timestep under its caption while cross-attention is recorded (DAAM's maps: mean over layers,
-    heads and timesteps). A word's map is min-max normalised and thresholded as in
+    timestep under its caption while cross-attention is recorded (DAAM's maps, `HeatMaps`: each
+    layer's and head's map summed over timesteps, upsampled, clamped at zero, averaged; the
+    coarsest maps left out). A word's map is min-max normalised and thresholded as in
     `heatmap_localisation`.
 
     Args:
