@@ -27,6 +27,7 @@ from attnlab.attention import attention_layers, control
 from attnlab.conditioning import Condition
 from attnlab.control import PAG, AttendExcite, AttnCache, TGate
 from attnlab.diffusion import make_scheduler, sample
+from attnlab.techniques import get
 
 pytestmark = pytest.mark.usefixtures("one_thread", "float64")
 
@@ -68,7 +69,7 @@ def _close(out, ref, effect_from=None):
         assert effect >= 100 * RTOL, f"the control's effect {effect:.2e} is too small to test"
 
 
-def _attnlab(model, cond, noise, steps, controls=(), guidances=(), guidance=W):
+def _attnlab(model, cond, noise, steps, controls=(), guidances=(), guidance=W, seeds=None):
     with control(model, list(controls)):
         return sample(
             model,
@@ -78,6 +79,7 @@ def _attnlab(model, cond, noise, steps, controls=(), guidances=(), guidance=W):
             steps=steps,
             guidance=guidance,
             x_T=noise,
+            seeds=seeds,
             guidances=list(guidances),
         )
 
@@ -368,11 +370,15 @@ def test_attend_and_excite_refines_each_latent_as_the_reference():
     assert len(set(counts[10])) == 3 and 0 in counts[10] and max(counts[20]) == 20
 
 
-def _each_alone(model, cond, noise, steps, make_controls=lambda: (), make_guidances=lambda r: (), **kw):
+def _each_alone(
+    model, cond, noise, steps, make_controls=lambda: (), make_guidances=lambda r: (), seeds=None, **kw
+):
     rows = []
     for r in range(len(noise)):
-        c = cond.index(slice(r, r + 1))
-        rows.append(_attnlab(model, c, noise[r : r + 1], steps, make_controls(), make_guidances(r), **kw))
+        c, seed = cond.index(slice(r, r + 1)), None if seeds is None else seeds[r : r + 1]
+        rows.append(
+            _attnlab(model, c, noise[r : r + 1], steps, make_controls(), make_guidances(r), seeds=seed, **kw)
+        )
     return torch.cat(rows)
 
 
@@ -385,6 +391,28 @@ def test_attend_and_excite_sample_is_itself_drawn_alone():
         model, cond, noise, steps, make_guidances=lambda r: [AttendExcite().bind([CHOSEN[r]], [spans[r]])]
     )
     _close(together, alone, effect_from=_attnlab(model, cond, noise, steps))
+
+
+def test_attend_and_excite_with_token_merging_is_itself_drawn_alone():
+    """Token merging draws each row's destinations from its sample's seed, also on the excite pass
+    over the rows still refining."""
+    model, cfg = _model("unet")
+    cond, noise = _batch(cfg, seed=2)
+    spans, steps, seeds = _spans(cond), 10, [3, 4, 5]
+    merge = lambda: [get("tome").build(ratio=0.5)]  # noqa: E731
+    ae = AttendExcite().bind(CHOSEN, spans)
+    together = _attnlab(model, cond, noise, steps, merge(), [ae], seeds=seeds)
+    assert any(min(c) < max(c) for c in ae.refinements.values())  # excite passes over some rows only
+    alone = _each_alone(
+        model,
+        cond,
+        noise,
+        steps,
+        merge,
+        lambda r: [AttendExcite().bind([CHOSEN[r]], [spans[r]])],
+        seeds=seeds,
+    )
+    _close(together, alone, effect_from=_attnlab(model, cond, noise, steps, guidances=[ae], seeds=seeds))
 
 
 @pytest.mark.parametrize("name", ["tgate", "attn_cache"])

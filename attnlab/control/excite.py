@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from attnlab.attention import AttnCall, Control, select_layers
+from attnlab.attention import AttnCall, Control, sample_rows, select_layers
 from attnlab.control.common import (
     as_patterns,
     check_positive,
@@ -236,7 +236,7 @@ class AttendExcite:
     def _excite_maps(self, model, z: Tensor, t: Tensor, cond, ctx: dict, rows: Tensor) -> Tensor:
         x_in = ctx["scheduler"].scale_model_input(z, t[0]) if "scheduler" in ctx else z
         tr = t[rows]
-        with extra_pass(model, (EXCITE_ROLE,), ctx, tr):  # the rows still refining
+        with extra_pass(model, (EXCITE_ROLE,), ctx, tr), sample_rows(model, rows):  # the rows still refining
             model(x_in, tr, cond.index(rows))
         return self._maps.take()  # (n, L, *grid)
 
