@@ -50,13 +50,20 @@ def variants() -> dict[str, dict]:
         f"T-GATE g={GATE}, CFG dropped, no self-attention cache": {"tgate": {"gate": GATE, "sp_interval": 1}},
         "attention cache k=2": {"attn_cache": {"every": 2}},
         "attention cache k=3": {"attn_cache": {"every": 3}},
-        "PAG s=2": {"pag": {"scale": 2.0}},
-        "SAG s=0.5": {"sag": {"scale": 0.5}},
+        "PAG s=2 (mid block, as diffusers)": {"pag": {"scale": 2.0}},
+        "PAG s=2, every self-attention layer": {"pag": {"scale": 2.0, "layers": "**"}},
+        "SAG s=0.5 (mid block, uncond branch, as diffusers)": {"sag": {"scale": 0.5}},
+        "SAG s=0.5, every layer, cond branch, 7 taps": {
+            "sag": {"scale": 0.5, "layers": "**", "branch": "cond", "blur_taps": 7}
+        },
     }
     techniques()  # load every provider
     tome = REGISTRY.get("tome")
     if tome is not None and tome.training_free:
-        out["token merging (ToMe defaults)"] = {"tome": {}}
+        out["token merging (tomesd defaults)"] = {"tome": {}}
+        out["token merging, every resolution, fixed destinations"] = {
+            "tome": {"rand": False, "max_downsample": None}
+        }
     return out
 
 

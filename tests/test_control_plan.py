@@ -39,9 +39,10 @@ def test_bad_specs_are_named(spec, match):
 def test_cli_spec_leaves_off_options_out():
     assert cli_spec() == {}
     assert cli_spec(pag=1.0, cache_every=3) == {
-        "pag": {"scale": 1.0, "layers": "**"},
+        "pag": {"scale": 1.0},  # the technique's own default layers (the reference's)
         "attn_cache": {"every": 3},
     }
+    assert cli_spec(sag=0.5, sag_layers="**")["sag"] == {"scale": 0.5, "layers": "**"}
 
 
 def test_technique_flags_name_any_training_free_technique():

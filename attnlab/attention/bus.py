@@ -129,11 +129,14 @@ class Control:
         layers: name patterns of the layers to act on (see `match_layer`).
         kind: "self", "cross" or None for both.
         window: the sampling steps where the control acts.
+        changes_tokens: whether it changes the layer's query tokens (token merging), so that a
+            control reading the layer's full map cannot share the layer with it.
     """
 
     layers: str | Sequence[str] = "**"
     kind: str | None = None
     window: StepWindow = StepWindow()
+    changes_tokens: bool = False
 
     def select(self, model: nn.Module) -> list[Attention]:
         return select_layers(model, self.layers, self.kind)

@@ -35,9 +35,9 @@ def technique_options(items: Sequence[str]) -> dict[str, dict]:
 
 def cli_spec(
     pag: float = 0.0,
-    pag_layers: str = "**",
+    pag_layers: str | None = None,
     sag: float = 0.0,
-    sag_layers: str = "**",
+    sag_layers: str | None = None,
     tgate: float | None = None,
     tgate_keep_cfg: bool = False,
     cache_every: int = 1,
@@ -49,9 +49,9 @@ def cli_spec(
     """
     spec: dict[str, dict] = {}
     if pag:
-        spec["pag"] = {"scale": pag, "layers": pag_layers}
+        spec["pag"] = {"scale": pag, **({"layers": pag_layers} if pag_layers else {})}
     if sag:
-        spec["sag"] = {"scale": sag, "layers": sag_layers}
+        spec["sag"] = {"scale": sag, **({"layers": sag_layers} if sag_layers else {})}
     if tgate is not None:
         spec["tgate"] = {"gate": tgate, "drop_cfg": not tgate_keep_cfg}
     elif tgate_keep_cfg:

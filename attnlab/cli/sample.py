@@ -50,12 +50,20 @@ def sample_command(
     threads: Annotated[int, typer.Option("--threads", help="torch CPU threads (0 = all cores).")] = 0,
     pag: Annotated[float, typer.Option("--pag", help="Perturbed-attention guidance scale (0 = off).")] = 0.0,
     pag_layers: Annotated[
-        str, typer.Option("--pag-layers", help="Self-attention layers PAG perturbs.")
-    ] = "**",
+        str | None,
+        typer.Option(
+            "--pag-layers",
+            help="Self-attention layers PAG perturbs (default: the mid block's, as diffusers).",
+        ),
+    ] = None,
     sag: Annotated[float, typer.Option("--sag", help="Self-attention guidance scale (0 = off).")] = 0.0,
     sag_layers: Annotated[
-        str, typer.Option("--sag-layers", help="Self-attention layers SAG's mask uses.")
-    ] = "**",
+        str | None,
+        typer.Option(
+            "--sag-layers",
+            help="Self-attention layers SAG's mask uses (default: the mid block's, as diffusers).",
+        ),
+    ] = None,
     tgate: Annotated[
         float | None,
         typer.Option(

@@ -92,6 +92,14 @@ class AttentionMassRecorder(Control):
         require_layers("sag", model, found, patterns, "self")
         return found if self.layers else found[:1]  # the reference reads one map
 
+    def on_install(self, model: nn.Module, layers) -> None:
+        merged = [m.name for m in layers if any(c.changes_tokens for c in m.controls)]
+        if merged:
+            raise ConfigError(
+                f"sag reads the full self-attention map of {merged[0]}, where token merging leaves fewer "
+                "tokens: drop one, or keep tome off that layer (tome.layers or tome.max_downsample)"
+            )
+
     def role(self, call: AttnCall) -> str:
         return "uncond" if self.branch == "uncond" and "uncond" in call.roles else "cond"
 

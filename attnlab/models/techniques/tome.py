@@ -242,6 +242,7 @@ class TokenMerging(Control):
     end: float = 1.0
 
     kind = "self"
+    changes_tokens = True
 
     def __post_init__(self):
         if not 0.0 <= self.ratio < 1.0:
