@@ -5,7 +5,7 @@
 
 1. Real eval images, exact masks: each image is noised to the sampling timesteps (one fixed noise
    per image) and denoised once per timestep under its caption with the heat-map recorder on, so
-   image and masks are the dataset's. A word's map (mean over layers, heads and timesteps, DAAM)
+   image and masks are the dataset's. A word's map (DAAM: summed over steps, each layer and head upsampled and clamped, then averaged)
    is min-max normalised and thresholded at tau (DAAM's 0.4); its IoU with the mask of the object
    the word names is reported per word class (colour words, shape words), beside the IoU with the
    other object's mask (two-object images) and the IoU of an all-ones map (the object's area).

@@ -417,7 +417,7 @@ def _localisation(cfg: PocConfig, results: dict) -> list[str]:
     return [
         f"Heat-map IoU: the first {cfg.budget.num_samples} eval images are noised to the sampler's timesteps (noise of the "
         "sampling seed) and denoised once per timestep under their captions with the variant's techniques installed; each "
-        "shape word's cross-attention map (DAAM: mean over layers, heads and timesteps), min-max normalised and cut at 0.4, "
+        "shape word's cross-attention map (DAAM: summed over steps, each layer and head upsampled and clamped, then averaged), min-max normalised and cut at 0.4, "
         "is compared with its object's mask. Techniques that act only in extra guidance passes or by sampling step "
         "(PAG, SAG, T-GATE, caching) leave these maps as their base model's." + chance
     ]
