@@ -112,6 +112,25 @@ def test_resume_with_another_model_is_refused(uninterrupted, tmp_path):
         train(load_config(None, [*TINY, "model.width=32"]), run)
 
 
+def test_resume_with_another_process_count_is_refused(uninterrupted, tmp_path):
+    """Batches are drawn per (seed, step, process): a run checkpointed by 2 processes cannot be resumed
+    bit-identically by 1, so it is refused with a message naming both counts."""
+    import json
+    import shutil
+
+    from attnlab.errors import ConfigError
+
+    run = tmp_path / "world"
+    shutil.copytree(uninterrupted, run)
+    state_file = latest_checkpoint(run) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["processes"] == 1
+    state_file.write_text(json.dumps({**state, "processes": 2}))
+    with pytest.raises(ConfigError, match=r"trained with 2 process\(es\) but this run has 1"):
+        train(load_config(None, [*TINY, "train.steps=10"]), run)
+    assert latest_checkpoint(run).name == "step-0000008"  # nothing trained
+
+
 def test_two_processes_train_with_gloo(tmp_path):
     """torchrun with 2 CPU processes: one world, one log line per window, loadable result."""
     run = tmp_path / "ddp"

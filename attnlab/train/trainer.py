@@ -138,7 +138,18 @@ class Trainer:
         found = ckpt.latest_checkpoint(self.out)
         if found is not None:
             self._check_same_run(ckpt.read_config(found), found)
+            self._check_same_world(ckpt.read_trainer_state(found), found)
         return found
+
+    def _check_same_world(self, state: dict, where: Path) -> None:
+        """Each process draws its batch from (seed, step, process index) with batch_size / processes
+        items, so another process count draws other batches: refuse rather than resume inexactly."""
+        was, now = state.get("processes"), self.acc.num_processes
+        if was is not None and was != now:
+            raise ConfigError(
+                f"{self.out} was trained with {was} process(es) but this run has {now} "
+                f"({where / ckpt.STATE}); resume with {was} process(es) or train into a new --out"
+            )
 
     def _check_same_run(self, old: RunConfig, where: Path) -> None:
         a, b = old.to_dict(), self.cfg.to_dict()
