@@ -72,3 +72,37 @@ def test_bad_scheduler_names_are_config_errors():
         make_scheduler("euler")
     with pytest.raises(ConfigError, match="prediction_type='x0'"):
         make_scheduler("ddim", prediction_type="x0")
+
+
+class Oracle(torch.nn.Module):
+    """Knows x0, so it reads the drawn noise off x_t and returns the true target plus `c`; it keeps
+    the timesteps it was asked about."""
+
+    def __init__(self, x0, ab, prediction, c):
+        super().__init__()
+        self.x0, self.ab, self.prediction, self.c, self.t = x0, ab, prediction, c, None
+
+    def forward(self, x_t, t, cond):
+        self.t, ab = t, self.ab[t].view(-1, 1, 1, 1)
+        noise = (x_t - ab.sqrt() * self.x0) / (1 - ab).sqrt()  # x_t = sqrt(ab) x0 + sqrt(1 - ab) eps
+        eps_or_v = noise if self.prediction == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * self.x0
+        return eps_or_v + self.c
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("gamma", [None, 5.0])
+@pytest.mark.parametrize("c", [0.0, 0.3])
+def test_loss_of_the_target_plus_c_is_c_squared_times_the_mean_weight(prediction, gamma, c):
+    g = torch.Generator().manual_seed(0)
+    x0 = (torch.rand(16, 3, 4, 4, generator=g) * 2 - 1).double()
+    ab = alphas_cumprod().double()
+    oracle = Oracle(x0, ab, prediction, c)
+    loss = diffusion_loss(oracle, x0, None, ab, prediction=prediction, generator=g, min_snr_gamma=gamma)
+    snr = ab[oracle.t] / (1 - ab[oracle.t])
+    if gamma is None:
+        weight = torch.ones_like(snr)
+    else:  # Hang et al. 2023: min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v
+        weight = torch.minimum(snr, torch.tensor(gamma, dtype=snr.dtype))
+        weight = weight / (snr if prediction == "epsilon" else snr + 1)
+        assert weight.min() < weight.max()  # the draw has steps on both sides of gamma
+    torch.testing.assert_close(loss, c**2 * weight.mean(), atol=1e-12, rtol=1e-9)

@@ -64,6 +64,7 @@ def test_fid_matches_the_closed_form(images):
 
 
 def test_kid_is_seeded_and_split_independent(images):
+    torch.manual_seed(2)
     net = Flatten(3 * 8 * 8)
     a = fid_kid(images[:200], images[200:], net, seed=3, batch_size=7)
     b = fid_kid(images[:200], images[200:], net, seed=3, batch_size=64)
@@ -76,3 +77,37 @@ def test_bad_sets_are_refused():
         fid_kid(torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 4, 4), Flatten(192))
     with pytest.raises(ConfigError, match="at least 2 samples"):
         fid_kid_from_features(torch.zeros(1, 4), torch.zeros(5, 4))
+
+
+def test_fid_of_a_shifted_copy_is_d_c_squared():
+    """Equal covariances leave only the mean term: ||c 1||^2 = d c^2 (Heusel et al., 2017, eq. 6)."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(64, 5, generator=g, dtype=torch.float64) @ torch.randn(
+        5, 5, generator=g, dtype=torch.float64
+    )
+    for c in (0.0, 0.5, 2.0):
+        fid = fid_kid_from_features(real, real + c)["fid"]
+        assert fid == pytest.approx(5 * c**2, rel=1e-6, abs=1e-6), c
+
+
+def _hand_kid(xs: list[list[float]], ys: list[list[float]]) -> float:
+    """The unbiased MMD^2 with the polynomial kernel k(x, y) = (x.y / d + 1)^3 (Binkowski et al., 2018)."""
+    d, m, n = len(xs[0]), len(xs), len(ys)
+
+    def k(a, b):
+        return (sum(ai * bi for ai, bi in zip(a, b)) / d + 1) ** 3
+
+    xx = sum(k(xs[i], xs[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(ys[i], ys[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x, y) for x in xs for y in ys) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_on_a_handful_of_points_is_the_hand_computed_mmd():
+    xs = [[0.0, 1.0, 2.0], [1.0, -1.0, 0.5], [2.0, 0.0, -1.0], [-0.5, 0.5, 1.5]]
+    ys = [[1.0, 1.0, 1.0], [0.0, -2.0, 1.0], [3.0, 0.5, 0.0], [-1.0, 2.0, -0.5]]
+    # subsets of all four points: every subset is the whole set, so each score is the same MMD
+    out = fid_kid_from_features(torch.tensor(xs), torch.tensor(ys), kid_subsets=3, kid_subset_size=4)
+    assert out["kid_mean"] == pytest.approx(_hand_kid(xs, ys), rel=1e-9, abs=1e-12)
+    assert out["kid_std"] == pytest.approx(0.0, abs=1e-9)
+    assert abs(_hand_kid(xs, ys)) > 0.1  # not a trivial zero (unbiased, so it may be negative)
