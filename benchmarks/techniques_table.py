@@ -28,11 +28,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from attnlab.attention import Control, control
 from attnlab.conditioning import Condition
 from attnlab.data import DataConfig, build_dataset
-from attnlab.evaluate.cost import _flop_counter
+from attnlab.evaluate.cost import _cpu_sdpa_flop
 from attnlab.io import write_json
 from attnlab.models import ModelConfig, build_model
 from attnlab.models.cost import Inputs, model_cost, sample_step, train_step
@@ -135,7 +136,10 @@ def self_attention_flops(model: torch.nn.Module, one: Inputs) -> int:
     from attnlab.attention import attention_layers
 
     names = {n for n, m in attention_layers(model).items() if m.kind == "self"}
-    with torch.no_grad(), _flop_counter() as counter:
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    mapping = {cpu_sdpa: _cpu_sdpa_flop} if cpu_sdpa is not None else {}
+    # per-module counts (attnlab's own counter keeps only the total, which is all it needs)
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         model.eval()(one.x, one.t, one.cond)
     prefix = type(model).__name__ + "."
     counts = counter.get_flop_counts()
@@ -161,10 +165,16 @@ def linear_flops(n: int, c: int, head_dim: int) -> int:
 
 
 def tome_flops(n: int, c: int, grid: tuple[int, ...], ratio: float, stride: int) -> int:
-    """The layer on the N - r tokens left, plus the sources x destinations similarity matmul."""
-    dst = math.prod(-(-g // stride) for g in grid)
+    """The layer on the N - r tokens left, plus the sources x destinations similarity matmul; one
+    destination per whole stride x stride cell (1 x stride in 1D), leftover tokens are sources (tomesd)."""
+    dst = math.prod(g // stride for g in grid)
     r = min(int(ratio * n), n - dst)
     return global_flops(n - r, c) + 2 * (n - dst) * dst * c
+
+
+def tome_merges(n: int, finest: int, max_downsample: int | None) -> bool:
+    """tomesd merges a layer only when ceil(sqrt(finest tokens / its tokens)) <= max_downsample."""
+    return max_downsample is None or math.ceil(math.sqrt(finest / n)) <= max_downsample
 
 
 class Shapes(Control):
@@ -189,13 +199,14 @@ def predicted_self_attn_flops(v: Variant, one: Inputs) -> int | None:
         v.model.eval()(one.x, one.t, one.cond)
     opts = {**REGISTRY[v.technique].defaults, **v.options} if v.technique != "base" else {}
     total = 0
+    finest = max(math.prod(grid) for grid, _, _ in rec.seen.values())
     for grid, c, heads in rec.seen.values():
         n = math.prod(grid)
         if v.technique == "window_attention":
             total += window_flops(n, c, math.prod(min(opts["window"], g) for g in grid))
         elif v.technique == "linear_attention":
             total += linear_flops(n, c, c // heads)
-        elif v.technique == "tome":
+        elif v.technique == "tome" and tome_merges(n, finest, opts["max_downsample"]):
             total += tome_flops(n, c, grid, opts["ratio"], opts["stride"])
         else:
             total += global_flops(n, c)
