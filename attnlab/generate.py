@@ -127,13 +127,14 @@ def regenerate(file: str | Path, model: str | Path | None = None, batch_size: in
         model: the model directory, if it moved since (its weights must hash the same).
 
     Raises:
+        DataError: when the file carries no provenance of one sample, or a damaged one.
         CheckpointError: when the model directory is gone or its weights changed since.
     """
     from attnlab.control.plan import sampling_plan
-    from attnlab.samples import read_provenance
+    from attnlab.samples import read_sample_provenance
     from attnlab.train.checkpoint import file_sha256, load_model, model_dir
 
-    meta = read_provenance(file)
+    meta = read_sample_provenance(file)
     ckpt = Path(model) if model is not None else Path(meta["model_dir"])
     weights = model_dir(ckpt) / meta["weights"]
     if not weights.is_file() or file_sha256(weights) != meta["weights_sha256"]:

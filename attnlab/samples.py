@@ -18,7 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
 import attnlab
-from attnlab.errors import AttnlabError
+from attnlab.errors import AttnlabError, DataError
 from attnlab.io import atomic_path
 
 KEY = "attnlab"  # the PNG text key / the JSON in a WAV comment
@@ -122,7 +122,11 @@ def save_wav(path: str | Path, x: Tensor, sample_rate: int, meta: dict) -> Path:
 
 
 def read_provenance(path: str | Path) -> dict:
-    """The provenance dict of a sample file written by attnlab (PNG or WAV)."""
+    """The provenance dict of a sample file written by attnlab (PNG or WAV).
+
+    Raises:
+        DataError: the file is unreadable, carries no provenance, or its provenance is not a JSON object.
+    """
     path = Path(path)
     try:
         if path.suffix.lower() == ".wav":
@@ -130,15 +134,54 @@ def read_provenance(path: str | Path) -> dict:
                 text = f.comment
         else:
             with Image.open(path) as img:
-                text = img.text.get(KEY)  # type: ignore[attr-defined]
+                text = img.info.get(KEY)  # PNG text chunks; other formats carry none
     except (OSError, RuntimeError, sf.LibsndfileError) as e:
-        raise AttnlabError(f"{path}: cannot read ({e})") from None
+        raise DataError(f"{path}: cannot read ({e})") from None
     if not text:
-        raise AttnlabError(f"{path}: carries no attnlab provenance")
+        raise DataError(f"{path}: carries no attnlab provenance")
     try:
-        return json.loads(text)
+        meta = json.loads(text)
     except json.JSONDecodeError:
-        raise AttnlabError(f"{path}: its provenance is not valid JSON") from None
+        raise DataError(f"{path}: its provenance is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: its provenance is not a JSON object")
+    return meta
+
+
+# What `regenerate` needs from one sample's provenance, with the types it must have.
+SAMPLE_FIELDS = {
+    "model_dir": str,
+    "weights": str,
+    "weights_sha256": str,
+    "sampler": str,
+    "steps": int,
+    "guidance": (int, float),
+    "seed": int,
+    "prompt": (str, type(None)),
+    "label": (int, type(None)),
+}
+
+
+def read_sample_provenance(path: str | Path) -> dict:
+    """The provenance of one sample (not a grid), with every field `regenerate` reads checked.
+
+    Raises:
+        DataError: naming the missing or damaged fields.
+    """
+    meta = read_provenance(path)
+    missing = [k for k in SAMPLE_FIELDS if k not in meta]
+    if missing:
+        what = "a grid, not one sample" if "items" in meta else "damaged"
+        raise DataError(f"{path}: its provenance has no {', '.join(missing)} ({what}); cannot draw it again")
+    fields = {**SAMPLE_FIELDS, "techniques": dict} if "techniques" in meta else SAMPLE_FIELDS
+    bad = [
+        f"{k}={meta[k]!r}"
+        for k, kind in fields.items()
+        if not isinstance(meta[k], kind) or (kind is int and isinstance(meta[k], bool))
+    ]
+    if bad:
+        raise DataError(f"{path}: its provenance is damaged ({', '.join(bad)}); cannot draw it again")
+    return meta
 
 
 def read_png(path: str | Path) -> np.ndarray:

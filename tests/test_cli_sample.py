@@ -183,3 +183,74 @@ def test_audio_model_writes_wavs_with_provenance(tmp_path):
     audio, rate = sf.read(tmp_path / "s" / files[1])
     assert audio.shape == (1024,) and rate == 8000
     assert read_provenance(tmp_path / "s" / files[1])["seed"] == 1
+
+
+def _one_line_error(args, *expected):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2, result.output + repr(result.exception)
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
+    for text in expected:
+        assert text in result.output, result.output
+
+
+def test_regenerate_refuses_a_file_without_or_with_damaged_provenance(text_run, tmp_path):
+    """Each is one line and exit code 2, never a traceback: no provenance (PNG, JPEG, WAV), provenance
+    that is not JSON, lacks a field, has a field of the wrong type, or is a grid's."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    out = tmp_path / "s"
+    _ok(["sample", text_run, "-p", "a red square", "-n", "1", "--steps", "2", "--out", out])
+    good = read_provenance(out / json.loads((out / "request.json").read_text())["files"][0])
+
+    def png(name, text):
+        info = PngInfo()
+        if text is not None:
+            info.add_text("attnlab", text)
+        Image.new("RGB", (16, 16)).save(tmp_path / name, pnginfo=info)
+        return tmp_path / name
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "plain.jpg")
+    sf.write(tmp_path / "plain.wav", np.zeros(64), 8000)
+    (tmp_path / "text.png").write_text("not an image")
+    cases = {
+        png("none.png", None): "carries no attnlab provenance",
+        tmp_path / "plain.jpg": "carries no attnlab provenance",
+        tmp_path / "plain.wav": "carries no attnlab provenance",
+        tmp_path / "text.png": "cannot read",
+        png("notjson.png", "{oops"): "not valid JSON",
+        png("list.png", "[1, 2]"): "not a JSON object",
+        png("cut.png", json.dumps({k: v for k, v in good.items() if k != "seed"})): "has no seed",
+        png("typed.png", json.dumps({**good, "steps": "four"})): "steps='four'",
+        out / "grid.png": "a grid, not one sample",
+    }
+    for file, message in cases.items():
+        _one_line_error(["regenerate", file, "--out", tmp_path / "r"], str(file), message)
+
+
+def test_an_unwritable_out_is_one_line(text_run, tmp_path):
+    out = tmp_path / "s"
+    _ok(["sample", text_run, "-p", "a red square", "-n", "1", "--steps", "2", "--out", out])
+    png = out / json.loads((out / "request.json").read_text())["files"][0]
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    for bad in (taken, taken / "below"):
+        _one_line_error(["sample", text_run, "-p", "x", "-n", "1", "--steps", "2", "--out", bad], "--out")
+        _one_line_error(["regenerate", png, "--out", bad], "--out", "cannot write there")
+
+
+def test_regenerate_a_wav_gives_the_same_audio(tmp_path):
+    cfg = tmp_path / "tones.yaml"
+    cfg.write_text(
+        "data:\n  name: tones\n  size: 1024\nmodel:\n  cond: class\n  attn_resolutions: []\n  mid_attention: false\n"
+    )
+    _ok(["train", cfg, *[o for o in TINY if "attn_resolutions" not in o], "--out", tmp_path / "run"])
+    _ok(["sample", tmp_path / "run", "--label", "5", "-n", "2", "--steps", "2", "--out", tmp_path / "s"])
+    name = json.loads((tmp_path / "s" / "request.json").read_text())["files"][1]
+    x, meta = regenerate(tmp_path / "s" / name)  # drawn alone now, in a batch of 2 before
+    assert meta["seed"] == 1 and x.shape == (1, 1024)
+    _ok(["regenerate", tmp_path / "s" / name, "--out", tmp_path / "again"])
+    before, rate = sf.read(tmp_path / "s" / name, dtype="int16")
+    after, rate_again = sf.read(tmp_path / "again" / name, dtype="int16")
+    assert rate == rate_again == 8000 and np.array_equal(before, after)
+    assert read_provenance(tmp_path / "again" / name) == read_provenance(tmp_path / "s" / name)

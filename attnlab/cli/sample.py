@@ -4,6 +4,7 @@ provenance needed to draw it again."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -113,6 +114,7 @@ def sample_command(
     )
     if sampler not in SAMPLER_NAMES:
         raise ConfigError(f"--sampler {sampler!r} is not supported; choose one of {', '.join(SAMPLER_NAMES)}")
+    output_dir(out)  # an unwritable --out fails now, not after sampling
     items = plan(prompt or [], label or [], num, seed)
     ckpt = model_dir(run_dir)
     base = provenance_base(
@@ -137,7 +139,6 @@ def sample_command(
             guidances=techniques.guidances,
             progress=True,
         )
-    out.mkdir(parents=True, exist_ok=True)
     rows = max(1, len(prompt or []) + len(label or []))
     files = write_samples(out, x, items, base, cfg, rows)
     request = {
@@ -167,8 +168,8 @@ def regenerate_command(
     from attnlab.samples import save_png, save_wav
     from attnlab.train.checkpoint import model_dir, read_config
 
+    output_dir(out)
     x, meta = regenerate(file, model)
-    out.mkdir(parents=True, exist_ok=True)
     target = out / Path(file).name
     if Path(file).suffix.lower() == ".wav":
         cfg = read_config(model_dir(model if model is not None else meta["model_dir"]))
@@ -176,6 +177,17 @@ def regenerate_command(
     else:
         save_png(target, x, meta)
     typer.echo(f"wrote {target}")
+
+
+def output_dir(out: Path) -> Path:
+    """Make `--out` and check a file can be written in it; one ConfigError if not."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    return out
 
 
 def torch_threads(threads: int) -> None:
