@@ -141,6 +141,7 @@ def test_two_processes_train_with_gloo(tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free port of its own, not 29500 (another run on the machine may hold it)
         "--nproc_per_node",
         "2",
         "-m",
