@@ -1,7 +1,9 @@
 """The PoC end to end at a tiny budget: every table and file of the report, a rerun that does no work
 twice, and an interrupted run that keeps what it finished and resumes."""
 
+import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -191,7 +193,9 @@ def test_rerun_does_no_work_twice(finished, counted):
 
 
 def test_more_sampling_seeds_only_add_work(finished, counted, evaluator_dir, tmp_path):
-    cfg, out, _ = finished
+    # on copies: the other tests read the finished run with its three seeds, in any order
+    cfg, out = copy.deepcopy(finished[0]), tmp_path / "out"
+    shutil.copytree(finished[1], out)
     cfg.seeds = [0, 1, 2, 3]
     train, sample = counted()
     results = run_poc(cfg, out, progress=False, echo=lambda line: None)
@@ -273,13 +277,19 @@ def test_audio_with_class_labels(tmp_path):
     assert html.count("data:audio/wav;base64,") == 2 and "spectrograms in columns" in html
 
 
-def test_minutes_budget_is_resolved_once_and_cost_needs_no_evaluator(tmp_path, counted):
+@pytest.fixture
+def timed(monkeypatch):
+    """A training step "takes" 0.25 s, so a minutes budget gives the same steps on any machine."""
+    monkeypatch.setattr(poc_training, "seconds_per_step", lambda rc, data: 0.25)
+
+
+def test_minutes_budget_is_resolved_once_and_cost_needs_no_evaluator(tmp_path, counted, timed):
     cfg = tiny_config(tmp_path, tmp_path / "no-evaluator", variants=TINY["variants"][:1], metrics=["cost"])
     cfg.budget.train_steps, cfg.budget.train_minutes = None, 0.01
     train, _ = counted()
     results = run_poc(cfg, tmp_path / "out", progress=False, echo=lambda line: None)
     budget = json.loads((tmp_path / "out" / "variants" / "base" / "stages" / "budget.json").read_text())
-    assert budget["steps"] == max(1, int(0.6 / budget["seconds_per_step"]))
+    assert budget["seconds_per_step"] == 0.25 and budget["steps"] == 2  # int(0.6 s / 0.25 s)
     assert results["variants"][0]["train"]["train_steps"] == budget["steps"] and train.calls == 1
     assert "fid" not in results["variants"][0]["metrics"] and "latency_s" in results["variants"][0]["metrics"]
     run_poc(cfg, tmp_path / "out", progress=False, echo=lambda line: None)
@@ -298,6 +308,7 @@ def test_side_by_side_training_gives_the_same_models(tmp_path, evaluator_dir):
         out = tmp_path / f"p{processes}"
         cfg = tiny_config(tmp_path, evaluator_dir, **small)
         cfg.budget.train_processes = processes
+        cfg.threads = 1  # one thread in every process, whatever os.cpu_count() says
         lines = []
         run_poc(cfg, out, progress=False, echo=lines.append)
         assert any("side by side: 2 processes" in line for line in lines) == (processes == 2)
@@ -309,7 +320,7 @@ def test_side_by_side_training_gives_the_same_models(tmp_path, evaluator_dir):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_minutes_budget_counts_models_sharing_the_cores(tmp_path, evaluator_dir):
+def test_minutes_budget_counts_models_sharing_the_cores(tmp_path, evaluator_dir, timed):
     """Three models side by side on 2 cores: each step is timed on one thread and counted 1.5x
     slower, so they still finish in about the minutes asked."""
     third = {"name": "attn8", "model": {"heads": 4}, "level": 2}
@@ -319,4 +330,4 @@ def test_minutes_budget_counts_models_sharing_the_cores(tmp_path, evaluator_dir)
     for name in ("base", "attn16", "attn8"):
         budget = json.loads((tmp_path / "out" / "variants" / name / "stages" / "budget.json").read_text())
         assert budget["threads"] == 1 and budget["slowdown"] == 1.5
-        assert budget["steps"] == max(1, int(0.6 / budget["seconds_per_step"]))
+        assert budget["seconds_per_step"] == 0.375 and budget["steps"] == 1  # int(0.6 s / (1.5 * 0.25 s))
