@@ -9,13 +9,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# A temporary file is `.NAME.RANDOM.tmp` beside NAME; one is left behind only by a killed process.
+TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -23,6 +26,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_temporaries(root: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files `atomic_path` left under `root` (a killed writer's); returns them.
+    Only for a directory no other process is writing to."""
+    stale = [p for p in Path(root).rglob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:

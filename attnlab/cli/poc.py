@@ -32,7 +32,7 @@ def poc_command(
         results = run_poc(cfg, out, progress=progress)
     except KeyboardInterrupt:
         typer.echo(
-            f"\ninterrupted: finished stages are kept in {out}; rerun the same command to resume", err=True
+            f"interrupted: finished stages are kept in {out}; rerun the same command to resume", err=True
         )
         raise typer.Exit(code=130) from None
     for sentence in results["summary"]["sentences"]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from attnlab.io import write_text
+from attnlab.errors import AttnlabError
+from attnlab.io import remove_temporaries, write_text
 from attnlab.poc.config import PocConfig, VariantConfig
 from attnlab.poc.progress import Progress
 from attnlab.poc.prompts import PromptSet, draw, drawn, poc_prompts
@@ -29,6 +31,7 @@ from attnlab.poc.sampling import (
     sample_stage,
 )
 from attnlab.poc.scoring import (
+    COST_SAMPLES,
     cost_stage,
     evaluate_stage,
     evaluator_fingerprint,
@@ -129,6 +132,7 @@ def run_poc(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(out)  # a killed run's half-written files; finished stages are whole files
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _write_config(out / "poc.json", cfg)
@@ -142,7 +146,14 @@ def run_poc(
     bar = Progress(
         len(owners) + per_variant * len(cfg.variants) + 2 + _evaluates(cfg), enabled=progress, echo=echo
     )
-    start = time.perf_counter()
+    try:
+        return _run(res, owners, bar)
+    finally:
+        bar.close()  # also on Ctrl-C, so the message after it starts on a clean line
+
+
+def _run(res: Resources, owners: list[VariantConfig], bar: Progress) -> dict:
+    cfg, out, start = res.cfg, res.out, time.perf_counter()
     trained = _train_all(res, owners, bar)
     entries = [_variant(res, v, trained, bar) for v in cfg.variants]
     heat = _heatmaps(res, trained, bar)
@@ -152,7 +163,6 @@ def run_poc(
     with bar.stage("report", "write report.md, report.html, results.json, results.csv") as st:
         results = write_report(cfg, out, entries, res.prompts, heat, floor, time.perf_counter() - start)
         st.skipped = results.pop("skipped")
-    bar.close()
     return results
 
 
@@ -166,6 +176,22 @@ def _write_config(path: Path, cfg: PocConfig) -> None:
 def _evaluates(cfg: PocConfig) -> bool:
     """Whether any metric needs the evaluator (a cost-only PoC needs none)."""
     return bool({"fid", "kid", "alignment"} & set(cfg.metrics))
+
+
+def _evaluated(cfg: PocConfig) -> list[str]:
+    """The metrics an evaluation stage computes (adding cost or localisation redoes none of them)."""
+    return sorted({"fid", "kid", "alignment"} & set(cfg.metrics))
+
+
+def _localised(rc) -> dict:
+    """What heat-map IoU reads of the sampling settings: the sampler and its steps (no guidance)."""
+    return {"sampler": rc.sample.sampler, "steps": rc.sample.steps}
+
+
+def _cost_prompts(res: Resources) -> list:
+    """The conditions the cost stage draws (the first COST_SAMPLES prompts of seed 0)."""
+    p = res.prompts
+    return [p.texts[:COST_SAMPLES], p.labels[:COST_SAMPLES]]
 
 
 def _owners(cfg: PocConfig) -> list[VariantConfig]:
@@ -204,21 +230,52 @@ def _train_all(res: Resources, owners: list[VariantConfig], bar: Progress) -> di
         for o in owners
         if done(variant_dirs(res.out, o.name).marker("trained"), learning_fingerprint(rcs[o.name])) is None
     ]
+    fit = {name: _resumable(rcs[name], variant_dirs(res.out, name)) for name in pending}
     n = train_processes(cfg.budget.train_processes, len(pending), cfg.threads)
     if n > 1:
         threads = max(1, cores // n)
         bar.echo(f"training {', '.join(pending)} side by side: {n} processes of {threads} thread(s)")
-        jobs = [(rcs[name], variant_dirs(res.out, name)) for name in pending]
+        jobs = [(fit[name], variant_dirs(res.out, name)) for name in pending]
         train_side_by_side(jobs, res.train_data, n, threads)
     fresh = set(pending) if n > 1 else set()
-    return {o.name: _train(res, o, rcs[o.name], o.name in fresh, bar) for o in owners}
+    return {o.name: _train(res, o, rcs[o.name], fit.get(o.name), o.name in fresh, bar) for o in owners}
 
 
-def _train(res: Resources, owner: VariantConfig, rc, fresh: bool, bar: Progress) -> Trained:
-    """One owner's training stage (`fresh`: trained just now in a side-by-side process)."""
+def _resumable(rc, dirs) -> object:
+    """The config to train `dirs.model` with. A run left there for other data, another model or other
+    training options is the stale stage's: it is removed and training starts afresh. One that differs
+    only in steps, presentation or sampling settings resumes, keeping its sampling settings (the
+    trainer refuses any other config in its directory; training never reads them)."""
+    from attnlab.train.checkpoint import latest_checkpoint, read_config
+
+    found = latest_checkpoint(dirs.model)
+    if found is None:
+        return rc
+    try:
+        old = read_config(found)
+    except AttnlabError:
+        old = None
+    if old is None or _resume_fingerprint(old) != _resume_fingerprint(rc):
+        shutil.rmtree(dirs.model)
+        return rc
+    return dataclasses.replace(rc, sample=old.sample)
+
+
+def _resume_fingerprint(rc) -> str:
+    """What a run must share with the one in its directory to resume it."""
+    from attnlab.train.trainer import RESUMABLE_CHANGES
+
+    d = rc.to_dict()
+    train = {k: v for k, v in d["train"].items() if k not in RESUMABLE_CHANGES}
+    return fingerprint("resume", {**d, "train": train, "sample": None})
+
+
+def _train(res: Resources, owner: VariantConfig, rc, fit, fresh: bool, bar: Progress) -> Trained:
+    """One owner's training stage (`fresh`: trained just now in a side-by-side process; `fit`: the
+    config it trains with when its stage is due, see `_resumable`)."""
     dirs = variant_dirs(res.out, owner.name)
     with bar.stage(owner.name, "train") as st:
-        record = train_stage(rc, dirs, res.train_data)
+        record = train_stage(fit or rc, dirs, res.train_data)
         st.skipped = record["skipped"] and not fresh
         st.detail = f"{record['steps']} steps, {record['train_seconds'] / 60:.1f} min of training"
         if record.get("side_by_side", 1) > 1:
@@ -248,7 +305,9 @@ def _variant(res: Resources, v: VariantConfig, trained: dict[str, Trained], bar:
     cost = {}
     if "cost" in cfg.metrics:
         with bar.stage(v.name, "cost") as st:
-            fp = fingerprint("cost", t.model_fp, sampler.spec, dataclasses.asdict(t.rc.sample))
+            fp = fingerprint(
+                "cost", t.model_fp, sampler.spec, dataclasses.asdict(t.rc.sample), _cost_prompts(res)
+            )
             cost = cost_stage(
                 sampler,
                 res.prompts,
@@ -273,7 +332,7 @@ def _seed(
     scores = {"latency_s": rec["latency_s"]}
     if _evaluates(cfg):
         with bar.stage(v.name, f"evaluate seed {seed}") as st:
-            efp = fingerprint("evaluate", fp, res.real_fp, cfg.metrics)
+            efp = fingerprint("evaluate", fp, res.real_fp, _evaluated(cfg))
             found = evaluate_stage(
                 lambda: load_samples(dirs, seed),
                 dataset=cfg.data.name,
@@ -288,8 +347,8 @@ def _seed(
         scores.update(found["scores"])
     if "localisation" in cfg.metrics:
         with bar.stage(v.name, f"heat-map IoU seed {seed}") as st:
-            lfp = fingerprint("localisation", t.model_fp, sampler.spec, dataclasses.asdict(t.rc.sample), seed)
             n = cfg.budget.num_samples
+            lfp = fingerprint("localisation", t.model_fp, sampler.spec, _localised(t.rc), seed, n)
             loc = localisation_stage(sampler, res.eval_ds, n, seed, dirs.marker(f"localised-{seed}"), lfp)
             st.skipped = loc["skipped"]
         scores.update(loc["scores"])
@@ -312,7 +371,7 @@ def _floor(res: Resources, bar: Progress) -> dict:
                 ev=res.evaluator,
                 real=lambda: res.real,
                 marker=res.out / "stages" / f"real-data-{seed}.json",
-                fp=fingerprint("real data", res.real_fp, cfg.metrics, n, seed),
+                fp=fingerprint("real data", res.real_fp, _evaluated(cfg), cfg.model.cond, n, seed),
             )
             st.skipped = rec["skipped"]
             per_seed[seed] = rec["scores"]
@@ -341,7 +400,9 @@ def _heatmaps(res: Resources, trained: dict[str, Trained], bar: Progress) -> lis
             prompt = res.prompts.texts[0]
             seed = items_for(res.prompts, cfg.seeds[0])[0].seed
             dirs = variant_dirs(res.out, name)
-            fp = fingerprint("heatmaps", t.model_fp, sampler.spec, prompt, seed)
+            fp = fingerprint(
+                "heatmaps", t.model_fp, sampler.spec, dataclasses.asdict(t.rc.sample), prompt, seed
+            )
             rec = heatmap_stage(sampler, prompt, seed, dirs, fp, cfg.data.sample_rate)
             st.skipped = rec["skipped"]
             out.append({"variant": name, **rec, "path": str(dirs.root / rec["file"])})

@@ -40,8 +40,10 @@ def run_config(
 
 
 def learning_fingerprint(rc: RunConfig) -> str:
-    """What decides the trained weights: the run config without presentation keys."""
+    """What decides the trained weights: the run config without presentation keys and without the
+    sampling settings (a change of sampling steps redraws samples, it does not retrain)."""
     d = rc.to_dict()
+    d.pop("sample", None)
     for k in _PRESENTATION:
         d["train"].pop(k, None)
     return fingerprint("train", d)
