@@ -245,3 +245,58 @@ def test_folder_level_problems(tmp_path):
     write_jsonl(tmp_path, [{"file_name": "img/0.png"}])
     with pytest.raises(DataError, match="need 2 or more"):
         folder(tmp_path)
+
+
+# Every split a job reads, checked before it starts
+
+
+def _split_folder(root):
+    """Four train and three eval images; eval's 5.png is corrupt, train's 1.png and eval's 6.png are
+    missing, and one metadata line is not JSON."""
+    rows = []
+    for i in range(7):
+        write_png(root / f"{i}.png", COLOURS["red"])
+        rows.append({"file_name": f"{i}.png", "split": "train" if i < 4 else "eval"})
+    (root / "5.png").write_bytes(b"not a png")
+    (root / "1.png").unlink()
+    (root / "6.png").unlink()
+    write_jsonl(root, [*rows, "{oops"])
+
+
+def test_build_splits_checks_the_eval_split_too(tmp_path):
+    from attnlab.data import build_splits
+
+    for i in range(4):
+        write_png(tmp_path / f"{i}.png", COLOURS["red"])
+    (tmp_path / "3.png").write_bytes(b"not a png")
+    write_jsonl(
+        tmp_path, [{"file_name": f"{i}.png", "split": "train" if i < 2 else "eval"} for i in range(4)]
+    )
+    cfg = DataConfig(name="folder", root=str(tmp_path), size=8)
+    assert len(build_dataset(cfg, "train")) == 2  # the train split alone does not read eval's files
+    with pytest.raises(DataError, match="line 4: cannot read image 3.png"):
+        build_splits(cfg, ("train", "eval"))
+
+
+def test_skip_bad_reports_every_split_in_one_warning(tmp_path):
+    import warnings
+
+    from attnlab.data import build_splits
+
+    _split_folder(tmp_path)
+    cfg = DataConfig(name="folder", root=str(tmp_path), size=8, skip_bad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        built = build_splits(cfg, ("train", "eval"))
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "skipped 4 bad row(s) or file(s) (metadata 1, train 1, eval 2)" in messages[0]
+    assert len(built["train"]) == 3 and len(built["eval"]) == 1
+
+
+def test_build_splits_of_built_in_data_is_build_dataset():
+    from attnlab.data import build_splits
+
+    cfg = DataConfig(name="shapes", size=16, num=8, num_eval=4)
+    built = build_splits(cfg, ("train", "eval"))
+    assert torch.equal(built["eval"].tensors(), build_dataset(cfg, "eval").tensors())

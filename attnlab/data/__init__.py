@@ -2,6 +2,14 @@
 
 from attnlab.data.base import Bundle, MemoryDataset
 from attnlab.data.config import DataConfig
-from attnlab.data.registry import DATASETS, build_dataset, describe_datasets
+from attnlab.data.registry import DATASETS, build_dataset, build_splits, describe_datasets
 
-__all__ = ["DATASETS", "Bundle", "DataConfig", "MemoryDataset", "build_dataset", "describe_datasets"]
+__all__ = [
+    "DATASETS",
+    "Bundle",
+    "DataConfig",
+    "MemoryDataset",
+    "build_dataset",
+    "build_splits",
+    "describe_datasets",
+]

@@ -8,7 +8,8 @@ Images are centre-cropped to a square, resized to `size` and made RGB; audio is 
 resampled to `sample_rate` and cut or zero-padded to `size` samples.
 
 A bad row or file stops with one DataError naming it; with `skip_bad` it is skipped instead, and
-`dataset.skipped` counts the bad metadata rows plus the bad files of this split.
+`dataset.skipped` counts the bad metadata rows plus the bad files of this split (`report_skipped`
+reports several splits' counts in one warning).
 """
 
 from __future__ import annotations
@@ -242,7 +243,7 @@ class FolderDataset(MemoryDataset):
     """The user's images or audio: 'x' (3, size, size) or (1, size), 'text', and 'label' when the
     metadata has labels. Text falls back to the class name, then to ""."""
 
-    def __init__(self, cfg: DataConfig, split: Split):
+    def __init__(self, cfg: DataConfig, split: Split, report: bool = True):
         super().__init__(cfg, split)
         self.root = Path(cfg.root).expanduser()
         self.problems = Problems(cfg.skip_bad)
@@ -253,8 +254,10 @@ class FolderDataset(MemoryDataset):
         self._check_size()
         self.sample_rate = cfg.sample_rate if self.modality == "audio" else None
         self.rows = [r for r, s in assign_splits(rows, cfg, self.problems) if s == split]
+        self.metadata_skipped = len(self.problems.messages)  # the same in every split
         _ = self.bundle  # read every file now, so bad input is reported at build time
-        self._report()
+        if report:
+            self._report()
 
     @property
     def skipped(self) -> int:
@@ -314,3 +317,19 @@ class FolderDataset(MemoryDataset):
             warnings.warn(
                 f"{self.root}: skipped {self.skipped} bad row(s) or file(s); first: {first}", stacklevel=3
             )
+
+
+def report_skipped(splits: dict[str, FolderDataset]) -> None:
+    """One warning for the splits of one folder: the bad metadata rows, then each split's bad rows
+    and files (nothing when none was skipped)."""
+    first = next(iter(splits.values()))
+    counts = {"metadata": first.metadata_skipped} | {
+        name: ds.skipped - ds.metadata_skipped for name, ds in splits.items()
+    }
+    if sum(counts.values()):
+        messages = [m for ds in splits.values() for m in ds.problems.messages]
+        per = ", ".join(f"{k} {n}" for k, n in counts.items())
+        warnings.warn(
+            f"{first.root}: skipped {sum(counts.values())} bad row(s) or file(s) ({per}); first: {messages[0]}",
+            stacklevel=3,
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from attnlab.data.base import MemoryDataset, Split
 from attnlab.data.config import DataConfig
 from attnlab.data.digits import DigitsDataset
-from attnlab.data.folder import FolderDataset
+from attnlab.data.folder import FolderDataset, report_skipped
 from attnlab.data.shapes import ShapesDataset
 from attnlab.data.tones import TonesDataset
 
@@ -43,6 +43,21 @@ def build_dataset(cfg: DataConfig, split: Split) -> MemoryDataset:
         split. Procedural data is generated on first access; folder data is read (and checked) now.
     """
     return DATASETS[cfg.name][0](cfg, split)
+
+
+def build_splits(cfg: DataConfig, splits: tuple[Split, ...]) -> dict[str, MemoryDataset]:
+    """Build every split a job will read, before it starts any work: a folder's files of each split
+    are read and checked now, so a bad eval file stops a job before its training, and with
+    `skip_bad` one warning counts what each split skipped.
+
+    Returns:
+        The datasets by split name.
+    """
+    if DATASETS[cfg.name][0] is not FolderDataset:
+        return {s: build_dataset(cfg, s) for s in splits}
+    built = {s: FolderDataset(cfg, s, report=False) for s in splits}
+    report_skipped(built)
+    return built
 
 
 def describe_datasets() -> list[dict]:

@@ -59,16 +59,19 @@ class Resources:
     models: dict = field(default_factory=dict)
 
     @cached_property
-    def eval_ds(self):
-        from attnlab.data import build_dataset
+    def splits(self) -> dict:
+        """Both splits, built together: a bad file in either stops the PoC before any training."""
+        from attnlab.data import build_splits
 
-        return build_dataset(self.cfg.data, "eval")
+        return build_splits(self.cfg.data, ("train", "eval"))
+
+    @cached_property
+    def eval_ds(self):
+        return self.splits["eval"]
 
     @cached_property
     def train_ds(self):
-        from attnlab.data import build_dataset
-
-        return build_dataset(self.cfg.data, "train")
+        return self.splits["train"]
 
     @cached_property
     def encoder(self):
@@ -139,6 +142,7 @@ def run_poc(
     res = Resources(cfg, out)
     if _evaluates(cfg):
         res.evaluator  # noqa: B018  (a missing evaluator fails now, not after training)
+    res.splits  # noqa: B018  (so does a bad file in the eval split)
     owners = _owners(cfg)
     per_variant = (1 + _evaluates(cfg) + ("localisation" in cfg.metrics)) * len(cfg.seeds) + (
         "cost" in cfg.metrics

@@ -147,7 +147,9 @@ def _worker(rc: RunConfig, dirs: VariantDirs, data: TrainingData, threads: int, 
         quiet = dataclasses.replace(rc, train=dataclasses.replace(rc.train, progress=False))
         train_stage(quiet, dirs, data, side_by_side=n)
     except BaseException as e:  # noqa: BLE001  (the parent reports it with the variant's name)
-        errors.put((str(dirs.root), f"{type(e).__name__}: {e}"))
+        errors.put((dirs.root.name, f"{type(e).__name__}: {e}"))
+        errors.close()
+        errors.join_thread()  # the message is in the pipe before this process exits
         raise SystemExit(1) from None
 
 
@@ -158,14 +160,15 @@ def train_side_by_side(
     threads: int,
 ) -> None:
     """Train `jobs` in `processes` spawned processes of `threads` torch threads each. Small models train faster as single-threaded processes than with threads. A
-    process killed here leaves its last checkpoint; the next run resumes it.
+    process killed here leaves its last checkpoint; the next run resumes it. When one variant fails, the
+    others still train to the end (their finished stages are kept) before the failure is raised.
 
     Raises:
-        ConfigError: naming the variant whose training failed, and why.
+        ConfigError: naming each variant whose training failed, and why.
     """
     ctx = mp.get_context("spawn")  # never fork a process whose OpenMP pool is running
     errors = ctx.Queue()
-    queue, running = list(range(len(jobs))), {}
+    queue, running, failed, why = list(range(len(jobs))), {}, [], {}
     steps = {i: 0 for i in queue}
     bar = tqdm(
         total=sum(rc.train.steps for rc, _ in jobs), desc=f"train ({processes} processes)", leave=False
@@ -182,22 +185,38 @@ def train_side_by_side(
                 )
                 running[i].start()
             time.sleep(1.0)
+            _drain(errors, why)  # as they come, so no worker waits on a full pipe
             for i, p in list(running.items()):
                 steps[i] = _logged_step(jobs[i][1])
                 if not p.is_alive():
                     p.join()
                     del running[i]
                     if p.exitcode != 0:
-                        where, why = errors.get() if not errors.empty() else (str(jobs[i][1].root), "")
-                        raise ConfigError(f"training {where} failed (exit code {p.exitcode}) {why}".strip())
-                    steps[i] = jobs[i][0].train.steps
+                        failed.append((jobs[i][1].root.name, p.exitcode))
+                    else:
+                        steps[i] = jobs[i][0].train.steps
             bar.n = sum(steps.values())
             bar.refresh()
     finally:
-        for p in running.values():  # Ctrl-C or a failed sibling: stop the rest, checkpoints stay
+        for p in running.values():  # Ctrl-C: stop the rest, checkpoints stay
             p.terminate()
             p.join()
         bar.close()
+    _drain(errors, why)
+    if failed:
+        raise ConfigError(
+            "; ".join(
+                f"training variant {name!r} failed: {why.get(name, f'its process exited with code {code}')}"
+                for name, code in failed
+            )
+        )
+
+
+def _drain(errors, why: dict[str, str]) -> None:
+    """Move the workers' (variant, error) messages from the queue into `why`."""
+    while not errors.empty():
+        name, message = errors.get(timeout=5)
+        why[name] = message
 
 
 def _logged_step(dirs: VariantDirs) -> int:
