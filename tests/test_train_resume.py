@@ -60,7 +60,10 @@ def uninterrupted(tmp_path_factory):
 def test_kill_mid_save_then_resume_is_bit_identical(uninterrupted, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-c", KILL_MID_SAVE, str(run), *TINY], capture_output=True, text=True
+        [sys.executable, "-c", KILL_MID_SAVE, str(run), *TINY],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # one thread, as the reference run in this process
     )
     assert proc.returncode == -9, proc.stderr[-2000:]
     # the half-written checkpoint is never taken for a good one
