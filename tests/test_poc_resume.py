@@ -134,7 +134,7 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, evaluator_dir):
     proc.send_signal(signal.SIGINT)
     rc, _, err = finish(proc)
     assert rc == 130
-    assert err.strip().splitlines() == [
+    assert err.splitlines() == [  # no blank line before it, nothing after
         f"interrupted: finished stages are kept in {out}; rerun the same command to resume"
     ]
     assert (out / "variants" / "base" / "stages" / "trained.json").is_file() and temporaries(out) == []
