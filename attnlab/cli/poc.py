@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -28,13 +29,24 @@ def poc_command(
     cfg = load_poc_config(config, overrides or [])
     if dry_run:
         return _dry_run(cfg, out)
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)  # kept even where Python swallows the exception (inside a __del__)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         results = run_poc(cfg, out, progress=progress)
     except KeyboardInterrupt:
+        interrupted.append(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
         typer.echo(
             f"interrupted: finished stages are kept in {out}; rerun the same command to resume", err=True
         )
-        raise typer.Exit(code=130) from None
+        raise typer.Exit(code=130)
     for sentence in results["summary"]["sentences"]:
         typer.echo("- " + sentence.replace("**", "").replace("`", ""))
     typer.echo(f"report: {out / 'report.html'} (and report.md, results.json, results.csv)")
