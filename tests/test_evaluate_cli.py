@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from chance import chance_ceiling
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -14,17 +15,22 @@ from attnlab.evaluate import Evaluator, alignment, fid_kid
 COLOURS = {"red": (230, 30, 30), "green": (30, 220, 40), "blue": (40, 60, 240)}
 
 
-def _folder(root, labelled=True, n=36):
+def _folder(root, labelled=True, n=36, held_out=0):
+    """n noisy solid-colour patches for training, then `held_out` more in the eval split (without a
+    split column the folder holds out a share of the n)."""
     rng = np.random.default_rng(0)
     rows = []
-    for i in range(n):
+    for i in range(n + held_out):
         name = list(COLOURS)[i % 3]
         pixels = np.clip(np.array(COLOURS[name]) + rng.normal(0, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
         (root / "img").mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(root / "img" / f"{i}.png")
-        rows.append(
-            {"file_name": f"img/{i}.png", "text": f"a {name} patch", **({"label": name} if labelled else {})}
-        )
+        row = {
+            "file_name": f"img/{i}.png",
+            "text": f"a {name} patch",
+            **({"label": name} if labelled else {}),
+        }
+        rows.append({**row, "split": "train" if i < n else "eval"} if held_out else row)
     (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -34,12 +40,15 @@ def _train(root, out):
 
 
 def test_labelled_folder_gets_a_class_evaluator(tmp_path):
-    _folder(tmp_path / "data")
+    _folder(tmp_path / "data", held_out=90)
     result = _train(tmp_path / "data", tmp_path / "ev")
     assert result.exit_code == 0, result.output
     ev = Evaluator.load(tmp_path / "ev")
     assert ev.task.kind == "classes" and ev.task.vocab["label"] == ["blue", "green", "red"]
-    assert ev.info["metrics"]["folder-8"]["class_acc"] >= 0.75  # solid colours: easy even in 30 steps
+    held_out = ev.info["metrics"]["folder-8"]  # scored on the eval rows, which training never drew
+    assert held_out["n"] == 90
+    # solid colours: easy even in 30 steps
+    assert held_out["class_acc"] >= 0.9 > chance_ceiling(90, 3, [i % 3 for i in range(36, 126)]), held_out
     shown = CliRunner().invoke(app, ["evaluator", "show", str(tmp_path / "ev")])
     assert shown.exit_code == 0 and "classes evaluator" in shown.output and "class_acc" in shown.output
 
