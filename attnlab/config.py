@@ -15,6 +15,7 @@ from attnlab.configio import build_structured, load_structured
 from attnlab.data.config import DataConfig
 from attnlab.errors import check
 from attnlab.models.config import ModelConfig
+from attnlab.precision import PRECISIONS, Precision
 
 
 @dataclass
@@ -66,6 +67,10 @@ class TrainConfig:
         seed: seeds the model init and every step's batch, timesteps and noise.
         threads: torch CPU threads per process (0 = torch's default).
         progress: show a progress bar.
+        precision: "fp32", or "bf16" / "fp16" autocast over fp32 weights and optimizer state (fp16
+            on CUDA only, with loss scaling); "auto" is bf16 where the CPU (avx512_bf16 or AMX) or
+            GPU computes it natively, else fp32. config.json records the resolved value, and a
+            resumed run keeps it.
     """
 
     steps: int = 2000
@@ -82,8 +87,10 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
     progress: bool = True
+    precision: Precision = "fp32"
 
     def validate(self) -> None:
+        check(self.precision in PRECISIONS, "train.precision", self.precision, " | ".join(PRECISIONS))
         for key in ("steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
             check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "a positive integer")
         check(self.lr > 0, "train.lr", self.lr, "a positive number")
@@ -100,13 +107,16 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    """Defaults for `attnlab sample` (each can be overridden on its command line)."""
+    """Defaults for `attnlab sample` (each can be overridden on its command line); `precision` as
+    in `TrainConfig` (controls that read attention probabilities compute them in fp32 either way)."""
 
     sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim"
     steps: int = 50
     guidance: float = 3.0
+    precision: Precision = "fp32"
 
     def validate(self) -> None:
+        check(self.precision in PRECISIONS, "sample.precision", self.precision, " | ".join(PRECISIONS))
         check(self.steps >= 1, "sample.steps", self.steps, "a positive integer")
 
 

@@ -131,6 +131,7 @@ def regenerate(file: str | Path, model: str | Path | None = None, batch_size: in
         CheckpointError: when the model directory is gone or its weights changed since.
     """
     from attnlab.control.plan import sampling_plan
+    from attnlab.precision import set_precision
     from attnlab.samples import read_sample_provenance
     from attnlab.train.checkpoint import file_sha256, load_model, model_dir
 
@@ -140,6 +141,7 @@ def regenerate(file: str | Path, model: str | Path | None = None, batch_size: in
     if not weights.is_file() or file_sha256(weights) != meta["weights_sha256"]:
         raise CheckpointError(f"{weights}: missing or not the weights {file} was drawn with (sha256 differs)")
     net, cfg = load_model(ckpt, ema=meta["weights"].startswith("ema"))
+    set_precision(net, meta.get("precision", "fp32"))  # files from before the key: fp32
     item = Item(meta["prompt"], meta["label"], meta["seed"])
     techniques = sampling_plan(meta.get("techniques", {}).get("sampling"))
     with techniques.installed(net):

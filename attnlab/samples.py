@@ -29,9 +29,17 @@ WAV_COMMENT_MAX = 2000  # libsndfile keeps INFO strings up to about 2 KB
 
 
 def provenance_base(
-    ckpt: Path, weights: Path, cfg, sampler: str, steps: int, guidance: float, techniques: dict
+    ckpt: Path,
+    weights: Path,
+    cfg,
+    sampler: str,
+    steps: int,
+    guidance: float,
+    techniques: dict,
+    precision: str = "fp32",
 ) -> dict:
-    """What every sample of one run of `sample` shares."""
+    """What every sample of one run of `sample` shares (the precision it was computed in, too:
+    `regenerate` draws a bf16 sample in bf16 again)."""
     from attnlab.train.checkpoint import file_sha256
 
     return {
@@ -44,6 +52,7 @@ def provenance_base(
         "guidance": guidance,
         "prediction": cfg.diffusion.prediction,
         "techniques": techniques,
+        "precision": precision,
     }
 
 
@@ -179,6 +188,8 @@ def read_sample_provenance(path: str | Path) -> dict:
         for k, kind in fields.items()
         if not isinstance(meta[k], kind) or (kind is int and isinstance(meta[k], bool))
     ]
+    if "precision" in meta and meta["precision"] not in ("fp32", "bf16", "fp16"):
+        bad.append(f"precision={meta['precision']!r}")
     if bad:
         raise DataError(f"{path}: its provenance is damaged ({', '.join(bad)}); cannot draw it again")
     return meta

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -102,11 +103,46 @@ def key_padding_bias(mask: Tensor | None) -> Tensor | None:
 
 
 def attention_probs(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
-    """Explicit softmax(q k^T / sqrt(d)) with padding keys excluded; (B, heads, N, L)."""
+    """Explicit softmax(q k^T / sqrt(d)) with padding keys excluded; (B, heads, N, L). The softmax
+    is computed and returned in fp32 whatever the precision of q and k, so controls that read or
+    edit probabilities (heat maps, prompt-to-prompt) see exact ones."""
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, heads, N, L)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1)
+    return scores.float().softmax(dim=-1)
+
+
+# Scores of at most this many elements per chunk, and in all, take the explicit path on a CPU.
+CHUNK_SCORES = 1 << 22
+MAX_SCORES = 1 << 26
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, heads, N, d) with an SDPA boolean mask (True = attend).
+
+    `F.scaled_dot_product_attention` everywhere, except in bf16 / fp16 on a CPU, where PyTorch's
+    flash kernel is slower than the explicit path at attnlab's sizes (head widths 8-64, up to ~1000
+    tokens; 1.7-8x in fwd + bwd, `benchmarks/train_throughput.py --kernels`). There the scores are
+    formed explicitly, a few batch rows at a time so each chunk's scores stay in cache, as long as
+    all of them fit in MAX_SCORES elements; beyond that the flash kernel's memory saving wins.
+    """
+    b, h, n, _ = q.shape
+    per_row = h * n * k.shape[-2]
+    if q.device.type != "cpu" or not _low_precision(q) or b * per_row > MAX_SCORES:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    q = q * (1.0 / math.sqrt(q.shape[-1]))  # scale the small tensor, not the scores
+    rows = max(1, CHUNK_SCORES // per_row)
+    outs = []
+    for i in range(0, b, rows):
+        s = q[i : i + rows] @ k[i : i + rows].transpose(-2, -1)
+        if mask is not None:
+            s = s.masked_fill(~mask[i : i + rows] if mask.shape[0] == b else ~mask, float("-inf"))
+        outs.append(s.softmax(dim=-1) @ v[i : i + rows])
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _low_precision(x: Tensor) -> bool:
+    return x.dtype in (torch.bfloat16, torch.float16)
 
 
 class AttnKernel(Protocol):
@@ -218,7 +254,7 @@ class Attention(nn.Module):
         key padding (cross- or self-attention) masked."""
         if self.kernel is not None:
             return self.kernel.attend(q, k, v, grid, context_mask)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_bias(context_mask))
+        return sdpa(q, k, v, key_padding_bias(context_mask))
 
     def forward_math(
         self,

@@ -49,6 +49,9 @@ _register(app)
 
 
 def main() -> None:
+    from attnlab.runtime import tune_malloc
+
+    tune_malloc()
     app()
 
 

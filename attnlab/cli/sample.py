@@ -49,6 +49,14 @@ def sample_command(
         int, typer.Option("--batch-size", min=1, help="Samples per batch (results do not depend on it).")
     ] = 64,
     threads: Annotated[int, typer.Option("--threads", help="torch CPU threads (0 = all cores).")] = 0,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            "--precision",
+            help="fp32, bf16, fp16 (CUDA) or auto: bf16 where the CPU or GPU computes it natively "
+            "(default: the run's sample.precision).",
+        ),
+    ] = None,
     pag: Annotated[float, typer.Option("--pag", help="Perturbed-attention guidance scale (0 = off).")] = 0.0,
     pag_layers: Annotated[
         str | None,
@@ -96,6 +104,8 @@ def sample_command(
     from attnlab.cli.flags import cli_spec, technique_options
     from attnlab.control.plan import sampling_plan
     from attnlab.generate import generate, plan, text_encoder_for
+    from attnlab.precision import resolve as resolve_precision
+    from attnlab.precision import set_precision
     from attnlab.samples import model_techniques, provenance_base, write_samples
     from attnlab.train.checkpoint import load_model, model_dir, weights_file
 
@@ -107,6 +117,8 @@ def sample_command(
     torch_threads(threads)
     model, cfg = load_model(run_dir, ema=ema)
     s = cfg.sample
+    precision = resolve_precision(precision or s.precision, "cpu", "--precision")
+    set_precision(model, precision)
     sampler, steps, guidance = (
         sampler or s.sampler,
         steps or s.steps,
@@ -125,6 +137,7 @@ def sample_command(
         steps,
         guidance,
         {**model_techniques(cfg), "sampling": techniques.spec},
+        precision,
     )
     with techniques.installed(model):
         x = generate(

@@ -58,8 +58,21 @@ def conv_nd(dims: int, cin: int, cout: int, k: int, stride: int = 1, padding: in
     return nn.Conv2d(cin, cout, (1, k), stride=(1, stride), padding=(0, pad))
 
 
-def group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(groups, channels), channels)
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (the same parameters and checkpoints) that normalises a bf16 / fp16 map in fp32
+    and hands it back in its own dtype: the statistics stay exact, and on a CPU PyTorch's group norm
+    over a channels-last bf16 map runs about 4x slower (forward + backward) than over the same map
+    converted to fp32."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+def group_norm(channels: int, groups: int) -> GroupNorm:
+    return GroupNorm(math.gcd(groups, channels), channels)
 
 
 def zero_(module: nn.Module) -> nn.Module:

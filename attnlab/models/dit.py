@@ -14,6 +14,7 @@ from attnlab.models.blocks import Context, TransformerBlock, as_map, conv_nd, to
 from attnlab.models.config import ModelConfig
 from attnlab.models.embeddings import CondEmbedding, TimestepEmbedding, batch_timesteps
 from attnlab.models.plan import ModelPlan, resolve
+from attnlab.precision import autocast
 
 
 class FinalLayer(nn.Module):
@@ -114,14 +115,20 @@ class DiT(nn.Module):
         c = c if vec is None else c + vec
         return F.silu(c), (tokens, mask) if tokens is not None else None
 
+    precision = "fp32"  # how forward computes (attnlab.precision.set_precision); weights stay fp32
+
     def forward(self, x: Tensor, t: Tensor, cond: Condition | None = None) -> Tensor:
         """Args:
             x: (B, C, H, W) images or (B, C, T) audio.
             t: (B,) timesteps in [0, 1000) (float or long), or one shared by the batch.
             cond: labels and/or text tokens; None or missing fields mean the null condition.
         Returns:
-            The prediction, shaped like x.
+            The prediction, shaped like x and in x's dtype, computed in `self.precision`.
         """
+        with autocast(self.precision, x.device):
+            return self._forward(x, t, cond).to(x.dtype)
+
+    def _forward(self, x: Tensor, t: Tensor, cond: Condition | None) -> Tensor:
         c, ctx = self.embed(t, cond, x.shape[0])
         x = as_map(x, self.dims)
         h = self.patchify(x) if self.mask_in is None else self.patchify(x) + self.mask_in(cond, x)

@@ -28,6 +28,7 @@ from attnlab.models.config import ModelConfig
 from attnlab.models.embeddings import CondEmbedding, TimestepEmbedding, batch_timesteps
 from attnlab.models.plan import ModelPlan, resolve
 from attnlab.models.specs import AttnSpec
+from attnlab.precision import autocast
 
 
 class UNetBlock(nn.Module):
@@ -157,14 +158,20 @@ class UNet(nn.Module):
         emb = emb if vec is None else emb + vec
         return F.silu(emb), (tokens, mask) if tokens is not None else None
 
+    precision = "fp32"  # how forward computes (attnlab.precision.set_precision); weights stay fp32
+
     def forward(self, x: Tensor, t: Tensor, cond: Condition | None = None) -> Tensor:
         """Args:
             x: (B, C, H, W) images or (B, C, T) audio.
             t: (B,) timesteps in [0, 1000) (float or long), or one shared by the batch.
             cond: labels and/or text tokens; None or missing fields mean the null condition.
         Returns:
-            The prediction, shaped like x.
+            The prediction, shaped like x and in x's dtype, computed in `self.precision`.
         """
+        with autocast(self.precision, x.device):
+            return self._forward(x, t, cond).to(x.dtype)
+
+    def _forward(self, x: Tensor, t: Tensor, cond: Condition | None) -> Tensor:
         emb, ctx = self.embed(t, cond, x.shape[0])
         x = as_map(x, self.dims)
         h = self.conv_in(x) if self.mask_in is None else self.conv_in(x) + self.mask_in(cond, x)

@@ -18,6 +18,7 @@ from attnlab.errors import AttnlabError, ConfigError
 from attnlab.errors import check as _check
 from attnlab.models.config import ModelConfig
 from attnlab.poc.variants import lineage, technique, variant_model
+from attnlab.precision import PRECISIONS, Precision
 
 SEED_STRIDE = 100_000  # sample k of sampling seed s draws its noise from seed s * SEED_STRIDE + k
 
@@ -76,11 +77,13 @@ class BudgetConfig:
 
 @dataclass
 class SamplingConfig:
-    """The sampler every variant uses (its steps are `budget.sample_steps`)."""
+    """The sampler every variant uses (its steps are `budget.sample_steps`) and the precision it
+    computes in (`attnlab.config.SampleConfig.precision`)."""
 
     sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim"
     guidance: float = 3.0
     ema: bool = True
+    precision: Precision = "fp32"
 
 
 @dataclass
@@ -170,6 +173,9 @@ def validate(cfg: PocConfig) -> None:
     """Raise ConfigError naming the first key whose value is not allowed."""
     cfg.diffusion.validate()  # the sections a run config also has, checked as a run config checks them
     cfg.train.validate()
+    _check(
+        cfg.sample.precision in PRECISIONS, "sample.precision", cfg.sample.precision, " | ".join(PRECISIONS)
+    )
     _validate_lists(cfg)
     names = [v.name for v in cfg.variants]
     for i, v in enumerate(cfg.variants):

@@ -29,6 +29,7 @@ from attnlab.poc.sampling import (
     load_samples,
     sample_fingerprint,
     sample_stage,
+    sampling_settings,
 )
 from attnlab.poc.scoring import (
     COST_SAMPLES,
@@ -46,6 +47,7 @@ from attnlab.poc.training import (
     train_processes,
     train_side_by_side,
     train_stage,
+    without_fp32,
 )
 from attnlab.poc.variants import model_owner, own_levels, sampling_spec, variant_model
 
@@ -271,7 +273,7 @@ def _resume_fingerprint(rc) -> str:
 
     d = rc.to_dict()
     train = {k: v for k, v in d["train"].items() if k not in RESUMABLE_CHANGES}
-    return fingerprint("resume", {**d, "train": train, "sample": None})
+    return fingerprint("resume", without_fp32({**d, "train": train, "sample": None}, "train"))
 
 
 def _train(res: Resources, owner: VariantConfig, rc, fit, fresh: bool, bar: Progress) -> Trained:
@@ -309,9 +311,7 @@ def _variant(res: Resources, v: VariantConfig, trained: dict[str, Trained], bar:
     cost = {}
     if "cost" in cfg.metrics:
         with bar.stage(v.name, "cost") as st:
-            fp = fingerprint(
-                "cost", t.model_fp, sampler.spec, dataclasses.asdict(t.rc.sample), _cost_prompts(res)
-            )
+            fp = fingerprint("cost", t.model_fp, sampler.spec, sampling_settings(t.rc), _cost_prompts(res))
             cost = cost_stage(
                 sampler,
                 res.prompts,
@@ -404,9 +404,7 @@ def _heatmaps(res: Resources, trained: dict[str, Trained], bar: Progress) -> lis
             prompt = res.prompts.texts[0]
             seed = items_for(res.prompts, cfg.seeds[0])[0].seed
             dirs = variant_dirs(res.out, name)
-            fp = fingerprint(
-                "heatmaps", t.model_fp, sampler.spec, dataclasses.asdict(t.rc.sample), prompt, seed
-            )
+            fp = fingerprint("heatmaps", t.model_fp, sampler.spec, sampling_settings(t.rc), prompt, seed)
             rec = heatmap_stage(sampler, prompt, seed, dirs, fp, cfg.data.sample_rate)
             st.skipped = rec["skipped"]
             out.append({"variant": name, **rec, "path": str(dirs.root / rec["file"])})

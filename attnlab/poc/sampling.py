@@ -3,6 +3,7 @@ training-free techniques installed, and the wall time per sample is kept as its 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from attnlab.io import atomic_path
 from attnlab.poc.config import SEED_STRIDE
 from attnlab.poc.prompts import PromptSet
 from attnlab.poc.stages import VariantDirs, fingerprint, run_stage
+from attnlab.precision import set_precision
 
 # Default words Attend-and-Excite strengthens, per dataset: the words that name objects.
 OBJECT_WORDS = {
@@ -40,6 +42,7 @@ class VariantSampler:
 
     def __post_init__(self):
         self.plan = sampling_plan(self.spec, bind_prompts=True)
+        set_precision(self.model, self.rc.sample.precision)  # resolved by the PoC's run config
 
     def draw(self, items: Sequence[Item], batch_size: int, progress: bool = False) -> Tensor:
         """(N, C, *spatial) samples of `items`, in batches of `batch_size`."""
@@ -74,9 +77,27 @@ def sample_fingerprint(
     model_fp: str, spec: dict, rc: RunConfig, prompts: PromptSet, seed: int, ema: bool
 ) -> str:
     s = rc.sample
+    low = () if s.precision == "fp32" else (s.precision,)  # fp32 runs keep their fingerprints
     return fingerprint(
-        "sample", model_fp, spec, s.sampler, s.steps, s.guidance, prompts.texts, prompts.labels, seed, ema
+        "sample",
+        model_fp,
+        spec,
+        s.sampler,
+        s.steps,
+        s.guidance,
+        prompts.texts,
+        prompts.labels,
+        seed,
+        ema,
+        *low,
     )
+
+
+def sampling_settings(rc: RunConfig) -> dict:
+    """The run's sampling settings as a stage fingerprint reads them (precision only when not fp32,
+    so that runs from before the key existed keep their fingerprints)."""
+    d = dataclasses.asdict(rc.sample)
+    return {k: v for k, v in d.items() if k != "precision" or v != "fp32"}
 
 
 def sample_stage(

@@ -17,6 +17,7 @@ from attnlab.errors import ConfigError
 from attnlab.poc.config import PocConfig, VariantConfig
 from attnlab.poc.stages import VariantDirs, fingerprint, run_stage
 from attnlab.poc.variants import variant_model
+from attnlab.precision import resolve as resolve_precision
 from attnlab.train import train
 from attnlab.train.batches import TrainingData
 from attnlab.train.trainer import fit_to_data
@@ -28,13 +29,19 @@ _PRESENTATION = ("progress", "threads", "log_every", "ckpt_every", "keep_checkpo
 def run_config(
     cfg: PocConfig, owner: VariantConfig, data: TrainingData, num_classes, context_dim, steps: int
 ) -> RunConfig:
-    """The run config a model owner trains with (model fields that are facts of the data filled in)."""
+    """The run config a model owner trains with (model fields that are facts of the data filled in,
+    precisions resolved for this machine)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    train_precision = resolve_precision(cfg.train.precision, device, "train.precision")
+    sample_precision = resolve_precision(cfg.sample.precision, device, "sample.precision")
     rc = RunConfig(
         data=cfg.data,
         model=variant_model(cfg, owner),
         diffusion=cfg.diffusion,
-        train=dataclasses.replace(cfg.train, steps=steps),
-        sample=SampleConfig(cfg.sample.sampler, cfg.budget.sample_steps, cfg.sample.guidance),
+        train=dataclasses.replace(cfg.train, steps=steps, precision=train_precision),
+        sample=SampleConfig(
+            cfg.sample.sampler, cfg.budget.sample_steps, cfg.sample.guidance, sample_precision
+        ),
     )
     return fit_to_data(rc, data, num_classes, context_dim)
 
@@ -46,7 +53,15 @@ def learning_fingerprint(rc: RunConfig) -> str:
     d.pop("sample", None)
     for k in _PRESENTATION:
         d["train"].pop(k, None)
-    return fingerprint("train", d)
+    return fingerprint("train", without_fp32(d, "train"))
+
+
+def without_fp32(d: dict, section: str) -> dict:
+    """`d` without `d[section]["precision"]` when it is fp32, the precision of every run before the
+    key existed: their stages' fingerprints, and so their finished work, stay valid."""
+    if d.get(section, {}).get("precision") == "fp32":
+        d = {**d, section: {k: v for k, v in d[section].items() if k != "precision"}}
+    return d
 
 
 def budget_steps(

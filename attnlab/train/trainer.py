@@ -25,6 +25,9 @@ from attnlab.diffusion import alphas_cumprod, diffusion_loss
 from attnlab.errors import ConfigError
 from attnlab.io import write_json
 from attnlab.models import resolve
+from attnlab.precision import resolve as resolve_precision
+from attnlab.precision import set_precision
+from attnlab.runtime import tune_malloc
 from attnlab.train import checkpoint as ckpt
 from attnlab.train.batches import TrainingData, prepare_training_data
 from attnlab.train.ema import EMA
@@ -85,6 +88,7 @@ class Trainer:
     # Set-up
 
     def run(self) -> Path:
+        tune_malloc()
         t = self.cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -92,13 +96,17 @@ class Trainer:
         if t.batch_size % world:
             raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {world} processes")
         self.data = self.data or self.build_data()
-        start_ckpt = self._resume_point()
+        found = ckpt.latest_checkpoint(self.out)
+        self._resolve_precision(found)
+        start_ckpt = self._resume_point(found)
         if self.acc.is_main_process:
             ckpt.remove_partial(self.out)
             write_json(self.out / "config.json", self.cfg.to_dict())
-        model = self.model or self.build_model()
+        model = set_precision(self.model or self.build_model(), self.cfg.train.precision)
         ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
         opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        # fp16 gradients underflow without loss scaling (bf16 has fp32's range and needs none)
+        self.scaler = torch.amp.GradScaler("cuda") if self.cfg.train.precision == "fp16" else None
         state = self._restore(start_ckpt, model, ema, opt)
         if state["step"] >= t.steps:
             self.acc.print(f"{self.out}: already trained to step {state['step']}")
@@ -134,8 +142,17 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed)  # the same init in every process and on every rerun
         return build_model(self.cfg.model)
 
-    def _resume_point(self) -> Path | None:
-        found = ckpt.latest_checkpoint(self.out)
+    def _resolve_precision(self, found: Path | None) -> None:
+        """train.precision as this run computes it: "auto" resolved for the device, or, resuming,
+        the precision the run was trained in (a resumed run continues in its own precision)."""
+        t = self.cfg.train
+        p = t.precision
+        if p == "auto" and found is not None:
+            p = ckpt.read_config(found).train.precision
+        p = resolve_precision(p, self.acc.device, "train.precision")
+        self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(t, precision=p))
+
+    def _resume_point(self, found: Path | None) -> Path | None:
         if found is not None:
             self._check_same_run(ckpt.read_config(found), found)
             self._check_same_world(ckpt.read_trainer_state(found), found)
@@ -170,6 +187,8 @@ class Trainer:
             ema.load_state_dict(ckpt.read_tensors(found / ckpt.EMA_WEIGHTS))
         opt.load_state_dict(ckpt.read_optimizer_state(found / ckpt.OPTIMIZER))
         state = ckpt.read_trainer_state(found)
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.acc.print(f"resuming {self.out} from step {state['step']}")
         return state
 
@@ -239,10 +258,18 @@ class Trainer:
             generator=g,
             min_snr_gamma=cfg.diffusion.min_snr_gamma,
         )
-        self.acc.backward(loss)
-        if cfg.train.grad_clip > 0:
-            self.acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
+        if self.scaler is None:
+            self.acc.backward(loss)
+            if cfg.train.grad_clip > 0:
+                self.acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            opt.step()
+        else:
+            self.acc.backward(self.scaler.scale(loss))
+            self.scaler.unscale_(opt)  # clip the true gradients
+            if cfg.train.grad_clip > 0:
+                self.acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            self.scaler.step(opt)  # skipped when the scaled gradients overflowed
+            self.scaler.update()
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
@@ -256,7 +283,12 @@ class Trainer:
                 acc.unwrap_model(model),
                 ema.state_dict() if ema else None,
                 opt.state_dict(),
-                {"log_bytes": log.size(), "wall": wall, "processes": acc.num_processes},
+                {
+                    "log_bytes": log.size(),
+                    "wall": wall,
+                    "processes": acc.num_processes,
+                    **({"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
+                },
                 keep=self.cfg.train.keep_checkpoints,
             )
         acc.wait_for_everyone()
