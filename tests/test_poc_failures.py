@@ -5,40 +5,19 @@ other variants' training is kept."""
 import json
 
 import pytest
-import yaml
 from PIL import Image
+from poc_util import ATTN16, BASE, BUDGET, load_poc, tiny_poc
 
 import attnlab.poc.training as poc_training
-from attnlab.poc import load_poc_config, run_poc
+from attnlab.poc import run_poc
 
-MODEL = {
-    "backbone": "unet",
-    "cond": "text",
-    "width": 16,
-    "channel_mult": [1, 2],
-    "attn_resolutions": [8],
-    "heads": 2,
-    "norm_groups": 4,
-}
-VARIANTS = [{"name": "base"}, {"name": "attn16", "model": {"attn_resolutions": [16, 8]}, "level": 2}]
+VARIANTS = [BASE, ATTN16]
 
 
 def poc_config(tmp_path, data, **changes):
-    cfg = {
-        "data": data,
-        "model": MODEL,
-        "train": {"batch_size": 4, "warmup": 1, "log_every": 1, "ckpt_every": 2, "progress": False},
-        "sample": {"sampler": "ddim", "guidance": 2.0},
-        "budget": {"train_steps": 2, "sample_steps": 2, "num_samples": 2, "batch_size": 2},
-        "variants": VARIANTS[:1],
-        "seeds": [0, 1, 2],
-        "metrics": ["cost"],
-        "threads": 1,
-        **changes,
-    }
-    path = tmp_path / "poc.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return load_poc_config(path)
+    budget = {**BUDGET, "num_samples": 2, "batch_size": 2}
+    cfg = {"data": data, "budget": budget, "variants": VARIANTS[:1], "metrics": ["cost"], "threads": 1}
+    return load_poc(tmp_path, tiny_poc(**{**cfg, **changes}))
 
 
 def image_folder(root, bad_eval: bool):

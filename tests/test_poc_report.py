@@ -1,13 +1,32 @@
 """The PoC summary and tables: best designs, what is within noise, the recommendation per priority,
 and the two renderings of one document."""
 
+import csv
+import json
 import math
 import shutil
 import subprocess
 from collections import Counter
 from html.parser import HTMLParser
 
+import numpy as np
 import pytest
+from poc_util import (
+    ATTN16,
+    BASE,
+    DDOF,
+    PAG,
+    SEEDS,
+    best_of,
+    fmt,
+    load_poc,
+    md_table,
+    numpy_stat,
+    report_mismatches,
+    seed_values,
+    shown,
+    tiny_poc,
+)
 
 from attnlab.poc.document import (
     Audio,
@@ -275,3 +294,265 @@ def test_chromium_draws_the_summary_box_group_rows_and_figures(tmp_path):
     assert colours[(0xF4, 0xF8, 0xFD)] > 20_000  # the shaded summary box
     assert colours[(0xFA, 0xFB, 0xFC)] > 5_000  # the group title rows
     assert colours[(255, 0, 0)] > 1_000 and colours[(0, 0, 255)] > 1_000  # inlined figures
+
+
+# report.md, results.json and results.csv of a hand-built PoC against numpy over its per-seed scores
+
+HEADS4 = {"name": "heads4", "model": {"heads": 4}, "level": 2}
+# Per variant and metric the scores of seeds 0, 1, 2 (None: that seed has no such score). attn16 has
+# the best FID, pag the best alignment and heads4 the lowest latency, each clear of the seed noise;
+# pag's FID is within noise of the reference's, attn16's shape accuracy within noise of pag's.
+PER_SEED = {
+    "base": {
+        "fid": [20.113, 21.402, 19.871],
+        "kid_mean": [0.01234, 0.01418, 0.01302],
+        "all_correct": [0.5123, 0.5531, 0.4772],
+        "shape_acc": [0.7012, 0.7433, 0.6691],
+        "latency_s": [0.1021, 0.1083, 0.0994],
+    },
+    "attn16": {
+        "fid": [15.214, 16.038, 15.562],
+        "kid_mean": [0.00871, 0.00912, 0.00803],
+        "all_correct": [0.5381, 0.5012, 0.6142],
+        "shape_acc": [0.8841, 0.8562, 0.9183],
+        "latency_s": [0.1311, 0.1372, 0.1289],
+    },
+    "pag": {
+        "fid": [18.906, 20.417, 19.298],
+        "kid_mean": [0.01121, 0.01287, 0.01173],
+        "all_correct": [0.8121, 0.8763, 0.7492],
+        "shape_acc": [0.9012, 0.9353, 0.8771],
+        "latency_s": [0.2051, 0.2132, 0.2013],
+    },
+    "heads4": {
+        "fid": [22.513, 23.946, 21.731],
+        "kid_mean": [0.01556, 0.01702, None],
+        "all_correct": [0.3812, 0.4391, 0.5033],
+        "shape_acc": [0.6122, 0.5871, 0.6413],
+        "latency_s": [0.0712, 0.0753, 0.0694],
+    },
+}
+COSTS = {  # measured once per variant; pag samples base's model with an extra pass per step
+    "base": {
+        "params": 41234,
+        "flops_per_sample": 1.234e9,
+        "flops_per_call": 1.543e8,
+        "peak_mem_bytes": 5.213e6,
+    },
+    "attn16": {
+        "params": 43871,
+        "flops_per_sample": 1.687e9,
+        "flops_per_call": 2.109e8,
+        "peak_mem_bytes": 7.841e6,
+    },
+    "pag": {
+        "params": 41234,
+        "flops_per_sample": 1.851e9,
+        "flops_per_call": 1.543e8,
+        "peak_mem_bytes": 5.922e6,
+    },
+    "heads4": {
+        "params": 41234,
+        "flops_per_sample": 1.302e9,
+        "flops_per_call": 1.628e8,
+        "peak_mem_bytes": 6.104e6,
+    },
+}
+TRAIN_SECONDS = {"base": 12.31, "attn16": 17.84, "heads4": 0.7312}
+REAL_DATA = {
+    "fid": [3.412, 3.871, 3.205],
+    "kid_mean": [0.00121, 0.00143, 0.00118],
+    "all_correct": [0.9381, 0.9612, 0.9423],
+}
+
+
+def _scores(columns: dict) -> dict[int, dict]:
+    """{metric: per-seed values} -> {seed: scores}, as the runner collects them."""
+    return {
+        seed: {k: vals[i] for k, vals in columns.items() if vals[i] is not None}
+        for i, seed in enumerate(SEEDS)
+    }
+
+
+def _entry(cfg, name: str) -> dict:
+    """The results.json entry of variant `name`, put together as the runner does."""
+    from attnlab.poc.results import metric_stats
+    from attnlab.poc.variants import model_owner, own_levels
+
+    v = cfg.variant(name)
+    owner = model_owner(cfg, v).name
+    cost = {**COSTS[name], "train_seconds": TRAIN_SECONDS[owner]}
+    per_seed = _scores(PER_SEED[name])
+    levels = own_levels(cfg, v)
+    return {
+        "name": name,
+        "group": max(levels) if levels else 0,
+        "levels": levels,
+        "techniques": {n: dict(o or {}) for n, o in v.techniques.items()},
+        "sampling": {},
+        "model": {"techniques": {}, "changes": dict(v.model)},
+        "base": v.base,
+        "trained_by": owner,
+        "note": v.note,
+        "metrics": {k: s.to_dict() for k, s in metric_stats(per_seed, cost).items()},
+        "per_seed": {str(s): scores for s, scores in per_seed.items()},
+        "cost": cost,
+        "train": {"train_steps": 2, "train_seconds": TRAIN_SECONDS[owner]},
+        "samples": {},
+        "sampling_seconds": 1.5,
+    }
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """report.md, report.html, results.json and results.csv of the hand-built PoC, written by
+    write_report (figures stubbed by blank PNGs: no sample is drawn)."""
+    from PIL import Image
+
+    import attnlab.poc.report as report
+    from attnlab.poc.prompts import PromptSet
+    from attnlab.poc.results import metric_stats
+
+    tmp = tmp_path_factory.mktemp("report")
+    cfg = load_poc(
+        tmp, tiny_poc(variants=[BASE, ATTN16, PAG, HEADS4], metrics=["fid", "kid", "alignment", "cost"])
+    )
+    names = [v.name for v in cfg.variants]
+    png = tmp / "blank.png"
+    Image.new("RGB", (8, 8), "white").save(png)
+    figs = {"side_by_side": png, "grids": {n: png for n in names}}
+    floor = {
+        "name": "real data",
+        "metrics": {k: s.to_dict() for k, s in metric_stats(_scores(REAL_DATA), {}).items()},
+    }
+    prompts = PromptSet(["a red square"] * 4, [None] * 4, ["a red square"] * 4, None)
+    out = tmp / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report, "_figures", lambda *a: figs)
+        results = report.write_report(cfg, out, [_entry(cfg, n) for n in names], prompts, [], floor, 1.0)
+    return out, results
+
+
+def test_hand_built_scores_are_clear_of_rounding_edges():
+    """The numbers the tests below compare do not sit on a rounding edge, where summation order alone
+    could move the last digit."""
+    for columns in (*PER_SEED.values(), REAL_DATA):
+        for key, vals in columns.items():
+            vals = np.array([v for v in vals if v is not None])
+            ref = [v for v in PER_SEED["base"][key] if v is not None] if columns is not REAL_DATA else vals
+            diff = abs(np.mean(vals) - np.mean(ref))  # the "vs reference" column
+            for x in (np.mean(vals), np.std(vals, ddof=DDOF), np.std(vals, ddof=1 - DDOF), diff):
+                assert fmt(key, x * (1 - 1e-9)) == fmt(key, x * (1 + 1e-9)), (key, x)
+            ratio = np.mean(vals) / np.mean(ref)  # latency's "vs reference" column
+            assert f"{ratio * (1 - 1e-9):.2f}" == f"{ratio * (1 + 1e-9):.2f}", (key, ratio)
+
+
+def test_std_is_the_sample_std_and_differs_from_the_population_one():
+    """The report's spread is numpy's std with ddof=1 (n - 1) and, for these scores, would read
+    differently with ddof=0 in every per-seed cell (so the table test below tells them apart)."""
+    from attnlab.poc.metrics import Stat
+
+    assert DDOF == 1
+    for columns in PER_SEED.values():
+        for key, vals in columns.items():
+            vals = [v for v in vals if v is not None]
+            s = Stat.of(vals)
+            assert s.std == pytest.approx(np.std(vals, ddof=1), rel=1e-12)
+            if key != "latency_s":  # latency's std is a few ms either way
+                assert fmt(key, np.std(vals, ddof=1)) != fmt(key, np.std(vals, ddof=0)), (key, vals)
+
+
+def test_results_json_stores_numpy_means_and_stds_of_per_seed(rendered):
+    out, _ = rendered
+    data = json.loads((out / "results.json").read_text())
+    assert [v["name"] for v in data["variants"]] == list(PER_SEED)
+    for v in data["variants"]:
+        for key, given in PER_SEED[v["name"]].items():
+            vals = np.array([x for x in given if x is not None])
+            assert seed_values(v, key) == vals.tolist()  # per_seed holds the scores as given
+            stored = v["metrics"][key]
+            assert stored["values"] == vals.tolist(), (v["name"], key)
+            assert stored["mean"] == pytest.approx(np.mean(vals), rel=1e-12, abs=0), (v["name"], key)
+            assert stored["std"] == pytest.approx(np.std(vals, ddof=DDOF), rel=1e-12, abs=0), (v["name"], key)
+        cost = {**COSTS[v["name"]], "train_seconds": TRAIN_SECONDS[v["trained_by"]]}
+        for key, x in cost.items():
+            assert v["metrics"][key] == {"mean": x, "std": 0.0, "values": [x]}, (v["name"], key)
+    for key, given in REAL_DATA.items():
+        stored = data["real_data"]["metrics"][key]
+        assert stored["mean"] == pytest.approx(np.mean(given), rel=1e-12, abs=0)
+        assert stored["std"] == pytest.approx(np.std(given, ddof=DDOF), rel=1e-12, abs=0)
+
+
+def test_every_report_table_cell_is_numpy_over_per_seed(rendered):
+    out, results = rendered
+    md = (out / "report.md").read_text()
+    assert json.loads((out / "results.json").read_text())["variants"] == results["variants"]
+    checked, bad = report_mismatches(md, json.loads((out / "results.json").read_text()))
+    # 3 tables: 4 variants x (metrics + vs reference) + a real-data row in 2 of them, and the headers
+    assert checked >= 4 * (2 + 1 + 2 + 1 + 6 + 1) and bad == []
+    header, rows = md_table(md, "Quality")
+    assert header == ["variant", "FID", "KID", "FID vs reference"]
+    cells = {r[0]: r for r in rows}
+    assert (
+        cells["`attn16`"][1] == "**15.60 ± 0.41**" and cells["`base`"][1] == "20.46 ± 0.82"
+    )  # not ± 0.67 (ddof 0)
+    assert cells["`pag`"][3] == "−0.92 within noise" and cells["`heads4`"][3] == "+2.27 worse"
+    assert cells["`heads4`"][2] == "0.0163 ± 0.00103"  # its seed 2 has no KID: two seeds
+    assert cells["real data"][1] == "3.50 ± 0.34"
+    alignment = {r[0]: r for r in md_table(md, "Condition alignment")[1]}
+    assert alignment["`attn16`"][2] == "88.6% ± 3.1% ≈ best"  # within noise of pag's 90.5% ± 2.9%
+
+
+def test_the_table_check_catches_a_wrong_digit_a_wrong_std_and_a_wrong_best(rendered):
+    """The check of the test above fails on a report with one cell rounded the other way, a std of
+    ddof=0, or the bold on the worst FID."""
+    out, _ = rendered
+    md, results = (out / "report.md").read_text(), json.loads((out / "results.json").read_text())
+    for wrong in (
+        md.replace("**15.60 ± 0.41**", "**15.61 ± 0.41**"),
+        md.replace("20.46 ± 0.82", "20.46 ± 0.67"),
+        md.replace("**15.60 ± 0.41**", "15.60 ± 0.41").replace("| 22.73 ± 1.12 |", "| **22.73 ± 1.12** |"),
+    ):
+        assert wrong != md
+        assert len(report_mismatches(wrong, results)[1]) >= 1
+
+
+def test_results_csv_is_numpy_over_per_seed(rendered):
+    out, _ = rendered
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["variant"] for r in rows] == list(PER_SEED)
+    for r in rows:
+        for key, given in PER_SEED[r["variant"]].items():
+            vals = [x for x in given if x is not None]
+            assert r[f"{key}_mean"] == f"{np.mean(vals):.6g}", (r["variant"], key)
+            assert r[f"{key}_std"] == f"{np.std(vals, ddof=DDOF):.6g}", (r["variant"], key)
+        assert r["params_mean"] == f"{COSTS[r['variant']]['params']:.6g}" and r["params_std"] == "0"
+
+
+@pytest.mark.parametrize(
+    ("family", "key", "label"),
+    [
+        ("quality", "fid", "Best quality"),
+        ("alignment", "all_correct", "Best condition alignment"),
+        ("cost", "latency_s", "Lowest cost"),
+    ],
+)
+def test_the_named_winner_is_numpys_pick_of_the_means(rendered, family, key, label):
+    out, _ = rendered
+    data = json.loads((out / "results.json").read_text())
+    stats = {v["name"]: numpy_stat(v, key) for v in data["variants"]}
+    winner = best_of(key, {n: s[0] for n, s in stats.items()})
+    assert winner == {"fid": "attn16", "all_correct": "pag", "latency_s": "heads4"}[key]
+    for n, s in stats.items():  # clear of the noise: beyond the combined spread of every other variant
+        w = stats[winner]
+        assert n == winner or abs(w[0] - s[0]) > math.hypot(w[1], s[1]), (key, n)
+    assert data["summary"][f"best_{family}"] == {
+        "metric": key,
+        "variant": winner,
+        "levels": next(v["levels"] for v in data["variants"] if v["name"] == winner),
+        "within_noise": [],
+    }
+    md = (out / "report.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith(f"- **{label}:**"))
+    assert line.startswith(f"- **{label}:** `{winner}` (")
+    assert shown(key, stats[winner]) in line and f"(reference `base`: {shown(key, stats['base'])})" in line

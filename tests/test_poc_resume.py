@@ -10,35 +10,13 @@ import sys
 import time
 
 import pytest
-import torch
-import yaml
+from poc_util import BASE, PAG, save_untrained_evaluator, tiny_poc, write_poc
 
-from attnlab.evaluate import Evaluator
-from attnlab.evaluate.network import EvaluatorNet
-from attnlab.evaluate.tasks import ShapesTask
 from attnlab.poc import load_poc_config, run_poc
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {
-    "data": {"name": "shapes", "size": 16, "num": 48, "num_eval": 16},
-    "model": {
-        "backbone": "unet",
-        "cond": "text",
-        "width": 16,
-        "channel_mult": [1, 2],
-        "attn_resolutions": [8],
-        "heads": 2,
-        "norm_groups": 4,
-    },
-    "train": {"batch_size": 4, "warmup": 1, "log_every": 1, "ckpt_every": 2, "progress": False},
-    "sample": {"sampler": "ddim", "guidance": 2.0},
-    "budget": {"train_steps": 2, "sample_steps": 2, "num_samples": 4, "batch_size": 4},
-    "variants": [{"name": "base"}, {"name": "pag", "base": "base", "techniques": {"pag": {"scale": 2.0}}}],
-    "seeds": [0, 1, 2],
-    "metrics": ["fid", "kid", "alignment", "cost"],
-    "threads": 1,
-}
+TINY = tiny_poc(variants=[BASE, PAG], metrics=["fid", "kid", "alignment", "cost"], threads=1)
 
 # Keys of results.json that measure time (or say when), which no two runs share.
 TIMING = {"created", "timing", "latency_s", "seconds", "sampling_seconds", "train_seconds", "samples_per_s"}
@@ -47,17 +25,11 @@ TIMING = {"created", "timing", "latency_s", "seconds", "sampling_seconds", "trai
 @pytest.fixture(scope="module")
 def evaluator_dir(tmp_path_factory):
     """An untrained shapes evaluator: the numbers are meaningless, the pipeline is the same."""
-    torch.manual_seed(0)
-    task = ShapesTask()
-    path = tmp_path_factory.mktemp("evaluator")
-    Evaluator(task, EvaluatorNet(task.network(2, 3)).eval(), {"name": "untrained"}).save(path / "evaluator")
-    return path
+    return save_untrained_evaluator(tmp_path_factory.mktemp("evaluator"))
 
 
 def write_config(tmp_path, evaluator_dir, **changes):
-    path = tmp_path / "poc.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "evaluator": str(evaluator_dir), **changes}))
-    return path
+    return write_poc(tmp_path, {**TINY, "evaluator": str(evaluator_dir), **changes})
 
 
 def without_timing(x):

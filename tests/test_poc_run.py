@@ -8,59 +8,30 @@ import shutil
 import pytest
 import torch
 import yaml
+from poc_util import ATTN16, BASE, PAG, load_poc, report_mismatches, save_untrained_evaluator, tiny_poc
 
 import attnlab.poc.sampling as poc_sampling
 import attnlab.poc.training as poc_training
 from attnlab.evaluate import Evaluator
 from attnlab.evaluate.network import EvaluatorNet
-from attnlab.evaluate.tasks import ShapesTask
 from attnlab.poc import load_poc_config, run_poc
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {
-    "data": {"name": "shapes", "size": 16, "num": 48, "num_eval": 16},
-    "model": {
-        "backbone": "unet",
-        "cond": "text",
-        "width": 16,
-        "channel_mult": [1, 2],
-        "attn_resolutions": [8],
-        "heads": 2,
-        "norm_groups": 4,
-    },
-    "train": {"batch_size": 4, "warmup": 1, "log_every": 1, "ckpt_every": 2, "progress": False},
-    "sample": {"sampler": "ddim", "guidance": 2.0},
-    "budget": {"train_steps": 2, "sample_steps": 2, "num_samples": 4, "batch_size": 4},
-    "variants": [
-        {"name": "base"},
-        {
-            "name": "attn16",
-            "model": {"attn_resolutions": [16, 8]},
-            "level": 2,
-            "note": "attention at 16 px too",
-        },
-        {"name": "pag", "base": "base", "techniques": {"pag": {"scale": 2.0}}},
-    ],
-    "seeds": [0, 1, 2],
-    "metrics": ["fid", "kid", "alignment", "cost", "localisation"],
-}
+TINY = tiny_poc(
+    variants=[BASE, {**ATTN16, "note": "attention at 16 px too"}, PAG],
+    metrics=["fid", "kid", "alignment", "cost", "localisation"],
+)
 
 
 @pytest.fixture(scope="module")
 def evaluator_dir(tmp_path_factory):
     """An untrained shapes evaluator: the numbers are meaningless, the pipeline is the same."""
-    torch.manual_seed(0)
-    task = ShapesTask()
-    path = tmp_path_factory.mktemp("evaluator")
-    Evaluator(task, EvaluatorNet(task.network(2, 3)).eval(), {"name": "untrained"}).save(path / "evaluator")
-    return path
+    return save_untrained_evaluator(tmp_path_factory.mktemp("evaluator"))
 
 
 def tiny_config(tmp_path, evaluator_dir, **changes):
-    path = tmp_path / "poc.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "evaluator": str(evaluator_dir), **changes}))
-    return load_poc_config(path)
+    return load_poc(tmp_path, {**TINY, "evaluator": str(evaluator_dir), **changes})
 
 
 class Counter:
@@ -177,6 +148,9 @@ def test_results_json_and_csv(finished):
     assert csv_lines[0].startswith("variant,levels,techniques,trained_by,fid_mean,fid_std")
     assert len(csv_lines) == 4
     assert data["summary"]["best_quality"]["variant"] in names
+    # every number of report.md's tables is the mean ± std (ddof=1) with numpy over results.json's per_seed
+    checked, bad = report_mismatches((out / "report.md").read_text(), data)
+    assert checked >= 3 * (2 + 6 + 7) and bad == []
 
 
 def test_rerun_does_no_work_twice(finished, counted):
