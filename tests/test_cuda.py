@@ -125,3 +125,28 @@ def test_training_on_cuda_resumes_and_loads_on_cpu(tmp_path):
     model, _ = load_model(last)
     assert next(model.parameters()).device.type == "cpu"
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_training_on_cuda_resumes_bit_identically(tmp_path, precision):
+    """bf16 and fp16 (with its loss scaler, saved with each checkpoint) on the GPU: a resumed run
+    ends on the weights of an uninterrupted one, which load in fp32 on the CPU."""
+    over = [
+        "data.num=64",
+        "model.cond=class",
+        "model.width=16",
+        "model.channel_mult=[1,2]",
+        "model.attn_resolutions=[8]",
+        "train.batch_size=8",
+        "train.warmup=2",
+        "train.log_every=2",
+        "train.ckpt_every=4",
+        "train.progress=false",
+        f"train.precision={precision}",
+    ]
+    full = train(load_config(None, [*over, "train.steps=8"]), tmp_path / "full")
+    train(load_config(None, [*over, "train.steps=4"]), tmp_path / "cut")
+    resumed = train(load_config(None, [*over, "train.steps=8"]), tmp_path / "cut")
+    a, b = load_model(full)[0].state_dict(), load_model(resumed)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.isfinite(v).all() for v in a.values())
