@@ -269,3 +269,44 @@ def test_every_training_free_control_samples_in_bf16_as_in_fp32(name):
     effect32, effect16 = ref - base32, low - base16
     if effect32.norm() > 5 * rounding * base32.norm():  # the control changes samples (not heat maps)
         assert (effect16 - effect32).norm() < 0.5 * effect32.norm(), name
+
+
+# The command line
+
+
+def test_the_cli_refuses_fp16_on_a_cpu_in_one_line_and_records_the_precision(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from attnlab.cli.main import app
+    from attnlab.samples import read_sample_provenance
+
+    runner = CliRunner()
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("data:\n  name: digits\nmodel:\n  cond: class\n  width: 16\n")
+    out = runner.invoke(
+        app, ["train", str(cfg), "train.precision=fp16", "--out", str(tmp_path / "a"), "--dry-run"]
+    )
+    assert out.exit_code == 2 and out.output.count("\n") == 1 and "fp16" in out.output, out.output
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    out = runner.invoke(
+        app, ["train", str(cfg), "train.precision=auto", "--out", str(tmp_path / "b"), "--dry-run"]
+    )
+    assert out.exit_code == 0 and "in bf16" in out.output, out.output
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["train"]["precision"] == "bf16"
+
+    run = tmp_path / "run"
+    train(_cfg("train.steps=2"), run)
+    args = ["sample", str(run), "--label", "1", "--num", "1", "--steps", "2", "--out"]
+    out = runner.invoke(app, [*args, str(tmp_path / "s16"), "--precision", "fp16"])
+    assert out.exit_code == 2 and out.output.count("\n") == 1 and "--precision=fp16" in out.output, out.output
+    out = runner.invoke(app, [*args, str(tmp_path / "bf"), "--precision", "bf16"])
+    assert out.exit_code == 0, out.output
+    png = next((tmp_path / "bf").glob("000-*.png"))
+    assert read_sample_provenance(png)["precision"] == "bf16"
+    again = runner.invoke(app, ["regenerate", str(png), "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output
+    from attnlab.samples import read_png
+
+    assert (read_png(png) == read_png(tmp_path / "again" / png.name)).all()  # drawn again in bf16
+    out = runner.invoke(app, [*args, str(tmp_path / "fp"), "--precision", "fp32"])
+    assert out.exit_code == 0 and not (read_png(png) == read_png(tmp_path / "fp" / png.name)).all()

@@ -34,14 +34,17 @@ def train_command(
 def _dry_run(trainer, out: Path) -> None:
     from attnlab.io import write_json
 
+    from attnlab.train.checkpoint import latest_checkpoint
+
     trainer.data = trainer.build_data()
+    trainer.settle_precision(latest_checkpoint(out))
     model, cfg = trainer.build_model(), trainer.cfg
     write_json(out / "config.json", cfg.to_dict())
     params = sum(p.numel() for p in model.parameters())
     typer.echo(
         f"{cfg.data.name}: {len(trainer.data)} items of shape {tuple(trainer.data.x.shape[1:])}; "
         f"{cfg.model.backbone} ({cfg.model.cond}-conditioned) with {params / 1e6:.2f}M parameters; "
-        f"{cfg.train.steps} steps of {cfg.train.batch_size}"
+        f"{cfg.train.steps} steps of {cfg.train.batch_size} in {cfg.train.precision}"
     )
     typer.echo(f"resolved config: {out / 'config.json'}")
 

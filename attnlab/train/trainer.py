@@ -97,7 +97,7 @@ class Trainer:
             raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {world} processes")
         self.data = self.data or self.build_data()
         found = ckpt.latest_checkpoint(self.out)
-        self._resolve_precision(found)
+        self.settle_precision(found)
         start_ckpt = self._resume_point(found)
         if self.acc.is_main_process:
             ckpt.remove_partial(self.out)
@@ -142,7 +142,7 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed)  # the same init in every process and on every rerun
         return build_model(self.cfg.model)
 
-    def _resolve_precision(self, found: Path | None) -> None:
+    def settle_precision(self, found: Path | None) -> None:
         """train.precision as this run computes it: "auto" resolved for the device, or, resuming,
         the precision the run was trained in (a resumed run continues in its own precision)."""
         t = self.cfg.train
@@ -207,7 +207,7 @@ class Trainer:
             total=t.steps,
             initial=state["step"],
             disable=not (acc.is_main_process and t.progress),
-            desc="train",
+            desc=f"train ({t.precision})",
         )
         wall0, tick, window, window_steps, last = time.perf_counter(), time.perf_counter(), 0.0, 0, None
         model.train()
