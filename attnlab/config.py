@@ -68,8 +68,8 @@ class TrainConfig:
         threads: torch CPU threads per process (0 = torch's default).
         progress: show a progress bar.
         precision: "fp32", or "bf16" / "fp16" autocast over fp32 weights and optimizer state (fp16
-            on CUDA only, with loss scaling); "auto" is bf16 where the CPU (avx512_bf16 or AMX) or
-            GPU computes it natively, else fp32. config.json records the resolved value, and a
+            on CUDA only, with loss scaling); "auto" (the default) is bf16 where the CPU
+            (avx512_bf16 or AMX) or GPU computes it natively, else fp32. config.json records the resolved value, and a
             resumed run keeps it.
     """
 
@@ -87,7 +87,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
     progress: bool = True
-    precision: Precision = "fp32"
+    precision: Precision = "auto"
 
     def validate(self) -> None:
         check(self.precision in PRECISIONS, "train.precision", self.precision, " | ".join(PRECISIONS))
@@ -113,7 +113,7 @@ class SampleConfig:
     sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim"
     steps: int = 50
     guidance: float = 3.0
-    precision: Precision = "fp32"
+    precision: Precision = "auto"
 
     def validate(self) -> None:
         check(self.precision in PRECISIONS, "sample.precision", self.precision, " | ".join(PRECISIONS))

@@ -104,12 +104,12 @@ def key_padding_bias(mask: Tensor | None) -> Tensor | None:
 
 def attention_probs(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
     """Explicit softmax(q k^T / sqrt(d)) with padding keys excluded; (B, heads, N, L). The softmax
-    is computed and returned in fp32 whatever the precision of q and k, so controls that read or
-    edit probabilities (heat maps, prompt-to-prompt) see exact ones."""
+    is computed and returned in fp32 when q and k are bf16 / fp16, so controls that read or edit
+    probabilities (heat maps, prompt-to-prompt) see exact ones."""
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, heads, N, L)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.float().softmax(dim=-1)
+    return (scores.float() if _low_precision(scores) else scores).softmax(dim=-1)
 
 
 # Scores of at most this many elements per chunk, and in all, take the explicit path on a CPU.
@@ -266,7 +266,7 @@ class Attention(nn.Module):
         """The explicit path; returns (output, probabilities). Equals `forward` up to float error."""
         q, k, v = self.project(x, context, grid)
         p = self._probs(q, k, context_mask, grid or (x.shape[1],))
-        return self.to_out(merge_heads(p @ v)), p
+        return self.to_out(merge_heads(p.to(v.dtype) @ v)), p
 
     def _probs(self, q: Tensor, k: Tensor, context_mask: Tensor | None, grid: tuple[int, ...]) -> Tensor:
         if self.kernel is not None:
@@ -309,7 +309,7 @@ class Attention(nn.Module):
             p = self._probs(q, k, context_mask, call.grid)  # (B, heads, N, L)
             for c in active:
                 p = c.probs(call, p)
-            h = p @ v
+            h = p.to(v.dtype) @ v
         else:
             h = self._fused(q, k, v, call.grid, context_mask)
         return self.to_out(merge_heads(h))

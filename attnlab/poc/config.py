@@ -83,7 +83,7 @@ class SamplingConfig:
     sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim"
     guidance: float = 3.0
     ema: bool = True
-    precision: Precision = "fp32"
+    precision: Precision = "auto"
 
 
 @dataclass
