@@ -124,7 +124,9 @@ def test_layer_patterns_select_whole_parts(make):
 def test_every_registered_control_runs_in_the_loop_and_leaves_no_state():
     model = toy()
     prompts = [PROMPTS[0], PROMPTS[0]]
-    built = [t for t in techniques() if t.training_free and t.options.__module__.startswith("attnlab.control")]
+    built = [
+        t for t in techniques() if t.training_free and t.options.__module__.startswith("attnlab.control")
+    ]
     assert {t.name for t in built} >= {
         "tgate",
         "attn_cache",

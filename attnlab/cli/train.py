@@ -33,7 +33,6 @@ def train_command(
 
 def _dry_run(trainer, out: Path) -> None:
     from attnlab.io import write_json
-
     from attnlab.train.checkpoint import latest_checkpoint
 
     trainer.data = trainer.build_data()
