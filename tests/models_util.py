@@ -9,6 +9,18 @@ from attnlab.models import ModelConfig, build_model
 
 CTX = 12  # text token width in tests (the real encoder's is 384)
 
+# The smallest training run the trainer tests share (class-conditional digits, a 2-level U-Net);
+# each test adds its own steps, schedule and checkpointing.
+TINY_RUN = [
+    "data.num=64",
+    "model.cond=class",
+    "model.width=16",
+    "model.channel_mult=[1,2]",
+    "model.attn_resolutions=[8]",
+    "train.batch_size=8",
+    "train.progress=false",
+]
+
 
 def tiny_config(backbone: str, dims: int, cond: str = "none", **kw) -> ModelConfig:
     size = 16 if dims == 2 else 32

@@ -7,7 +7,7 @@ with a tolerance in units of the output's scale.
 import pytest
 import torch
 from control_toy import WordTokenizer
-from models_util import inputs, perturbed, tiny_config
+from models_util import TINY_RUN, inputs, perturbed, tiny_config
 
 from attnlab.attention import Attention, control
 from attnlab.config import load_config
@@ -108,16 +108,10 @@ def test_guided_sampling_and_controls_on_cuda(no_tf32):
 
 def test_training_on_cuda_resumes_and_loads_on_cpu(tmp_path):
     over = [
-        "data.num=64",
-        "model.cond=class",
-        "model.width=16",
-        "model.channel_mult=[1,2]",
-        "model.attn_resolutions=[8]",
-        "train.batch_size=8",
+        *TINY_RUN,
         "train.warmup=2",
         "train.log_every=2",
         "train.ckpt_every=4",
-        "train.progress=false",
     ]
     train(load_config(None, [*over, "train.steps=4"]), tmp_path)
     last = train(load_config(None, [*over, "train.steps=8"]), tmp_path)  # resumes from step 4
@@ -132,16 +126,10 @@ def test_low_precision_training_on_cuda_resumes_bit_identically(tmp_path, precis
     """bf16 and fp16 (with its loss scaler, saved with each checkpoint) on the GPU: a resumed run
     ends on the weights of an uninterrupted one, which load in fp32 on the CPU."""
     over = [
-        "data.num=64",
-        "model.cond=class",
-        "model.width=16",
-        "model.channel_mult=[1,2]",
-        "model.attn_resolutions=[8]",
-        "train.batch_size=8",
+        *TINY_RUN,
         "train.warmup=2",
         "train.log_every=2",
         "train.ckpt_every=4",
-        "train.progress=false",
         f"train.precision={precision}",
     ]
     full = train(load_config(None, [*over, "train.steps=8"]), tmp_path / "full")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from control_toy import WordTokenizer
-from models_util import tiny_config
+from models_util import TINY_RUN, tiny_config
 from safetensors.torch import load_file
 
 import attnlab.precision as precision
@@ -26,17 +26,11 @@ from attnlab.train import latest_checkpoint, load_model, train
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = [
-    "data.num=64",
-    "model.cond=class",
-    "model.width=16",
-    "model.channel_mult=[1,2]",
-    "model.attn_resolutions=[8]",
+    *TINY_RUN,
     "train.steps=6",
-    "train.batch_size=8",
     "train.warmup=2",
     "train.log_every=2",
     "train.ckpt_every=2",
-    "train.progress=false",
 ]
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import torch
+from models_util import TINY_RUN
 
 from attnlab.config import load_config
 from attnlab.data import build_dataset
@@ -22,21 +23,15 @@ from attnlab.train.trainer import fit_to_data, lr_at, step_generator
 
 WORLD = 2
 TINY = [
-    "data.num=64",
-    "model.cond=class",
-    "model.width=16",
-    "model.channel_mult=[1,2]",
-    "model.attn_resolutions=[8]",
+    *TINY_RUN,
     "diffusion.cond_drop=0.5",  # half the labels dropped: the dropout draw matters on every step
     "train.steps=3",
-    "train.batch_size=8",
     "train.warmup=1",
     "train.lr_schedule=cosine",  # another lr on every step
     "train.weight_decay=0.01",
     "train.grad_clip=0.5",
     "train.log_every=3",
     "train.ckpt_every=3",
-    "train.progress=false",
     "train.precision=fp32",  # the reference below is written in fp32
 ]
 ATOL, RTOL = 1e-6, 1e-5

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from models_util import TINY_RUN
 from safetensors.torch import load_file
 
 from attnlab.config import load_config
@@ -15,17 +16,11 @@ from attnlab.train import latest_checkpoint, load_model, train
 from attnlab.train.log import read_log
 
 TINY = [
-    "data.num=64",
-    "model.cond=class",
-    "model.width=16",
-    "model.channel_mult=[1,2]",
-    "model.attn_resolutions=[8]",
+    *TINY_RUN,
     "train.steps=8",
-    "train.batch_size=8",
     "train.warmup=2",
     "train.log_every=2",
     "train.ckpt_every=4",
-    "train.progress=false",
 ]
 
 # Kills its own process (SIGKILL, no clean-up) right after ema.safetensors of checkpoint 8 is written.
