@@ -80,9 +80,6 @@ def set_precision(model: nn.Module, precision: str) -> nn.Module:
     return model
 
 
-def model_precision(model: nn.Module) -> str:
-    return getattr(model, "precision", "fp32")
-
-
 def low_precision(x: torch.Tensor) -> bool:
+    """Whether a tensor is bf16 or fp16 (what autocast hands the kernels below it)."""
     return x.dtype in (torch.bfloat16, torch.float16)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from attnlab.conditioning import Condition
@@ -60,3 +62,22 @@ def condition(cfg: ModelConfig, batch: int, g: torch.Generator) -> Condition | N
         mask[0, 2:] = False  # row 0 has 2 real tokens and 3 padding tokens
         return Condition(tokens=tokens, mask=mask)
     return None
+
+
+def torchrun_train(config, out, overrides, processes: int) -> list[str]:
+    """The `attnlab train` command under torchrun with `processes` CPU processes."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",  # a free port of its own, not 29500 (another run on the machine may hold it)
+        "--nproc_per_node",
+        str(processes),
+        "-m",
+        "attnlab",
+        "train",
+        str(config),
+        *overrides,
+        "--out",
+        str(out),
+    ]

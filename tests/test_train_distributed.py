@@ -7,10 +7,9 @@ loss) with its own gradient averaging, clipping, optimiser and EMA, and must lan
 
 import os
 import subprocess
-import sys
 
 import torch
-from models_util import TINY_RUN
+from models_util import TINY_RUN, torchrun_train
 
 from attnlab.config import load_config
 from attnlab.data import build_dataset
@@ -40,21 +39,7 @@ ATOL, RTOL = 1e-6, 1e-5
 def _torchrun(out, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text("train:\n  progress: false\n")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",  # a free port of its own, not 29500 (another run on the machine may hold it)
-        "--nproc_per_node",
-        str(WORLD),
-        "-m",
-        "attnlab",
-        "train",
-        str(config),
-        *TINY,
-        "--out",
-        str(out),
-    ]
+    cmd = torchrun_train(config, out, TINY, WORLD)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread, as the reference in this process
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models_util import TINY_RUN
+from models_util import TINY_RUN, torchrun_train
 from safetensors.torch import load_file
 
 from attnlab.config import load_config
@@ -135,22 +135,7 @@ def test_two_processes_train_with_gloo(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text("train:\n  progress: false\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",  # a free port of its own, not 29500 (another run on the machine may hold it)
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "attnlab",
-        "train",
-        str(config),
-        *TINY,
-        "train.steps=4",
-        "--out",
-        str(run),
-    ]
+    cmd = torchrun_train(config, run, [*TINY, "train.steps=4"], 2)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = read_log(run / "log.jsonl")

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab.precision import low_precision
+
 if TYPE_CHECKING:
     from attnlab.attention.bus import BusState, Control
 
@@ -109,7 +111,7 @@ def attention_probs(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, heads, N, L)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.float() if _low_precision(scores) else scores).softmax(dim=-1)
+    return (scores.float() if low_precision(scores) else scores).softmax(dim=-1)
 
 
 # Scores of at most this many elements per chunk, and in all, take the explicit path on a CPU.
@@ -128,7 +130,7 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """
     b, h, n, _ = q.shape
     per_row = h * n * k.shape[-2]
-    if q.device.type != "cpu" or not _low_precision(q) or b * per_row > MAX_SCORES:
+    if q.device.type != "cpu" or not low_precision(q) or b * per_row > MAX_SCORES:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     q = q * (1.0 / math.sqrt(q.shape[-1]))  # scale the small tensor, not the scores
     rows = max(1, CHUNK_SCORES // per_row)
@@ -139,10 +141,6 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
             s = s.masked_fill(~mask[i : i + rows] if mask.shape[0] == b else ~mask, float("-inf"))
         outs.append(s.softmax(dim=-1) @ v[i : i + rows])
     return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-
-def _low_precision(x: Tensor) -> bool:
-    return x.dtype in (torch.bfloat16, torch.float16)
 
 
 class AttnKernel(Protocol):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from attnlab.attention import Attention
 from attnlab.models.specs import AttnSpec
+from attnlab.precision import low_precision
 
 Context = tuple[Tensor, Tensor] | None  # (tokens (B, L, D), mask (B, L) bool) for cross-attention
 
@@ -65,7 +66,7 @@ class GroupNorm(nn.GroupNorm):
     converted to fp32."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype not in (torch.bfloat16, torch.float16):
+        if not low_precision(x):
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
             return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
