@@ -112,25 +112,62 @@ def fmt(key: str, v: float) -> str:
     raise KeyError(f"no format for {key!r}")
 
 
+def seed_grid(entry: dict, key: str) -> list[list[float | None]]:
+    """A variant's values of `key` per training seed and sampling seed (None: not measured); the
+    real-data row has one row, its stored values."""
+    if "per_train_seed" in entry:
+        return [
+            [scores.get(key) for scores in per_seed.values()] for per_seed in entry["per_train_seed"].values()
+        ]
+    return [list(entry["metrics"].get(key, {}).get("values", []))]
+
+
+def _finite(row) -> list[float]:
+    return [float(v) for v in row if v is not None and math.isfinite(float(v))]
+
+
 def seed_values(entry: dict, key: str) -> list[float]:
-    """A variant's finite per-seed values of `key` (from per_seed; the real-data row has only its
-    stored values)."""
-    if "per_seed" in entry:
-        found = [scores.get(key) for scores in entry["per_seed"].values()]
-    else:
-        found = entry["metrics"].get(key, {}).get("values", [])
-    return [float(v) for v in found if v is not None and math.isfinite(float(v))]
+    """A variant's finite values of `key`, training seed after training seed."""
+    return [v for row in seed_grid(entry, key) for v in _finite(row)]
 
 
 def numpy_stat(entry: dict, key: str) -> tuple[float, float] | None:
-    """(mean, std) of a metric with numpy: over the seeds (std with DDOF), or the exact cost number."""
+    """(mean, std) of a metric with numpy: over the sampling seeds of one training seed (std with
+    DDOF); with several training seeds, over the training seeds' means; or the exact cost number."""
     if key in EXACT:
         v = entry.get("cost", {}).get(key)
         return None if v is None else (float(v), 0.0)
-    vals = np.asarray(seed_values(entry, key))
-    if not len(vals):
+    rows = [np.asarray(_finite(r)) for r in seed_grid(entry, key)]
+    rows = [r for r in rows if len(r)]
+    if not rows:
         return None
+    vals = rows[0] if len(rows) == 1 else np.array([r.mean() for r in rows])
     return float(np.mean(vals)), float(np.std(vals, ddof=DDOF)) if len(vals) > 1 else 0.0
+
+
+def numpy_real(a: dict, b: dict, key: str) -> tuple[bool, tuple[float, float] | None]:
+    """Whether variant `a` really differs from `b` on `key`, by the noise model as specified: one
+    training seed, |mean difference| > hypot of the sampling stds; two, the per-training-seed
+    differences (paired over sampling seeds) agree in sign and each exceeds twice its standard
+    error; three or more, their 95% Student-t interval excludes 0 (returned)."""
+    ga, gb = seed_grid(a, key), seed_grid(b, key)
+    if len(ga) < 2 or len(gb) < 2:
+        sa, sb = numpy_stat(a, key), numpy_stat(b, key)
+        return abs(sa[0] - sb[0]) > math.hypot(sa[1], sb[1]), None
+    diffs, ses = [], []
+    for ra, rb in zip(ga, gb):
+        d = np.array([x - y for x, y in zip(ra, rb) if x is not None and y is not None])
+        if len(d):
+            diffs.append(d.mean())
+            ses.append(d.std(ddof=1) / np.sqrt(len(d)))
+    if len(diffs) == 2:
+        return diffs[0] * diffs[1] > 0 and all(abs(d) > 2 * se for d, se in zip(diffs, ses)), None
+    from scipy import stats
+
+    n = len(diffs)
+    half = stats.t.ppf(0.975, df=n - 1) * np.std(diffs, ddof=1) / np.sqrt(n)
+    m = float(np.mean(diffs))
+    return not (m - half <= 0 <= m + half), (m - half, m + half)
 
 
 def shown(key: str, stat: tuple[float, float] | None) -> str:
@@ -175,8 +212,9 @@ def parse_cell(text: str) -> tuple[str, bool, str]:
 
 def report_mismatches(md: str, results: dict) -> tuple[int, list[str]]:
     """Every cell of report.md's metric tables against numpy over results.json: the mean ± std over
-    per_seed (std with DDOF), bold where numpy's argmin/argmax of the means is, '≈ best' within the
-    combined spread of the best, and the headline's difference from the reference with its verdict.
+    per_train_seed (std with DDOF), bold where numpy's argmin/argmax of the means is, '≈ best' when
+    `numpy_real` finds no real difference from the best, and the headline's difference from the
+    reference with its verdict (and interval).
 
     Returns:
         (cells checked, one line per cell that differs).
@@ -226,16 +264,18 @@ def report_mismatches(md: str, results: dict) -> tuple[int, list[str]]:
                 if k == "train_seconds" and entry["trained_by"] != name:
                     note = f"of {entry['trained_by']}"
                 elif s is not None and k not in EXACT and s[0] != stats[k][best[k]][0]:
-                    b = stats[k][best[k]]
-                    note = "≈ best" if abs(s[0] - b[0]) <= math.hypot(s[1], b[1]) else ""
+                    note = "≈ best" if not numpy_real(entry, variants[best[k]], k)[0] else ""
                 check(f"{heading}/{name}/{k}", parse_cell(text), (shown(k, s), want_bold, note))
-            want = _versus(lead, stats[lead].get(name), stats[lead].get(ref), name == ref)
+            s, r = stats[lead].get(name), stats[lead].get(ref)
+            real = numpy_real(entry, variants[ref], lead) if s and r and name != ref else (False, None)
+            want = _versus(lead, s, r, name == ref, real)
             check(f"{heading}/{name}/vs reference", parse_cell(row[-1]), want)
     return checked, bad
 
 
-def _versus(key: str, s, r, is_ref: bool) -> tuple[str, bool, str]:
-    """The reference column: '−5.00' (or '1.20×' for latency and exact costs) and its verdict."""
+def _versus(key: str, s, r, is_ref: bool, real: tuple[bool, tuple | None]) -> tuple[str, bool, str]:
+    """The reference column: '−5.00' (or '1.20×' for latency and exact costs), with the 95% interval
+    '[−7.10, −2.90]' when three or more training seeds give one, and its verdict."""
     if is_ref:
         return "reference", False, ""
     if s is None or r is None:
@@ -245,7 +285,10 @@ def _versus(key: str, s, r, is_ref: bool) -> tuple[str, bool, str]:
     else:
         diff = s[0] - r[0]
         text = ("+" if diff >= 0 else "−") + fmt(key, abs(diff))
-    if key not in EXACT and abs(s[0] - r[0]) <= math.hypot(s[1], r[1]):
+        if real[1] is not None:
+            lo, hi = (("+" if v >= 0 else "−") + fmt(key, abs(v)) for v in real[1])
+            text += f" [{lo}, {hi}]"
+    if key not in EXACT and not real[0]:
         return text, False, "within noise"
     if s[0] == r[0]:
         return text, False, "same"

@@ -48,8 +48,9 @@ from attnlab.poc.results import compare, results_csv
 from attnlab.poc.summary import Summary
 
 
-def entry(name, levels=(), **metrics):
-    """A results.json variant entry; metrics as key=(mean, std)."""
+def entry(name, levels=(), trained_by="ref", **metrics):
+    """A results.json variant entry of one training seed; metrics as key=(mean, std). By default it
+    samples the reference's model (a training-free variant): its differences are sampling noise."""
     stats = {k: {"mean": m, "std": s, "values": [m - s, m, m + s]} for k, (m, s) in metrics.items()}
     return {
         "name": name,
@@ -57,7 +58,7 @@ def entry(name, levels=(), **metrics):
         "group": max(levels) if levels else 0,
         "metrics": stats,
         "techniques": {},
-        "trained_by": name,
+        "trained_by": trained_by,
     }
 
 
@@ -65,7 +66,9 @@ def test_within_noise_uses_the_combined_spread():
     a, b = Stat(10.0, 3.0, ()), Stat(14.0, 0.0, ())
     assert within_noise(a, Stat(12.9, 0.0, ())) and not within_noise(a, b)
     assert within_noise(Stat(10.0, 3.0, ()), Stat(15.0, 4.0, ()))  # |10 - 15| = 5 = hypot(3, 4)
-    assert Stat.of([1.0, None, float("nan"), 3.0]) == Stat(2.0, math.sqrt(2.0), (1.0, 3.0))
+    assert Stat.of([1.0, None, float("nan"), 3.0]) == Stat(
+        2.0, math.sqrt(2.0), (1.0, 3.0), ((1.0, None, None, 3.0),)
+    )
 
 
 def test_clear_quality_winner_is_recommended_with_its_level():
@@ -116,12 +119,31 @@ def test_table_marks_best_noise_ties_and_the_reference_verdict():
     )  # grouped by level, reference first
 
 
-def test_csv_has_mean_and_std_per_metric():
-    csv = results_csv([entry("ref", fid=(20.0, 0.5)), entry("a", [2], fid=(15.0, 0.25))])
+def test_csv_has_a_row_per_training_and_sampling_seed():
+    def one(name, levels, fids):
+        return {
+            "name": name,
+            "levels": levels,
+            "techniques": {},
+            "trained_by": name,
+            "metrics": {"fid": {"mean": 0.0, "std": 0.0, "values": []}},
+            "per_train_seed": {
+                "0": {"0": {"fid": fids[0]}, "1": {"fid": fids[1]}},
+                "1": {"0": {"fid": fids[2]}},
+            },
+            "cost": {},
+            "train": {},
+        }
+
+    csv = results_csv([one("ref", [], [20.0, 21.5, 19.0]), one("a", [2], [15.0, 15.25, None])])
     assert csv.splitlines() == [
-        "variant,levels,techniques,trained_by,fid_mean,fid_std",
-        "ref,,,ref,20,0.5",
-        "a,L2,,a,15,0.25",
+        "variant,levels,techniques,trained_by,train_seed,seed,fid",
+        "ref,,,ref,0,0,20",
+        "ref,,,ref,0,1,21.5",
+        "ref,,,ref,1,0,19",
+        "a,L2,,a,0,0,15",
+        "a,L2,,a,0,1,15.25",
+        "a,L2,,a,1,0,",
     ]
 
 
@@ -394,10 +416,11 @@ def _entry(cfg, name: str) -> dict:
         "base": v.base,
         "trained_by": owner,
         "note": v.note,
-        "metrics": {k: s.to_dict() for k, s in metric_stats(per_seed, cost).items()},
-        "per_seed": {str(s): scores for s, scores in per_seed.items()},
+        "train_seeds": [0],
+        "metrics": {k: s.to_dict() for k, s in metric_stats({0: per_seed}, cost).items()},
+        "per_train_seed": {"0": {str(s): scores for s, scores in per_seed.items()}},
         "cost": cost,
-        "train": {"train_steps": 2, "train_seconds": TRAIN_SECONDS[owner]},
+        "train": {"0": {"train_steps": 2, "train_seconds": TRAIN_SECONDS[owner]}},
         "samples": {},
         "sampling_seconds": 1.5,
     }
@@ -423,7 +446,7 @@ def rendered(tmp_path_factory):
     figs = {"side_by_side": png, "grids": {n: png for n in names}}
     floor = {
         "name": "real data",
-        "metrics": {k: s.to_dict() for k, s in metric_stats(_scores(REAL_DATA), {}).items()},
+        "metrics": {k: s.to_dict() for k, s in metric_stats({0: _scores(REAL_DATA)}, {}).items()},
     }
     prompts = PromptSet(["a red square"] * 4, [None] * 4, ["a red square"] * 4, None)
     out = tmp / "out"
@@ -517,16 +540,16 @@ def test_the_table_check_catches_a_wrong_digit_a_wrong_std_and_a_wrong_best(rend
         assert len(report_mismatches(wrong, results)[1]) >= 1
 
 
-def test_results_csv_is_numpy_over_per_seed(rendered):
+def test_results_csv_holds_every_value_of_results_json(rendered):
     out, _ = rendered
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [r["variant"] for r in rows] == list(PER_SEED)
+    assert [r["variant"] for r in rows] == [n for n in PER_SEED for _ in SEEDS]
     for r in rows:
+        i = SEEDS.index(int(r["seed"]))
+        assert r["train_seed"] == "0"
         for key, given in PER_SEED[r["variant"]].items():
-            vals = [x for x in given if x is not None]
-            assert r[f"{key}_mean"] == f"{np.mean(vals):.6g}", (r["variant"], key)
-            assert r[f"{key}_std"] == f"{np.std(vals, ddof=DDOF):.6g}", (r["variant"], key)
-        assert r["params_mean"] == f"{COSTS[r['variant']]['params']:.6g}" and r["params_std"] == "0"
+            assert r[key] == ("" if given[i] is None else f"{given[i]:.6g}"), (r["variant"], key)
+        assert r["params"] == f"{COSTS[r['variant']]['params']:.6g}"
 
 
 @pytest.mark.parametrize(

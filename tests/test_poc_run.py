@@ -129,7 +129,7 @@ def test_results_json_and_csv(finished):
     names = [v["name"] for v in data["variants"]]
     assert names == ["base", "attn16", "pag"]
     for v in data["variants"]:
-        assert set(v["per_seed"]) == {"0", "1", "2"}
+        assert list(v["per_train_seed"]) == ["0"] and set(v["per_train_seed"]["0"]) == {"0", "1", "2"}
         for key in ("fid", "kid_mean", "all_correct", "latency_s"):
             stat = v["metrics"][key]
             assert len(stat["values"]) == 3 and stat["std"] >= 0
@@ -145,10 +145,10 @@ def test_results_json_and_csv(finished):
     )
     assert by_name["pag"]["metrics"]["params"] == by_name["base"]["metrics"]["params"]
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("variant,levels,techniques,trained_by,fid_mean,fid_std")
-    assert len(csv_lines) == 4
+    assert csv_lines[0].startswith("variant,levels,techniques,trained_by,train_seed,seed,fid,kid_mean")
+    assert len(csv_lines) == 1 + 3 * 3  # a row per variant and sampling seed
     assert data["summary"]["best_quality"]["variant"] in names
-    # every number of report.md's tables is the mean ± std (ddof=1) with numpy over results.json's per_seed
+    # every number of report.md's tables is the mean ± std (ddof=1) with numpy over results.json's per_train_seed
     checked, bad = report_mismatches((out / "report.md").read_text(), data)
     assert checked >= 3 * (2 + 6 + 7) and bad == []
 
@@ -175,7 +175,7 @@ def test_more_sampling_seeds_only_add_work(finished, counted, evaluator_dir, tmp
     results = run_poc(cfg, out, progress=False, echo=lambda line: None)
     assert train.calls == 0
     assert sample.calls == 3  # seed 3 of each variant; training, cost and other seeds are kept
-    assert all(len(v["per_seed"]) == 4 for v in results["variants"])
+    assert all(len(v["per_train_seed"]["0"]) == 4 for v in results["variants"])
 
 
 def test_interrupt_keeps_finished_stages_and_resumes(tmp_path, evaluator_dir, counted):
@@ -264,7 +264,7 @@ def test_minutes_budget_is_resolved_once_and_cost_needs_no_evaluator(tmp_path, c
     results = run_poc(cfg, tmp_path / "out", progress=False, echo=lambda line: None)
     budget = json.loads((tmp_path / "out" / "variants" / "base" / "stages" / "budget.json").read_text())
     assert budget["seconds_per_step"] == 0.25 and budget["steps"] == 2  # int(0.6 s / 0.25 s)
-    assert results["variants"][0]["train"]["train_steps"] == budget["steps"] and train.calls == 1
+    assert results["variants"][0]["train"]["0"]["train_steps"] == budget["steps"] and train.calls == 1
     assert "fid" not in results["variants"][0]["metrics"] and "latency_s" in results["variants"][0]["metrics"]
     run_poc(cfg, tmp_path / "out", progress=False, echo=lambda line: None)
     assert train.calls == 1  # the rerun keeps the resolved steps: nothing to train

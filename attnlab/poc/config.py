@@ -100,6 +100,11 @@ class PocConfig:
         metrics: any of fid, kid, alignment, cost (the default: all four) and localisation (heat-map
             IoU of shape words with their objects; text models on shapes).
         seeds: sampling seeds (at least 3): every metric is reported as mean and std over them.
+        train_seeds: training seeds (default: `train.seed` alone): every trained model is trained
+            once per seed, and training-free variants apply to each seed's model. With 3 or more,
+            a difference is real when its t interval over the training seeds excludes 0; with 2, when
+            both seeds agree in sign and each beats twice its sampling standard error; with 1,
+            architectural differences are unreplicated and never recommended.
         prompts: the prompts every variant samples (text: captions; class: class names);
             default: `budget.num_samples` items drawn from the eval split.
         priority: what the recommendation optimises: quality, control (condition alignment) or speed.
@@ -121,6 +126,7 @@ class PocConfig:
     variants: list[VariantConfig] = field(default_factory=list)
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    train_seeds: list[int] | None = None
     prompts: list[str] | None = None
     priority: Literal["quality", "control", "speed"] = "quality"
     evaluator: str | None = None
@@ -133,6 +139,16 @@ class PocConfig:
         import json
 
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    @property
+    def training_seeds(self) -> list[int]:
+        """The training seeds every trained model is trained with."""
+        return list(self.train_seeds) if self.train_seeds is not None else [self.train.seed]
+
+    @property
+    def replicated(self) -> bool:
+        """Whether each trained model is trained from more than one seed."""
+        return len(self.training_seeds) > 1
 
     @property
     def reference_name(self) -> str:
@@ -205,6 +221,21 @@ def validate(cfg: PocConfig) -> None:
 def _validate_lists(cfg: PocConfig) -> None:
     _check(bool(cfg.variants), "variants", cfg.variants, "at least one variant (each: name, techniques)")
     _check(len(set(cfg.seeds)) >= 3, "seeds", cfg.seeds, "at least 3 distinct sampling seeds")
+    _check(len(set(cfg.seeds)) == len(cfg.seeds), "seeds", cfg.seeds, "sampling seeds without repeats")
+    if cfg.train_seeds is not None:
+        _check(
+            bool(cfg.train_seeds),
+            "train_seeds",
+            cfg.train_seeds,
+            "at least one training seed (or leave it out to train with train.seed)",
+        )
+        _check(
+            len(set(cfg.train_seeds)) == len(cfg.train_seeds),
+            "train_seeds",
+            cfg.train_seeds,
+            "training seeds without repeats (a repeat trains the same model twice)",
+        )
+        _check(all(s >= 0 for s in cfg.train_seeds), "train_seeds", cfg.train_seeds, "non-negative integers")
     unknown = [m for m in cfg.metrics if m not in METRICS]
     _check(
         bool(cfg.metrics) and not unknown,

@@ -35,7 +35,8 @@ def _axis(m: Metric) -> tuple[float, str]:
 
 
 def _scatter(ax, points: Sequence[dict], x: Metric, y: Metric) -> None:
-    """One point per variant with seed-spread error bars, coloured by level, labelled by name."""
+    """One point per variant with seed-spread error bars (and a dot per training seed when there are
+    several), coloured by level, labelled by name."""
     (kx, ux), (ky, uy) = _axis(x), _axis(y)
     xy = [(kx * p[x.key].mean, ky * p[y.key].mean) for p in points]
     for p, offset in zip(points, _label_offsets(xy)):
@@ -51,6 +52,11 @@ def _scatter(ax, points: Sequence[dict], x: Metric, y: Metric) -> None:
             capsize=3,
             ms=7,
         )
+        if sx.train_seeds > 1 and sy.train_seeds > 1 and len(sx.values) == len(sy.values):
+            # one dot per training seed (its mean over the sampling seeds): the spread a new training run brings
+            ax.scatter(
+                kx * np.array(sx.values), ky * np.array(sy.values), s=16, color=color, alpha=0.45, lw=0
+            )
         ax.annotate(
             p["name"], (kx * sx.mean, ky * sy.mean), textcoords="offset points", xytext=offset, fontsize=8
         )
@@ -197,6 +203,6 @@ def points_of(variants: Sequence[dict], keys: Sequence[str]) -> list[dict]:
         p = {"name": v["name"], "group": v["group"]}
         for k in keys:
             s = v["metrics"].get(k)
-            p[k] = Stat(s["mean"], s["std"], tuple(s["values"])) if s else None
+            p[k] = Stat.from_dict(s) if s else None
         out.append(p)
     return out

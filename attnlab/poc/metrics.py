@@ -1,5 +1,6 @@
 """The metrics a PoC reports: how each is named, formatted and compared, and the seed statistics
-(mean and spread over sampling seeds) that decide whether two variants really differ."""
+(mean and spread over training and sampling seeds) and the noise model that decides whether two
+variants really differ."""
 
 from __future__ import annotations
 
@@ -119,27 +120,149 @@ HEADLINE = {"quality": ("fid", "kid_mean"), "alignment": ("all_correct", "class_
 
 @dataclass(frozen=True)
 class Stat:
-    """A metric over sampling seeds: mean, sample standard deviation (n - 1) and the values."""
+    """A metric over seeds.
+
+    With one training seed: the mean and sample standard deviation (n - 1) over the sampling seeds,
+    and `values` the sampling seeds' values. With several: the mean and standard deviation of the
+    training seeds' means (each over that training seed's sampling seeds), and `values` those means.
+    `by_train_seed`: per training seed, the value of each sampling seed (None where none was
+    measured), in the PoC's seed order: what the noise model pairs (see `difference`).
+    """
 
     mean: float
     std: float
     values: tuple[float, ...]
+    by_train_seed: tuple[tuple[float | None, ...], ...] = ()
 
     @classmethod
     def of(cls, values: Sequence[float | None]) -> Stat | None:
-        vals = tuple(float(v) for v in values if v is not None and math.isfinite(float(v)))
-        if not vals:
+        """The Stat of one training seed's sampling-seed values (None and nan are left out)."""
+        return cls.of_grid([values])
+
+    @classmethod
+    def of_grid(cls, rows: Sequence[Sequence[float | None]]) -> Stat | None:
+        """The Stat of values per (training seed, sampling seed); None when nothing was measured."""
+        grid = tuple(tuple(_finite(v) for v in row) for row in rows)
+        kept = [[v for v in row if v is not None] for row in grid]
+        kept = [row for row in kept if row]
+        if not kept:
             return None
+        if len(kept) == 1:
+            vals = tuple(kept[0])
+        else:
+            vals = tuple(float(np.mean(row)) for row in kept)
         std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-        return cls(float(np.mean(vals)), std, vals)
+        return cls(float(np.mean(vals)), std, vals, grid)
+
+    @property
+    def train_seeds(self) -> int:
+        """How many training seeds measured this metric (1 for a Stat without a grid)."""
+        return max(1, sum(any(v is not None for v in row) for row in self.by_train_seed))
 
     def to_dict(self) -> dict:
-        return {"mean": self.mean, "std": self.std, "values": list(self.values)}
+        out = {"mean": self.mean, "std": self.std, "values": list(self.values)}
+        if self.by_train_seed:
+            out["by_train_seed"] = [list(row) for row in self.by_train_seed]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Stat:
+        grid = tuple(tuple(row) for row in d.get("by_train_seed", ()))
+        return cls(d["mean"], d["std"], tuple(d["values"]), grid)
+
+
+def _finite(v: float | None) -> float | None:
+    if v is None or not math.isfinite(float(v)):
+        return None
+    return float(v)
+
+
+# The noise model: when a difference between two variants is real
+
+
+@dataclass(frozen=True)
+class Difference:
+    """How `a` differs from `b` on one metric.
+
+    Attributes:
+        diff: mean of a minus mean of b (with several training seeds: the mean of the paired
+            per-training-seed differences).
+        real: beyond the noise, by `rule`.
+        rule: "sampling" (one training seed: |diff| > sqrt(std_a^2 + std_b^2) over sampling seeds),
+            "two seeds" (both training seeds' differences have the same sign and each exceeds twice
+            its sampling standard error) or "t interval" (3 or more training seeds: the 95% t
+            interval of the per-training-seed differences excludes 0).
+        interval: the 95% t interval ("t interval" only).
+        per_train_seed: each training seed's difference (averaged over its sampling seeds) and the
+            standard error of it over the sampling seeds.
+    """
+
+    diff: float
+    real: bool
+    rule: str
+    interval: tuple[float, float] | None = None
+    per_train_seed: tuple[tuple[float, float], ...] = ()
+
+
+def difference(a: Stat, b: Stat) -> Difference:
+    """Whether `a` and `b` really differ, under the noise model their training seeds allow.
+
+    Sampling seed k of training seed t of `a` is paired with the same (t, k) of `b`: in a PoC both
+    drew the same prompts from the same noise with models trained from the same seed."""
+    pairs = _paired(a, b)
+    if len(pairs) >= 3:
+        ds = np.array([d for d, _ in pairs])
+        half = t_quantile(len(ds)) * float(np.std(ds, ddof=1)) / math.sqrt(len(ds))
+        m = float(np.mean(ds))
+        return Difference(m, abs(m) > half, "t interval", (m - half, m + half), tuple(pairs))
+    if len(pairs) == 2:
+        (d1, se1), (d2, se2) = pairs
+        same_sign = d1 * d2 > 0
+        real = same_sign and abs(d1) > 2 * se1 and abs(d2) > 2 * se2
+        return Difference((d1 + d2) / 2, real, "two seeds", None, tuple(pairs))
+    diff = a.mean - b.mean
+    return Difference(diff, abs(diff) > math.hypot(a.std, b.std), "sampling", None, tuple(pairs))
+
+
+def _paired(a: Stat, b: Stat) -> list[tuple[float, float]]:
+    """(difference, its standard error over sampling seeds) per training seed both measured; none
+    when either has a single training seed (the sampling rule needs no pairs)."""
+    if a.train_seeds < 2 or b.train_seeds < 2:
+        return []
+    out = []
+    for ra, rb in zip(a.by_train_seed, b.by_train_seed):
+        d = [x - y for x, y in zip(ra, rb) if x is not None and y is not None]
+        if d:
+            se = float(np.std(d, ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else math.inf
+            out.append((float(np.mean(d)), se))
+    return out
+
+
+def t_quantile(n: int, level: float = 0.95) -> float:
+    """The two-sided `level` quantile of Student's t with n - 1 degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2, n - 1))
 
 
 def within_noise(a: Stat, b: Stat) -> bool:
-    """Two variants differ by no more than their combined seed spread, sqrt(std_a^2 + std_b^2)."""
-    return abs(a.mean - b.mean) <= math.hypot(a.std, b.std)
+    """Not a real difference under the noise model (see `difference`)."""
+    return not difference(a, b).real
+
+
+def resolution(ref: Stat) -> float | None:
+    """The smallest difference from `ref` this budget could call real, for a variant as noisy as
+    `ref` whose noise is independent of it (an architectural variant: another trained model):
+    sqrt(2) std with one training seed; twice the standard error of a difference over the sampling
+    seeds with two; the half-width of the 95% t interval over the training seeds with more."""
+    n = ref.train_seeds
+    if n >= 3:
+        return t_quantile(n) * math.sqrt(2) * ref.std / math.sqrt(n)
+    if n == 2:
+        rows = [[v for v in row if v is not None] for row in ref.by_train_seed]
+        ses = [float(np.std(r, ddof=1)) / math.sqrt(len(r)) for r in rows if len(r) > 1]
+        return 2 * math.sqrt(2) * max(ses) if ses else None
+    return math.sqrt(2) * ref.std
 
 
 def show(metric: Metric, s: Stat | None) -> str:

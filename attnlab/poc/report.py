@@ -26,11 +26,11 @@ from attnlab.poc.document import (
     markdown_to_html,
     to_markdown,
 )
-from attnlab.poc.metrics import ALIGNMENT, ALL, COST, QUALITY, Metric, Stat, show, within_noise
+from attnlab.poc.metrics import ALIGNMENT, ALL, COST, QUALITY, Metric, Stat, difference, show
 from attnlab.poc.prompts import PromptSet
 from attnlab.poc.results import compare, stats_of, write_results
 from attnlab.poc.sampling import SEED_STRIDE, load_samples
-from attnlab.poc.stages import done, fingerprint, mark, variant_dirs
+from attnlab.poc.stages import done, fingerprint, mark, seed_dirs
 from attnlab.poc.summary import Summary
 from attnlab.poc.variants import technique
 from attnlab.techniques import LEVELS
@@ -62,6 +62,7 @@ def write_report(
         "priority": cfg.priority,
         "reference": reference,
         "seeds": list(cfg.seeds),
+        "train_seeds": cfg.training_seeds,
         "prompts": prompts.shown,
         "summary": summary.to_dict(cfg.priority),
         "variants": entries,
@@ -90,8 +91,10 @@ def title_of(cfg: PocConfig) -> str:
 
 
 def _compute(entries: list[dict]) -> dict:
-    trained = {e["trained_by"]: e["train"].get("train_seconds", 0.0) for e in entries}
-    side = max((e["train"].get("side_by_side", 1) for e in entries), default=1)
+    trained = {
+        (e["trained_by"], ts): r.get("train_seconds", 0.0) for e in entries for ts, r in e["train"].items()
+    }
+    side = max((r.get("side_by_side", 1) for e in entries for r in e["train"].values()), default=1)
     return {
         "train_seconds_total": sum(trained.values()),
         "train_side_by_side": side,
@@ -115,11 +118,13 @@ def _figures(cfg: PocConfig, out: Path, entries: list[dict], prompts: PromptSet)
         made["tradeoff"] = figures.quality_vs_cost(
             fig_dir / "quality_vs_cost.png", figures.points_of(entries, keys), cost, panels
         )
-    logs = _loss_logs(out, entries)
+    logs = _loss_logs(cfg, out, entries)
     if logs:
         made["loss"] = figures.loss_curves(fig_dir / "loss_curves.png", logs)
-    seed = cfg.seeds[0]
-    samples = {e["name"]: load_samples(variant_dirs(out, e["name"]), seed) for e in entries}
+    seed, first = cfg.seeds[0], cfg.training_seeds[0]
+    samples = {
+        e["name"]: load_samples(seed_dirs(out, e["name"], cfg.training_seeds, first), seed) for e in entries
+    }
     made["side_by_side"] = figures.side_by_side(
         fig_dir / "samples_side_by_side.png", samples, prompts.shown, sample_rate=sr
     )
@@ -135,16 +140,17 @@ def _first(entries: list[dict], family: Sequence[Metric]) -> Metric | None:
     return next((m for m in family if any(m.key in e["metrics"] for e in entries)), None)
 
 
-def _loss_logs(out: Path, entries: list[dict]) -> dict:
+def _loss_logs(cfg: PocConfig, out: Path, entries: list[dict]) -> dict:
+    """Loss records per trained model: 'reference', or 'reference (seed 1)' per training seed."""
     from attnlab.train.log import read_log
 
     logs = {}
     for owner in dict.fromkeys(e["trained_by"] for e in entries):
-        path = variant_dirs(out, owner).model / "log.jsonl"
-        if path.is_file():
-            records = [r for r in read_log(path) if "loss" in r]
+        for ts in cfg.training_seeds:
+            path = seed_dirs(out, owner, cfg.training_seeds, ts).model / "log.jsonl"
+            records = [r for r in read_log(path) if "loss" in r] if path.is_file() else []
             if records:
-                logs[owner] = records
+                logs[f"{owner} (seed {ts})" if cfg.replicated else owner] = records
     return logs
 
 
@@ -197,10 +203,15 @@ def _meta(cfg: PocConfig, results: dict) -> str:
     t = results["timing"]
     return (
         f"{len(cfg.variants)} variants · {train} per trained model · {b.sample_steps} {cfg.sample.sampler} steps, "
-        f"guidance {cfg.sample.guidance:g} · {b.num_samples} samples × {len(cfg.seeds)} seeds · priority: **{cfg.priority}** · "
+        f"guidance {cfg.sample.guidance:g} · {b.num_samples} samples × {len(cfg.seeds)} sampling seeds × "
+        f"{_count(len(cfg.training_seeds), 'training seed')} · priority: **{cfg.priority}** · "
         f"compute: {_training(t)}, {t['sampling_seconds_total'] / 60:.1f} min sampling · "
         f"{results['created']}"
     )
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' if n != 1 else ''}"
 
 
 def _training(t: dict) -> str:
@@ -238,8 +249,12 @@ def _variants_table(cfg: PocConfig, entries: list[dict], ref: str) -> Table:
     def row(e: dict) -> list[Cell]:
         papers = sorted({technique(n).paper for n in e["techniques"]})
         own = e["trained_by"] == e["name"]
+        record = next(iter(e["train"].values()), {})
+        seeds = f" × {len(e['train'])} seeds" if len(e["train"]) > 1 else ""
         model = (
-            f"trained ({e['train'].get('train_steps', '?')} steps)" if own else f"reuses `{e['trained_by']}`"
+            f"trained ({record.get('train_steps', '?')} steps{seeds})"
+            if own
+            else f"reuses `{e['trained_by']}`"
         )
         levels = ", ".join(f"L{lv}" for lv in e["levels"]) or "–"
         name = f"`{e['name']}`" + (" (reference)" if e["name"] == ref and ref != "reference" else "")
@@ -280,7 +295,8 @@ def metric_table(
         real = stats_of(floor)
         cells = [Cell("real data")] + [Cell(show(m, real.get(m.key))) for m in metrics] + [Cell("–")]
         groups.insert(0, ("real training data: what a perfect model would score", [cells]))
-    return Table(header, groups, caption=_table_caption(metrics))
+    n = max((len(e.get("train", {})) for e in entries), default=1)
+    return Table(header, groups, caption=_table_caption(metrics, n))
 
 
 def versus(m: Metric, s: Stat | None, ref: Stat | None, is_ref: bool) -> Cell:
@@ -289,22 +305,36 @@ def versus(m: Metric, s: Stat | None, ref: Stat | None, is_ref: bool) -> Cell:
         return Cell("reference")
     if s is None or ref is None:
         return Cell("–")
+    d = difference(s, ref)
     if m.key == "latency_s" or not m.per_seed:
         text = f"{s.mean / ref.mean:.2f}×" if ref.mean else "–"
     else:
         diff = s.mean - ref.mean
         text = f"{'+' if diff >= 0 else '−'}{m.fmt(abs(diff))}"
-    if m.per_seed and within_noise(s, ref):
+        if d.interval is not None:
+            text += f" [{_signed(m, d.interval[0])}, {_signed(m, d.interval[1])}]"
+    if m.per_seed and not d.real:
         return Cell(text, note="within noise")
     if s.mean == ref.mean:
         return Cell(text, note="same")
     return Cell(text, note="better" if m.better(s.mean, ref.mean) else "worse")
 
 
-def _table_caption(metrics: list[Metric]) -> str:
+def _signed(m: Metric, v: float) -> str:
+    return f"{'+' if v >= 0 else '−'}{m.fmt(abs(v))}"
+
+
+def _table_caption(metrics: list[Metric], train_seeds: int = 1) -> str:
     seeds = any(m.per_seed for m in metrics)
     parts = ["Bold: best"]
-    if seeds:
+    if seeds and train_seeds > 1:
+        parts.append(
+            f"mean ± std over the {train_seeds} training seeds (each the mean over its sampling seeds); "
+            "≈ best: within noise of the best"
+        )
+        if train_seeds > 2:
+            parts.append("[a, b]: the 95% t interval of the difference from the reference")
+    elif seeds:
         parts.append("mean ± std over the sampling seeds; ≈ best: within noise of the best")
     if any(not m.per_seed for m in metrics):
         parts.append("FLOPs, parameters, memory and training time are measured once")
@@ -317,7 +347,9 @@ def _figure_sections(doc: Document, cfg: PocConfig, figs: dict, heat: list[dict]
             Heading("Quality versus cost"),
             Figure(
                 figs["tradeoff"],
-                "Each point is a variant (colour: level), with its spread over the sampling seeds as error bars. Better designs sit toward the low-cost side with better quality.",
+                "Each point is a variant (colour: level), with its spread over the seeds as error bars"
+                + (", and a small dot per training seed" if cfg.replicated else "")
+                + ". Better designs sit toward the low-cost side with better quality.",
             ),
         )
     if "loss" in figs:
@@ -371,8 +403,7 @@ def _method(cfg: PocConfig, results: dict) -> list[str]:
         [
             f"Every variant drew the same {b.num_samples} prompts ({source}) for each of the {n_seeds} sampling seeds "
             f"{', '.join(map(str, cfg.seeds))}; sample k of seed s starts from the noise of seed s·{SEED_STRIDE}+k, so variants differ only by design.",
-            f"Each number is the mean ± standard deviation (n − 1) over the {n_seeds} seeds. Two variants are **within noise** "
-            "when their means differ by no more than √(std₁² + std₂²): such a difference is not a finding at this budget.",
+            *_noise_model(cfg),
             f"FID and KID compare the features of {ev} for each seed's {b.num_samples} samples with the {cfg.data.num_eval} eval items. "
             "With few samples FID is biased upward: compare variants within this report, not with published numbers.",
             "Condition alignment: the evaluator reads each sample and checks what its prompt asked for "
@@ -391,13 +422,43 @@ def _method(cfg: PocConfig, results: dict) -> list[str]:
                 if results["timing"].get("train_side_by_side", 1) > 1
                 else ""
             ),
-            f"Variants with the same architecture share one trained model ({', '.join(sorted({e['trained_by'] for e in results['variants']}))}); "
-            "training-free variants add their techniques at sampling time only.",
-            "Files: results.json (every number, per seed), results.csv (one row per variant), variants/NAME/ (models, samples, stage records).",
+            f"Variants with the same architecture share one trained model per training seed ({', '.join(sorted({e['trained_by'] for e in results['variants']}))}); "
+            "training-free variants add their techniques at sampling time only. Training time is the mean over the training seeds.",
+            "Files: results.json (every number, per training seed and sampling seed), results.csv (one row per variant, "
+            "training seed and sampling seed), variants/NAME/ (models, samples, stage records"
+            + ("; one train-seed-T/ per training seed)." if cfg.replicated else ")."),
         ]
         + _localisation(cfg, results)
         + _not_counted(results["variants"])
     )
+
+
+def _noise_model(cfg: PocConfig) -> list[str]:
+    """How the numbers are aggregated and when a difference counts as real, for this PoC's seeds."""
+    n, ts = len(cfg.training_seeds), ", ".join(map(str, cfg.training_seeds))
+    if n == 1:
+        return [
+            f"Each number is the mean ± standard deviation (n − 1) over the {len(cfg.seeds)} sampling seeds of one "
+            f"trained model per architecture (training seed {ts}). Two variants are **within noise** when their means "
+            "differ by no more than √(std₁² + std₂²). That spread is the sampling seeds' only: a variant that changes "
+            "the architecture is another trained model, and how much a new training seed moves it is not measured "
+            "here, so such differences are reported as unreplicated and never recommended for adoption.",
+        ]
+    rule = (
+        f"a difference is real when the 95% t interval (Student's t, {n - 1} degrees of freedom) of the {n} "
+        "per-training-seed differences excludes 0"
+        if n >= 3
+        else "with 2 training seeds no interval is drawn: a difference is real only when both training seeds' "
+        "differences have the same sign and each exceeds twice its standard error over the sampling seeds"
+    )
+    return [
+        f"Every trained model was trained once per training seed ({ts}); training-free variants apply to each "
+        "seed's model. Each number is the mean over the training seeds of each seed's mean over its sampling seeds, "
+        "± the standard deviation (n − 1) of those per-training-seed means: the spread a new training run brings.",
+        f"Differences are paired: for each training seed, a variant's difference from another is averaged over the "
+        f"sampling seeds (same prompts, same noise, models from the same seed); {rule}. results.json holds every "
+        "(training seed, sampling seed) value, and results.csv one row per value.",
+    ]
 
 
 def _localisation(cfg: PocConfig, results: dict) -> list[str]:
@@ -406,7 +467,8 @@ def _localisation(cfg: PocConfig, results: dict) -> list[str]:
     areas = [
         s["heatmap_area_iou"]
         for e in results["variants"]
-        for s in e["per_seed"].values()
+        for per_seed in e["per_train_seed"].values()
+        for s in per_seed.values()
         if "heatmap_area_iou" in s
     ]
     chance = (

@@ -1,5 +1,5 @@
-"""The results of a PoC as data: per variant its metrics over seeds, its cost, and how it compares with
-the reference and with the best; written as results.json and results.csv."""
+"""The results of a PoC as data: per variant its metrics over training and sampling seeds, its cost,
+and how it compares with the reference and with the best; written as results.json and results.csv."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from attnlab.io import write_json, write_text
-from attnlab.poc.metrics import ALL, Metric, Stat, within_noise
+from attnlab.poc.metrics import ALL, Metric, Stat, difference, within_noise
 
 
-def metric_stats(per_seed: dict[int, dict], cost: dict) -> dict[str, Stat]:
-    """Per-seed scores -> a Stat per metric over seeds; exact cost numbers -> a Stat with no spread."""
-    keys = {k for scores in per_seed.values() for k in scores}
+def metric_stats(per_train_seed: dict[int, dict[int, dict]], cost: dict) -> dict[str, Stat]:
+    """Scores per training seed and sampling seed -> a Stat per metric (see `Stat.of_grid`); exact
+    cost numbers -> a Stat with no spread."""
+    rows = list(per_train_seed.values())
+    keys = {k for per_seed in rows for scores in per_seed.values() for k in scores}
     out = {}
     for k in sorted(keys):
-        s = Stat.of([scores.get(k) for scores in per_seed.values()])
+        s = Stat.of_grid([[scores.get(k) for scores in per_seed.values()] for per_seed in rows])
         if s is not None and k in ALL:
             out[k] = s
     for k, v in cost.items():
@@ -27,11 +29,12 @@ def metric_stats(per_seed: dict[int, dict], cost: dict) -> dict[str, Stat]:
 
 
 def stats_of(entry: dict) -> dict[str, Stat]:
-    return {k: Stat(s["mean"], s["std"], tuple(s["values"])) for k, s in entry["metrics"].items()}
+    return {k: Stat.from_dict(s) for k, s in entry["metrics"].items()}
 
 
 def compare(variants: Sequence[dict], reference: str) -> dict[str, dict[str, dict]]:
-    """metric -> variant -> {vs_reference, within_noise_of_reference, best, within_noise_of_best}."""
+    """metric -> variant -> {vs_reference, within_noise_of_reference, rule, interval, best,
+    within_noise_of_best}: how each variant differs from the reference and from the best."""
     stats = {v["name"]: stats_of(v) for v in variants}
     out: dict[str, dict[str, dict]] = {}
     for key in sorted({k for s in stats.values() for k in s}):
@@ -44,9 +47,12 @@ def compare(variants: Sequence[dict], reference: str) -> dict[str, dict[str, dic
 
 
 def _comparison(s: Stat, ref: Stat | None, best: Stat, is_best: bool) -> dict:
+    d = None if ref is None else difference(s, ref)
     return {
         "vs_reference": None if ref is None else s.mean - ref.mean,
-        "within_noise_of_reference": None if ref is None else within_noise(s, ref),
+        "within_noise_of_reference": None if d is None else not d.real,
+        "rule": None if d is None else d.rule,
+        "interval": None if d is None or d.interval is None else list(d.interval),
         "best": is_best,
         "within_noise_of_best": within_noise(s, best),
     }
@@ -63,29 +69,34 @@ def best_name(metric: Metric, have: dict[str, Stat]) -> str:
 
 
 def write_results(out: Path, results: dict) -> tuple[Path, Path]:
-    """results.json (everything) and results.csv (one row per variant: mean and std per metric)."""
+    """results.json (everything) and results.csv (every measured value: one row per variant,
+    training seed and sampling seed)."""
     return write_json(out / "results.json", results), write_text(
         out / "results.csv", results_csv(results["variants"])
     )
 
 
 def results_csv(variants: Sequence[dict]) -> str:
+    """One row per (variant, training seed, sampling seed) with every metric's value there; exact
+    costs (FLOPs, parameters, memory) repeat on each row, training time is that seed's."""
     keys = [k for k in ALL if any(k in v["metrics"] for v in variants)]
-    header = ["variant", "levels", "techniques", "trained_by"] + [
-        f"{k}_{s}" for k in keys for s in ("mean", "std")
-    ]
+    header = ["variant", "levels", "techniques", "trained_by", "train_seed", "seed", *keys]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
     for v in variants:
-        row = [
+        head = [
             v["name"],
             " ".join(f"L{lv}" for lv in v["levels"]),
             " ".join(v["techniques"]),
             v["trained_by"],
         ]
-        for k in keys:
-            s = v["metrics"].get(k)
-            row += [f"{s['mean']:.6g}", f"{s['std']:.6g}"] if s else ["", ""]
-        w.writerow(row)
+        for ts, per_seed in v["per_train_seed"].items():
+            exact = {**v["cost"], "train_seconds": v["train"].get(ts, {}).get("train_seconds")}
+            for seed, scores in per_seed.items():
+                row = [*head, ts, seed]
+                for k in keys:
+                    val = scores.get(k) if ALL[k].per_seed else exact.get(k)
+                    row.append("" if val is None else f"{val:.6g}")
+                w.writerow(row)
     return buf.getvalue()

@@ -1,5 +1,6 @@
-"""Running a PoC: train each distinct architecture once, sample every variant with the same seeds and
-prompts, evaluate quality, alignment and cost, and write the report. Every finished stage is kept,
+"""Running a PoC: train each distinct architecture once per training seed, sample every variant with
+the same seeds and prompts from each seed's model, evaluate quality, alignment and cost, and write
+the report. Every finished stage is kept,
 so an interrupted run (Ctrl-C, a kill) resumes where it stopped and a finished one redoes nothing."""
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from attnlab.poc.scoring import (
     localisation_stage,
     real_features,
 )
-from attnlab.poc.stages import done, fingerprint, variant_dirs
+from attnlab.poc.stages import VariantDirs, done, fingerprint, seed_dirs
 from attnlab.poc.training import (
     budget_steps,
     learning_fingerprint,
@@ -108,18 +109,28 @@ class Resources:
     def prompts(self) -> PromptSet:
         return poc_prompts(self.cfg, self.eval_ds)
 
-    def run_config(self, owner: VariantConfig, steps: int | None = None):
+    def run_config(self, owner: VariantConfig, steps: int | None = None, seed: int | None = None):
         ds, enc = self.train_ds, self.encoder
         steps = steps if steps is not None else (self.cfg.budget.train_steps or 1)
-        return run_config(self.cfg, owner, self.train_data, ds.num_classes, enc.dim if enc else None, steps)
+        dim = enc.dim if enc else None
+        return run_config(self.cfg, owner, self.train_data, ds.num_classes, dim, steps, seed)
 
-    def model(self, owner: str, ckpt: Path, ema: bool):
+    def dirs(self, name: str, train_seed: int) -> VariantDirs:
+        """Where variant `name` keeps the work of training seed `train_seed`."""
+        return seed_dirs(self.out, name, self.cfg.training_seeds, train_seed)
+
+    def tag(self, train_seed: int) -> str:
+        """How a stage line names the training seed ('' with one)."""
+        return f"training seed {train_seed}, " if self.cfg.replicated else ""
+
+    def model(self, owner: str, train_seed: int, ckpt: Path, ema: bool):
         from attnlab.train import load_model
 
-        if owner not in self.models:
+        key = (owner, train_seed)
+        if key not in self.models:
             self.models.clear()  # one model in memory at a time
-            self.models[owner] = load_model(ckpt, ema=ema)[0]
-        return self.models[owner]
+            self.models[key] = load_model(ckpt, ema=ema)[0]
+        return self.models[key]
 
 
 def run_poc(
@@ -146,11 +157,13 @@ def run_poc(
         res.evaluator  # noqa: B018  (a missing evaluator fails now, not after training)
     res.splits  # noqa: B018  (so does a bad file in the eval split)
     owners = _owners(cfg)
-    per_variant = (1 + _evaluates(cfg) + ("localisation" in cfg.metrics)) * len(cfg.seeds) + (
-        "cost" in cfg.metrics
-    )
+    n_train = len(cfg.training_seeds)
+    per_seed = 1 + _evaluates(cfg) + ("localisation" in cfg.metrics)
+    per_variant = per_seed * len(cfg.seeds) * n_train + ("cost" in cfg.metrics)
     bar = Progress(
-        len(owners) + per_variant * len(cfg.variants) + 2 + _evaluates(cfg), enabled=progress, echo=echo
+        len(owners) * n_train + per_variant * len(cfg.variants) + 2 + _evaluates(cfg),
+        enabled=progress,
+        echo=echo,
     )
     try:
         return _run(res, owners, bar)
@@ -218,33 +231,44 @@ class Trained:
     model_fp: str
 
 
-def _train_all(res: Resources, owners: list[VariantConfig], bar: Progress) -> dict[str, Trained]:
-    """Train every model owner; on a CPU several at once, each in its own single-threaded process."""
+Key = tuple[str, int]  # (model owner, training seed)
+
+
+def _train_all(res: Resources, owners: list[VariantConfig], bar: Progress) -> dict[Key, Trained]:
+    """Train every model owner from every training seed; on a CPU several at once, each in its own
+    single-threaded process."""
     cfg, rcs = res.cfg, {}
+    seeds = cfg.training_seeds
+    keys = [(o.name, t) for o in owners for t in seeds]
     cores = cfg.threads or os.cpu_count() or 1
-    at_once = train_processes(cfg.budget.train_processes, len(owners), cfg.threads)
+    at_once = train_processes(cfg.budget.train_processes, len(keys), cfg.threads)
     each = max(1, cores // at_once)
     sharing = (each, max(1.0, at_once * each / cores)) if at_once > 1 else (0, 1.0)
     for o in owners:
         steps = cfg.budget.train_steps
-        if steps is None:
-            dirs = variant_dirs(res.out, o.name)
-            steps = budget_steps(cfg, res.run_config(o, 1), res.train_data, dirs, sharing)
-        rcs[o.name] = res.run_config(o, steps)
-    pending = [
-        o.name
-        for o in owners
-        if done(variant_dirs(res.out, o.name).marker("trained"), learning_fingerprint(rcs[o.name])) is None
-    ]
-    fit = {name: _resumable(rcs[name], variant_dirs(res.out, name)) for name in pending}
+        if steps is None:  # one step count per architecture, whatever the seed
+            probe = res.run_config(o, 1, seeds[0])
+            steps = budget_steps(cfg, probe, res.train_data, res.dirs(o.name, seeds[0]), sharing)
+        for t in seeds:
+            rcs[o.name, t] = res.run_config(o, steps, t)
+    pending = [k for k in keys if done(res.dirs(*k).marker("trained"), learning_fingerprint(rcs[k])) is None]
+    fit = {k: _resumable(rcs[k], res.dirs(*k)) for k in pending}
     n = train_processes(cfg.budget.train_processes, len(pending), cfg.threads)
     if n > 1:
         threads = max(1, cores // n)
-        bar.echo(f"training {', '.join(pending)} side by side: {n} processes of {threads} thread(s)")
-        jobs = [(fit[name], variant_dirs(res.out, name)) for name in pending]
+        names = ", ".join(_label(res, k) for k in pending)
+        bar.echo(f"training {names} side by side: {n} processes of {threads} thread(s)")
+        jobs = [(fit[k], res.dirs(*k)) for k in pending]
         train_side_by_side(jobs, res.train_data, n, threads)
     fresh = set(pending) if n > 1 else set()
-    return {o.name: _train(res, o, rcs[o.name], fit.get(o.name), o.name in fresh, bar) for o in owners}
+    by_name = {o.name: o for o in owners}
+    return {k: _train(res, by_name[k[0]], k[1], rcs[k], fit.get(k), k in fresh, bar) for k in keys}
+
+
+def _label(res: Resources, key: Key) -> str:
+    """'reference', or 'reference (training seed 1)' when the PoC has several."""
+    name, t = key
+    return f"{name} (training seed {t})" if res.cfg.replicated else name
 
 
 def _resumable(rc, dirs) -> object:
@@ -276,11 +300,13 @@ def _resume_fingerprint(rc) -> str:
     return fingerprint("resume", without_fp32({**d, "train": train, "sample": None}, "train"))
 
 
-def _train(res: Resources, owner: VariantConfig, rc, fit, fresh: bool, bar: Progress) -> Trained:
-    """One owner's training stage (`fresh`: trained just now in a side-by-side process; `fit`: the
-    config it trains with when its stage is due, see `_resumable`)."""
-    dirs = variant_dirs(res.out, owner.name)
-    with bar.stage(owner.name, "train") as st:
+def _train(
+    res: Resources, owner: VariantConfig, train_seed: int, rc, fit, fresh: bool, bar: Progress
+) -> Trained:
+    """One owner's training stage for one training seed (`fresh`: trained just now in a side-by-side
+    process; `fit`: the config it trains with when its stage is due, see `_resumable`)."""
+    dirs = res.dirs(owner.name, train_seed)
+    with bar.stage(_label(res, (owner.name, train_seed)), "train") as st:
         record = train_stage(fit or rc, dirs, res.train_data)
         st.skipped = record["skipped"] and not fresh
         st.detail = f"{record['steps']} steps, {record['train_seconds'] / 60:.1f} min of training"
@@ -290,52 +316,54 @@ def _train(res: Resources, owner: VariantConfig, rc, fit, fresh: bool, bar: Prog
     return Trained(rc, record, fingerprint("model", learning_fingerprint(rc), ema))
 
 
-def _sampler(res: Resources, v: VariantConfig, t: Trained) -> _LazySampler:
-    """How variant `v` draws samples: its owner's trained model with its sampling-time techniques."""
+def _sampler(res: Resources, v: VariantConfig, t: Trained, train_seed: int) -> _LazySampler:
+    """How variant `v` draws samples: its owner's model of `train_seed` with its sampling-time techniques."""
     cfg = res.cfg
     owner = model_owner(cfg, v).name
     ema = cfg.sample.ema and cfg.train.ema_decay > 0
-    model = _LazyModel(res, owner, variant_dirs(res.out, owner).root / t.record["checkpoint"], ema)
+    ckpt = res.dirs(owner, train_seed).root / t.record["checkpoint"]
+    model = _LazyModel(res, owner, train_seed, ckpt, ema)
     words = cfg.excite_words or OBJECT_WORDS.get(cfg.data.name, ())
     return _LazySampler(model, t.rc, sampling_spec(cfg, v), res, words)
 
 
-def _variant(res: Resources, v: VariantConfig, trained: dict[str, Trained], bar: Progress) -> dict:
+def _variant(res: Resources, v: VariantConfig, trained: dict[Key, Trained], bar: Progress) -> dict:
     cfg = res.cfg
     owner = model_owner(cfg, v)
-    t = trained[owner.name]
-    sampler = _sampler(res, v, t)
-    per_seed, sampled = {}, {}
-    for seed in cfg.seeds:
-        sampled[seed], per_seed[seed] = _seed(res, v, t, sampler, seed, bar)
+    per_train, sampled, samplers = {}, {}, {}
+    for ts in cfg.training_seeds:
+        t = trained[owner.name, ts]
+        samplers[ts] = sampler = _sampler(res, v, t, ts)
+        per_train[ts], sampled[ts] = {}, {}
+        for seed in cfg.seeds:
+            sampled[ts][seed], per_train[ts][seed] = _seed(res, v, t, sampler, ts, seed, bar)
     cost = {}
-    if "cost" in cfg.metrics:
+    if "cost" in cfg.metrics:  # the architecture's cost: counted on the first training seed's model
+        first = cfg.training_seeds[0]
+        t, sampler = trained[owner.name, first], samplers[first]
         with bar.stage(v.name, "cost") as st:
             fp = fingerprint("cost", t.model_fp, sampler.spec, sampling_settings(t.rc), _cost_prompts(res))
-            cost = cost_stage(
-                sampler,
-                res.prompts,
-                variant_dirs(res.out, owner.name).model,
-                variant_dirs(res.out, v.name),
-                fp,
-            )
+            dirs = res.dirs(owner.name, first).model, res.dirs(v.name, first)
+            cost = cost_stage(sampler, res.prompts, *dirs, fp)
             st.skipped = cost["skipped"]
-    return _entry(cfg, v, owner, sampler.spec, per_seed, cost, t, sampled)
+    records = {ts: trained[owner.name, ts].record for ts in cfg.training_seeds}
+    return _entry(cfg, v, owner, samplers[cfg.training_seeds[0]].spec, per_train, cost, records, sampled)
 
 
 def _seed(
-    res: Resources, v: VariantConfig, t: Trained, sampler, seed: int, bar: Progress
+    res: Resources, v: VariantConfig, t: Trained, sampler, train_seed: int, seed: int, bar: Progress
 ) -> tuple[dict, dict]:
-    """Sample and evaluate one seed of one variant; returns (sampling record, scores)."""
-    cfg, dirs = res.cfg, variant_dirs(res.out, v.name)
+    """Sample and evaluate one sampling seed of one variant on the model of `train_seed`; returns
+    (sampling record, scores)."""
+    cfg, dirs, tag = res.cfg, res.dirs(v.name, train_seed), res.tag(train_seed)
     ema = cfg.sample.ema and cfg.train.ema_decay > 0
     fp = sample_fingerprint(t.model_fp, sampler.spec, t.rc, res.prompts, seed, ema)
-    with bar.stage(v.name, f"sample seed {seed}") as st:
+    with bar.stage(v.name, f"sample {tag}seed {seed}") as st:
         rec = sample_stage(sampler, dirs, res.prompts, seed, fp, cfg.budget.batch_size)
         st.skipped, st.detail = rec["skipped"], f"{rec['latency_s'] * 1000:.0f} ms per sample"
     scores = {"latency_s": rec["latency_s"]}
     if _evaluates(cfg):
-        with bar.stage(v.name, f"evaluate seed {seed}") as st:
+        with bar.stage(v.name, f"evaluate {tag}seed {seed}") as st:
             efp = fingerprint("evaluate", fp, res.real_fp, _evaluated(cfg))
             found = evaluate_stage(
                 lambda: load_samples(dirs, seed),
@@ -350,7 +378,7 @@ def _seed(
             st.skipped = found["skipped"]
         scores.update(found["scores"])
     if "localisation" in cfg.metrics:
-        with bar.stage(v.name, f"heat-map IoU seed {seed}") as st:
+        with bar.stage(v.name, f"heat-map IoU {tag}seed {seed}") as st:
             n = cfg.budget.num_samples
             lfp = fingerprint("localisation", t.model_fp, sampler.spec, _localised(t.rc), seed, n)
             loc = localisation_stage(sampler, res.eval_ds, n, seed, dirs.marker(f"localised-{seed}"), lfp)
@@ -379,11 +407,13 @@ def _floor(res: Resources, bar: Progress) -> dict:
             )
             st.skipped = rec["skipped"]
             per_seed[seed] = rec["scores"]
-    return {"name": "real data", "metrics": {k: s.to_dict() for k, s in metric_stats(per_seed, {}).items()}}
+    stats = metric_stats({0: per_seed}, {})
+    return {"name": "real data", "metrics": {k: s.to_dict() for k, s in stats.items()}}
 
 
-def _heatmaps(res: Resources, trained: dict[str, Trained], bar: Progress) -> list[dict]:
-    """Heat maps of every variant that has them, else of the reference model when the config asks."""
+def _heatmaps(res: Resources, trained: dict[Key, Trained], bar: Progress) -> list[dict]:
+    """Heat maps of every variant that has them, else of the reference model when the config asks
+    (on the first training seed's models)."""
     cfg = res.cfg
     names = [v.name for v in cfg.variants if "heatmaps" in sampling_spec(cfg, v)]
     if not names and cfg.heatmaps:
@@ -398,12 +428,12 @@ def _heatmaps(res: Resources, trained: dict[str, Trained], bar: Progress) -> lis
     out = []
     with bar.stage(", ".join(names), "heat maps") as st:
         for name in names:
-            v = cfg.variant(name)
-            t = trained[model_owner(cfg, v).name]
-            sampler = _sampler(res, v, t)
+            v, first = cfg.variant(name), cfg.training_seeds[0]
+            t = trained[model_owner(cfg, v).name, first]
+            sampler = _sampler(res, v, t, first)
             prompt = res.prompts.texts[0]
             seed = items_for(res.prompts, cfg.seeds[0])[0].seed
-            dirs = variant_dirs(res.out, name)
+            dirs = res.dirs(name, first)
             fp = fingerprint("heatmaps", t.model_fp, sampler.spec, sampling_settings(t.rc), prompt, seed)
             rec = heatmap_stage(sampler, prompt, seed, dirs, fp, cfg.data.sample_rate)
             st.skipped = rec["skipped"]
@@ -416,14 +446,22 @@ def _entry(
     v: VariantConfig,
     owner: VariantConfig,
     spec: dict,
-    per_seed: dict,
+    per_train: dict[int, dict],
     cost: dict,
-    t: Trained,
-    sampled: dict,
+    records: dict[int, dict],
+    sampled: dict[int, dict],
 ) -> dict:
+    """A variant's results.json entry: per training seed its scores per sampling seed, training
+    record and sample files; its metrics over all of them; its cost (training time: the mean over
+    the training seeds)."""
     levels = own_levels(cfg, v)
     cost = {k: val for k, val in cost.items() if k not in ("fingerprint", "skipped")}
-    train = {k: val for k, val in t.record.items() if k not in ("fingerprint", "skipped")}
+    train = {
+        str(ts): {k: val for k, val in r.items() if k not in ("fingerprint", "skipped")}
+        for ts, r in records.items()
+    }
+    if "train_seconds" in cost:
+        cost["train_seconds"] = sum(r["train_seconds"] for r in train.values()) / len(train)
     return {
         "name": v.name,
         "group": max(levels) if levels else 0,
@@ -434,12 +472,15 @@ def _entry(
         "base": v.base,
         "trained_by": owner.name,
         "note": v.note,
-        "metrics": {k: s.to_dict() for k, s in metric_stats(per_seed, cost).items()},
-        "per_seed": {str(s): scores for s, scores in per_seed.items()},
+        "train_seeds": list(per_train),
+        "metrics": {k: s.to_dict() for k, s in metric_stats(per_train, cost).items()},
+        "per_train_seed": {
+            str(ts): {str(s): scores for s, scores in per_seed.items()} for ts, per_seed in per_train.items()
+        },
         "cost": cost,
         "train": train,
-        "samples": {str(s): r["file"] for s, r in sampled.items()},
-        "sampling_seconds": sum(r["seconds"] for r in sampled.values()),
+        "samples": {str(ts): {str(s): r["file"] for s, r in by.items()} for ts, by in sampled.items()},
+        "sampling_seconds": sum(r["seconds"] for by in sampled.values() for r in by.values()),
     }
 
 
@@ -447,8 +488,8 @@ def _entry(
 
 
 class _LazyModel:
-    def __init__(self, res: Resources, owner: str, ckpt: Path, ema: bool):
-        self.args = (owner, ckpt, ema)
+    def __init__(self, res: Resources, owner: str, train_seed: int, ckpt: Path, ema: bool):
+        self.args = (owner, train_seed, ckpt, ema)
         self.res = res
 
     def get(self):

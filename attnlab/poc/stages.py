@@ -9,6 +9,9 @@ files are in place, so a run killed at any point leaves either a complete stage 
     DIR/variants/NAME/model/                  the training run (checkpoints/, log.jsonl) of a trained variant
     DIR/variants/NAME/samples/seed-S.safetensors   the samples of sampling seed S
     DIR/variants/NAME/stages/<stage>.json     trained, budget, sampled-S, evaluated-S, cost, heatmaps
+
+With several training seeds each variant keeps the model, samples and stages of training seed T in
+DIR/variants/NAME/train-seed-T/ instead.
 """
 
 from __future__ import annotations
@@ -54,8 +57,16 @@ class VariantDirs:
         return self.stages / f"{stage}.json"
 
 
-def variant_dirs(out: str | Path, name: str) -> VariantDirs:
-    return VariantDirs(Path(out) / "variants" / name)
+def variant_dirs(out: str | Path, name: str, train_seed: int | None = None) -> VariantDirs:
+    """A variant's directory; with several training seeds, one per seed inside it."""
+    root = Path(out) / "variants" / name
+    return VariantDirs(root if train_seed is None else root / f"train-seed-{train_seed}")
+
+
+def seed_dirs(out: str | Path, name: str, train_seeds: list[int], train_seed: int) -> VariantDirs:
+    """Where variant `name` keeps the work of `train_seed`: variants/NAME/ when the PoC has one
+    training seed (the layout of every single-seed run), else variants/NAME/train-seed-T/."""
+    return variant_dirs(out, name, train_seed if len(train_seeds) > 1 else None)
 
 
 def done(path: Path, fp: str) -> dict | None:

@@ -1,11 +1,14 @@
 """The summary a PoC report opens with, in plain words: the best design for quality, for condition
-alignment and for cost, which differences are within noise, and a recommendation for the priority."""
+alignment and for cost, which differences are within noise (under the noise model the training
+seeds allow), the smallest difference the budget could call real, and a recommendation for the
+priority that never adopts an architectural variant trained from one seed."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
-from attnlab.poc.metrics import ALL, Metric, Stat, headline, show, within_noise
+from attnlab.poc.metrics import ALL, Metric, Stat, headline, resolution, show, within_noise
 from attnlab.poc.results import best_name, stats_of
 from attnlab.techniques import LEVELS
 
@@ -38,6 +41,26 @@ class Summary:
         self.reference = reference
         keys = {k for s in self.stats.values() for k in s}
         self.headlines = {f: headline(f, sorted(keys)) for f in ("quality", "alignment", "cost")}
+        self.train_seeds = max((len(v.get("train_seeds", [0])) for v in variants), default=1)
+        self.sampling_seeds = max(
+            (len(row) for st in self.stats.values() for x in st.values() for row in x.by_train_seed),
+            default=0,
+        )
+
+    @property
+    def replicated(self) -> bool:
+        """Trained from more than one seed: architectural differences are replicated."""
+        return self.train_seeds > 1
+
+    def architectural(self, name: str) -> bool:
+        """Whether a variant samples another trained model than the reference's."""
+        ref = self.variants.get(self.reference)
+        return ref is not None and self.variants[name]["trained_by"] != ref["trained_by"]
+
+    def unreplicated(self, name: str) -> bool:
+        """An architectural variant of a single-training-seed PoC: its difference from the reference
+        includes one training run's luck, which sampling seeds do not measure."""
+        return not self.replicated and self.architectural(name)
 
     # Facts
 
@@ -116,14 +139,74 @@ class Summary:
                 parts.append(f"{what}: `{n}` ({ALL[key].fmt(have[n].mean)})")
         return f". Exactly counted, {'; '.join(parts)}" if parts else ""
 
+    def rule(self) -> str:
+        """When a difference counts as real here, in words."""
+        n = self.train_seeds
+        if n >= 3:
+            return f"its 95% t interval over the {n} training seeds excludes 0"
+        if n == 2:
+            return (
+                "both training seeds' differences have the same sign and each exceeds twice its "
+                "standard error over the sampling seeds"
+            )
+        return "it exceeds the spread over the sampling seeds, √(std₁² + std₂²)"
+
     def noise_sentence(self) -> str:
         ties = self.noise_ties_with_reference()
         if not ties:
-            return f"**Within noise:** every variant differs from {self._the_ref} by more than the seed-to-seed spread on every headline metric."
+            return (
+                f"**Within noise:** none; every variant differs from {self._the_ref} on every headline "
+                f"metric by more than the noise (a difference is real when {self.rule()})."
+            )
         listed = "; ".join(f"`{n}` on {', '.join(ms)}" for n, ms in ties.items())
         return (
-            f"**Within noise** of {self._the_ref} (a difference no larger than the spread over the "
-            f"sampling seeds, so not a real difference at this budget): {listed}."
+            f"**Within noise** of {self._the_ref} (a difference is real only when {self.rule()}; "
+            f"these are not): {listed}."
+        )
+
+    def replication_sentence(self) -> str | None:
+        """With one training seed: which differences are unreplicated and which are sampling noise only."""
+        if self.replicated:
+            return None
+        arch = [n for n in self.variants if n != self.reference and self.architectural(n)]
+        free = [n for n in self.variants if n != self.reference and not self.architectural(n)]
+        parts = []
+        if arch:
+            parts.append(
+                f"every model was trained from one seed, so the differences of {_names(arch)} from "
+                f"{self._the_ref} (other architectures, other trained models) are unreplicated: a new "
+                "training seed can move them by more than the sampling spread, and none of them is "
+                "recommended for adoption on this evidence. Rerun with `train_seeds: [0, 1, 2]` to settle them"
+            )
+        if free:
+            parts.append(
+                f"{_names(free)} apply at sampling time to the reference's trained model, so "
+                f"{'its' if len(free) == 1 else 'their'} noise is the sampling seeds' only"
+            )
+        if not parts:
+            return None
+        return "**Unreplicated:** " + "; ".join(parts) + "."
+
+    def resolution_sentence(self) -> str | None:
+        """The smallest difference from the reference this budget could call real, per headline."""
+        ref = self.stats.get(self.reference, {})
+        parts = []
+        for family in ("quality", "alignment"):
+            metric = self.headlines[family]
+            r = resolution(ref[metric.key]) if metric is not None and metric.key in ref else None
+            if r is not None and math.isfinite(r):
+                parts.append(f"{metric.label} {_amount(metric, r)}")
+        if not parts:
+            return None
+        n = self.train_seeds
+        budget = f"{n} training seed{'s' if n > 1 else ''} × {self.sampling_seeds} sampling seeds"
+        how = {
+            1: "√2 times the reference's spread over sampling seeds",
+            2: "twice the standard error of a difference over the sampling seeds, per training seed",
+        }.get(n, f"the half-width of a 95% t interval over {n} training seeds")
+        return (
+            f"**Smallest difference this budget could call real** ({budget}; {how}, for a variant as noisy "
+            f"as the reference): {'; '.join(parts)}."
         )
 
     def recommendation(self, priority: str) -> str:
@@ -143,6 +226,15 @@ class Summary:
                 + self._also(family)
             )
         level = level_phrase(self.variants[best]["levels"])
+        if self.unreplicated(best):
+            return (
+                head
+                + (
+                    f"keep {self._the_ref} for now. `{best}`, {level}, scored the best {metric.label}, but it is "
+                    f"another architecture trained from one seed: rerun with `train_seeds: [0, 1, 2]` before adopting it."
+                )
+                + self._also(family)
+            )
         if ref is not None and within_noise(self.have(metric)[best], ref):
             return (
                 head
@@ -199,6 +291,11 @@ class Summary:
                 head
                 + f"keep {self._the_ref}: no variant that keeps its quality and alignment samples faster beyond the noise."
             )
+        if self.unreplicated(fastest):
+            return head + (
+                f"keep {self._the_ref} for now. `{fastest}` samples fastest with quality and alignment no worse, but it "
+                "is another architecture trained from one seed: rerun with `train_seeds: [0, 1, 2]` before adopting it."
+            )
         gain = 1 - lat[fastest].mean / lat[self.reference].mean
         return head + (
             f"use `{fastest}`, {level_phrase(self.variants[fastest]['levels'])}: {100 * gain:.0f}% less sampling time per sample "
@@ -221,7 +318,8 @@ class Summary:
 
     def sentences(self, priority: str) -> list[str]:
         found = [self.best_sentence(f) for f in ("quality", "alignment", "cost")]
-        return [s for s in found if s] + [self.noise_sentence(), self.recommendation(priority)]
+        found += [self.noise_sentence(), self.replication_sentence(), self.resolution_sentence()]
+        return [s for s in found if s] + [self.recommendation(priority)]
 
     def to_dict(self, priority: str) -> dict:
         out = {"priority": priority, "reference": self.reference, "sentences": self.sentences(priority)}
@@ -236,7 +334,32 @@ class Summary:
                     "within_noise": ties,
                 }
         out["within_noise_of_reference"] = self.noise_ties_with_reference()
+        out["noise"] = self.noise_dict()
         return out
+
+    def noise_dict(self) -> dict:
+        """The noise model as data: training seeds, the rule, the smallest real differences, and the
+        variants whose differences are unreplicated."""
+        ref = self.stats.get(self.reference, {})
+        smallest = {}
+        for family in ("quality", "alignment"):
+            metric = self.headlines[family]
+            if metric is not None and metric.key in ref:
+                smallest[metric.key] = resolution(ref[metric.key])
+        unrep = [n for n in self.variants if n != self.reference and self.unreplicated(n)]
+        return {
+            "train_seeds": self.train_seeds,
+            "rule": {1: "sampling", 2: "two seeds"}.get(self.train_seeds, "t interval"),
+            "smallest_real_difference": smallest,
+            "unreplicated": unrep,
+        }
+
+
+def _amount(metric: Metric, v: float) -> str:
+    """A difference in the metric's units: percentage points for rates, else its own format."""
+    if metric.fmt(0.5).endswith("%"):
+        return f"{100 * v:.1f} points"
+    return metric.fmt(v)
 
 
 def _names(names: Sequence[str]) -> str:

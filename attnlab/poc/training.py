@@ -27,10 +27,16 @@ _PRESENTATION = ("progress", "threads", "log_every", "ckpt_every", "keep_checkpo
 
 
 def run_config(
-    cfg: PocConfig, owner: VariantConfig, data: TrainingData, num_classes, context_dim, steps: int
+    cfg: PocConfig,
+    owner: VariantConfig,
+    data: TrainingData,
+    num_classes,
+    context_dim,
+    steps: int,
+    seed: int | None = None,
 ) -> RunConfig:
-    """The run config a model owner trains with (model fields that are facts of the data filled in,
-    precisions resolved for this machine)."""
+    """The run config a model owner trains with from training seed `seed` (default `train.seed`;
+    model fields that are facts of the data filled in, precisions resolved for this machine)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     train_precision = resolve_precision(cfg.train.precision, device, "train.precision")
     sample_precision = resolve_precision(cfg.sample.precision, device, "sample.precision")
@@ -38,7 +44,12 @@ def run_config(
         data=cfg.data,
         model=variant_model(cfg, owner),
         diffusion=cfg.diffusion,
-        train=dataclasses.replace(cfg.train, steps=steps, precision=train_precision),
+        train=dataclasses.replace(
+            cfg.train,
+            steps=steps,
+            seed=cfg.train.seed if seed is None else seed,
+            precision=train_precision,
+        ),
         sample=SampleConfig(
             cfg.sample.sampler, cfg.budget.sample_steps, cfg.sample.guidance, sample_precision
         ),
