@@ -85,6 +85,17 @@ def test_a_good_config_resolves_models_and_techniques(tmp_path):
         ),
         ({"variants": [{"name": "a", "model": {"width": 31}}]}, "variants[0]: model.heads"),
         ({"variants": [{"name": "a", "level": 7}]}, "variants[0].level=7"),
+        (
+            {"train_seeds": [0, 1, 0]},
+            "train_seeds=[0, 1, 0] is not allowed: expected training seeds without repeats",
+        ),
+        ({"train_seeds": []}, "train_seeds=[] is not allowed: expected at least one training seed"),
+        ({"train_seeds": [0, -1]}, "train_seeds=[0, -1]"),
+        ({"train_seeds": [0, "one"]}, "train_seeds"),
+        (
+            {"seeds": [0, 1, 2, 1]},
+            "seeds=[0, 1, 2, 1] is not allowed: expected sampling seeds without repeats",
+        ),
         ({"variants": [{"nam": "a"}]}, "'nam'"),
         ({"variants": [{"techniques": {}}]}, "variants[0].name"),
     ],

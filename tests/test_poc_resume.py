@@ -98,6 +98,28 @@ def test_sigkill_leaves_temporaries_the_rerun_removes_and_resumes_to_the_same_re
     assert results(out) == results(tmp_path / "whole")
 
 
+def test_a_kill_during_the_second_training_seed_resumes_it(tmp_path, evaluator_dir):
+    """Training seeds one after another; killed while seed 1 trains, the rerun resumes it from its
+    last checkpoint and ends with the results of an uninterrupted run."""
+    budget = {**TINY["budget"], "train_steps": 24, "train_processes": 1}
+    train = {**TINY["train"], "ckpt_every": 4}
+    config = write_config(
+        tmp_path, evaluator_dir, train_seeds=[0, 1], budget=budget, train=train, metrics=["fid", "alignment"]
+    )
+    quiet = {"progress": False, "echo": lambda line: None}
+    run_poc(load_poc_config(config), tmp_path / "whole", **quiet)  # in this process: no start-up to wait for
+    out = tmp_path / "killed"
+    proc = poc(config, out)
+    seed1 = out / "variants" / "base" / "train-seed-1"
+    wait_for(proc, seed1 / "model" / "checkpoints" / "step-0000004")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert (out / "variants" / "base" / "train-seed-0" / "stages" / "trained.json").is_file()
+    assert not (seed1 / "stages" / "trained.json").exists()  # killed mid-training of seed 1
+    run_poc(load_poc_config(config), out, **quiet)
+    assert results(out) == results(tmp_path / "whole")
+
+
 @pytest.mark.slow  # timing-dependent: a SIGINT that lands inside a finaliser is reported by Python itself
 def test_ctrl_c_exits_130_with_one_line(tmp_path, evaluator_dir):
     config = write_config(tmp_path, evaluator_dir)

@@ -305,3 +305,46 @@ def test_minutes_budget_counts_models_sharing_the_cores(tmp_path, evaluator_dir,
         budget = json.loads((tmp_path / "out" / "variants" / name / "stages" / "budget.json").read_text())
         assert budget["threads"] == 1 and budget["slowdown"] == 1.5
         assert budget["seconds_per_step"] == 0.375 and budget["steps"] == 1  # int(0.6 s / (1.5 * 0.25 s))
+
+
+def test_training_seeds_train_every_model_once_per_seed(finished, tmp_path, evaluator_dir):
+    """train_seeds [0, 1]: each trained variant trains twice, the training-free one samples both of
+    its base's models, and training seed 0 is the single-seed run's model bit for bit."""
+    from safetensors.torch import load_file
+
+    from attnlab.poc.sampling import load_samples
+    from attnlab.poc.stages import variant_dirs
+    from attnlab.train.checkpoint import latest_checkpoint
+
+    cfg = tiny_config(tmp_path, evaluator_dir, train_seeds=[0, 1], metrics=["fid", "alignment", "cost"])
+    cfg.threads = 1
+    out = tmp_path / "out"
+    lines = []
+    results = run_poc(cfg, out, progress=False, echo=lines.append)
+    assert any("base (training seed 1)" in line for line in lines)
+
+    def weights(root, name, seed=None):
+        ckpt = latest_checkpoint(variant_dirs(root, name, seed).model)
+        return load_file(ckpt / "model.safetensors")
+
+    single = weights(finished[1], "base")  # the single-seed run: train.seed 0, variants/base/model
+    for name in ("base", "attn16"):
+        w0, w1 = weights(out, name, 0), weights(out, name, 1)
+        assert any(not torch.equal(w0[k], w1[k]) for k in w0)  # another seed, another model
+    w0 = weights(out, "base", 0)
+    assert all(torch.equal(w0[k], single[k]) for k in single)
+    assert not (out / "variants" / "pag" / "train-seed-0" / "model").exists()  # pag trains nothing
+    pag = [load_samples(variant_dirs(out, "pag", t), 0) for t in (0, 1)]
+    assert not torch.equal(*pag)  # the same noise through the two seeds' base models
+    data = json.loads((out / "results.json").read_text())
+    assert data["train_seeds"] == [0, 1] and data["summary"]["noise"]["rule"] == "two seeds"
+    for v in data["variants"]:
+        assert v["train_seeds"] == [0, 1] and set(v["per_train_seed"]) == {"0", "1"}
+        assert all(set(by) == {"0", "1", "2"} for by in v["per_train_seed"].values())
+        assert v["metrics"]["fid"]["by_train_seed"] and len(v["metrics"]["fid"]["values"]) == 2
+    checked, bad = report_mismatches((out / "report.md").read_text(), data)
+    assert checked >= 3 * (2 + 2 + 2) and bad == []
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + 3 * 2 * 3
+    md = (out / "report.md").read_text()
+    assert "both training seeds' differences have the same sign" in md and "**Unreplicated:**" not in md
+    assert results["summary"] == data["summary"]
