@@ -146,6 +146,10 @@ def test_dry_run_lists_what_would_run(tmp_path):
     assert result.exit_code == 0, result.output
     assert "samples base's model" in result.output and (tmp_path / "o" / "poc.json").is_file()
     assert not (tmp_path / "o" / "variants").exists()
+    assert "training seeds: 0 (1 model(s) x 1 = 1 training run(s))" in result.output  # train.seed alone
+    seeded = write(tmp_path, train_seeds=[3, 4], train={"seed": 9})
+    result = CliRunner().invoke(app, ["poc", str(seeded), "--out", str(tmp_path / "o2"), "--dry-run"])
+    assert "training seeds: 3, 4 (1 model(s) x 2 = 2 training run(s))" in result.output, result.output
 
 
 def test_default_prompts_come_from_the_eval_split_with_their_ground_truth(tmp_path):

@@ -106,8 +106,7 @@ def test_a_kill_during_the_second_training_seed_resumes_it(tmp_path, evaluator_d
     config = write_config(
         tmp_path, evaluator_dir, train_seeds=[0, 1], budget=budget, train=train, metrics=["fid", "alignment"]
     )
-    quiet = {"progress": False, "echo": lambda line: None}
-    run_poc(load_poc_config(config), tmp_path / "whole", **quiet)  # in this process: no start-up to wait for
+    whole = poc(config, tmp_path / "whole")  # beside the run to kill: the start-ups overlap
     out = tmp_path / "killed"
     proc = poc(config, out)
     seed1 = out / "variants" / "base" / "train-seed-1"
@@ -116,7 +115,8 @@ def test_a_kill_during_the_second_training_seed_resumes_it(tmp_path, evaluator_d
     proc.communicate()
     assert (out / "variants" / "base" / "train-seed-0" / "stages" / "trained.json").is_file()
     assert not (seed1 / "stages" / "trained.json").exists()  # killed mid-training of seed 1
-    run_poc(load_poc_config(config), out, **quiet)
+    for rc, _, err in (finish(poc(config, out)), finish(whole)):
+        assert rc == 0, err
     assert results(out) == results(tmp_path / "whole")
 
 

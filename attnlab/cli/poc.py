@@ -63,6 +63,12 @@ def _dry_run(cfg, out: Path) -> None:
         model = "trains its model" if owner == v.name else f"samples {owner}'s model"
         spec = ", ".join(sampling_spec(cfg, v)) or "none"
         typer.echo(f"{v.name:<20} {levels:<10} {model:<28} sampling techniques: {spec}")
+    seeds = cfg.training_seeds
+    owners = len({model_owner(cfg, v).name for v in cfg.variants})
+    typer.echo(
+        f"training seeds: {', '.join(map(str, seeds))} ({owners} model(s) x {len(seeds)} = "
+        f"{owners * len(seeds)} training run(s)); sampling seeds: {', '.join(map(str, cfg.seeds))}"
+    )
     typer.echo(f"resolved config: {out / 'poc.json'}")
 
 
