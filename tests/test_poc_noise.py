@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from poc_util import ATTN16, BASE, PAG, load_poc, md_table, numpy_real, report_mismatches, tiny_poc
+from poc_util import ATTN16, BASE, PAG, load_poc, md_table, numpy_real, report_mismatches, shown, tiny_poc
 from scipy import stats
 
 from attnlab.poc.metrics import Stat, difference, resolution
@@ -244,3 +244,29 @@ def test_a_report_with_three_training_seeds_is_numpy_over_results_json(tmp_path)
     assert "95% t interval over the 3 training seeds" in md and "3 training seeds" in md
     csv_rows = (tmp_path / "out" / "results.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 3 * 3 * 3  # every (variant, training seed, sampling seed)
+    header, rows = md_table(md, "Per training seed")
+    assert header[1:] == [f"{label}, seed {t}" for label in ("FID", "all asked right") for t in (0, 1, 2)]
+    for r in rows:
+        v = next(e for e in data["variants"] if f"`{e['name']}`" == r[0])
+        for cell, (key, t) in zip(r[1:], [(k, t) for k in ("fid", "all_correct") for t in (0, 1, 2)]):
+            vals = np.array([v["per_train_seed"][str(t)][str(s)][key] for s in SEEDS])
+            assert cell == shown(key, (vals.mean(), vals.std(ddof=1))), (r[0], key, t)
+
+
+def test_a_recommendation_says_what_the_winner_gives_up():
+    ref = variant("reference", {"fid": jitter([45.0, 38.0], 0.5), "all_correct": jitter([0.80, 0.88], 0.02)})
+    tgate = variant(
+        "tgate",
+        {"fid": jitter([41.0, 35.0], 0.5, 1), "all_correct": jitter([0.55, 0.70], 0.02, 1)},
+        [3],
+        "reference",
+    )
+    rec = Summary([ref, tgate], "reference").recommendation("quality")
+    assert "use `tgate`" in rec and "it pays with worse all asked right" in rec
+    fair = variant(
+        "fair",
+        {"fid": jitter([41.0, 35.0], 0.5, 1), "all_correct": jitter([0.80, 0.88], 0.02, 2)},
+        [3],
+        "reference",
+    )
+    assert "pays" not in Summary([ref, fair], "reference").recommendation("quality")

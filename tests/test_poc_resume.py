@@ -120,6 +120,24 @@ def test_a_kill_during_the_second_training_seed_resumes_it(tmp_path, evaluator_d
     assert results(out) == results(tmp_path / "whole")
 
 
+def test_a_killed_poc_takes_its_side_by_side_trainers_with_it(tmp_path, evaluator_dir):
+    """SIGKILL of the PoC process cannot be caught; its training processes notice their parent is
+    gone and stop, instead of writing into the directories the rerun trains in."""
+    budget = {**TINY["budget"], "train_steps": 5000, "train_processes": 2}
+    config = write_config(tmp_path, evaluator_dir, train_seeds=[0, 1], budget=budget, metrics=["cost"])
+    out = tmp_path / "out"
+    proc = poc(config, out)
+    logs = [out / "variants" / "base" / f"train-seed-{t}" / "model" / "log.jsonl" for t in (0, 1)]
+    for log in logs:
+        wait_for(proc, log)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    time.sleep(2.0)  # the trainers look for their parent every 0.5 s
+    sizes = [log.stat().st_size for log in logs]
+    time.sleep(1.5)
+    assert [log.stat().st_size for log in logs] == sizes  # log_every 1: a live trainer grows its log
+
+
 @pytest.mark.slow  # timing-dependent: a SIGINT that lands inside a finaliser is reported by Python itself
 def test_ctrl_c_exits_130_with_one_line(tmp_path, evaluator_dir):
     config = write_config(tmp_path, evaluator_dir)

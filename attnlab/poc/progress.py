@@ -27,6 +27,7 @@ class Progress:
     """
 
     def __init__(self, total: int, enabled: bool = True, echo: Callable[[str], None] | None = None):
+        self.enabled = enabled
         self.bar = tqdm(total=total, desc="poc", unit="stage", disable=not enabled, leave=False)
         self.echo = echo or tqdm.write
         self.done = self.reused = 0

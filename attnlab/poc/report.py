@@ -192,6 +192,17 @@ def build_document(cfg: PocConfig, results: dict, figs: dict, heat: list[dict]) 
                 Para(lead),
                 metric_table(entries, metrics, comparisons, ref, results["real_data"]),
             )
+    if cfg.replicated:
+        table = per_train_seed_table(entries, results["train_seeds"])
+        if table is not None:
+            doc.add(
+                Heading("Per training seed"),
+                Para(
+                    "The headline metrics of each training seed's models (mean ± std over that seed's sampling "
+                    "seeds): a difference that changes sign from one training seed to the next is not a finding."
+                ),
+                table,
+            )
     _figure_sections(doc, cfg, figs, heat)
     doc.add(Heading("How this was measured"), Bullets(_method(cfg, results)))
     return doc
@@ -297,6 +308,25 @@ def metric_table(
         groups.insert(0, ("real training data: what a perfect model would score", [cells]))
     n = max((len(e.get("train", {})) for e in entries), default=1)
     return Table(header, groups, caption=_table_caption(metrics, n))
+
+
+def per_train_seed_table(entries: list[dict], train_seeds: list[int]) -> Table | None:
+    """Quality and alignment headlines per training seed, one column per (metric, training seed)."""
+    metrics = [m for m in (_first(entries, QUALITY), _first(entries, ALIGNMENT)) if m is not None]
+    if not metrics:
+        return None
+
+    def row(e: dict) -> list[Cell]:
+        stats = stats_of(e)
+        cells = [Cell(f"`{e['name']}`")]
+        for m in metrics:
+            grid = stats[m.key].by_train_seed if m.key in stats else ()
+            for i in range(len(train_seeds)):
+                cells.append(Cell(show(m, Stat.of(list(grid[i])) if i < len(grid) else None)))
+        return cells
+
+    header = ["variant"] + [f"{m.label}, seed {t}" for m in metrics for t in train_seeds]
+    return Table(header, _grouped(entries, row), caption="Training seed t: the models trained from seed t.")
 
 
 def versus(m: Metric, s: Stat | None, ref: Stat | None, is_ref: bool) -> Cell:

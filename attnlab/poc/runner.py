@@ -259,7 +259,7 @@ def _train_all(res: Resources, owners: list[VariantConfig], bar: Progress) -> di
         names = ", ".join(_label(res, k) for k in pending)
         bar.echo(f"training {names} side by side: {n} processes of {threads} thread(s)")
         jobs = [(fit[k], res.dirs(*k)) for k in pending]
-        train_side_by_side(jobs, res.train_data, n, threads)
+        train_side_by_side(jobs, res.train_data, n, threads, progress=bar.enabled)
     fresh = set(pending) if n > 1 else set()
     by_name = {o.name: o for o in owners}
     return {k: _train(res, by_name[k[0]], k[1], rcs[k], fit.get(k), k in fresh, bar) for k in keys}

@@ -247,8 +247,31 @@ class Summary:
             )
         return (
             head
-            + f"use `{best}`, {level}: its {metric.label} beats the reference by more than the noise{self._price(best)}."
+            + f"use `{best}`, {level}: its {metric.label} beats the reference by more than the noise{self._price(best)}"
+            + self._trade(best, family)
+            + "."
         )
+
+    def _trade(self, name: str, family: str) -> str:
+        """What a recommended variant gives up: the other quality or alignment headline on which it
+        is worse than the reference beyond the noise."""
+        lost = []
+        for other in ("quality", "alignment"):
+            metric = self.headlines[other]
+            have = self.have(metric) if metric is not None and other != family else {}
+            s, ref = have.get(name), have.get(self.reference)
+            if (
+                s is not None
+                and ref is not None
+                and metric.better(ref.mean, s.mean)
+                and not within_noise(s, ref)
+            ):
+                lost.append(
+                    f"{metric.label} ({self._val(name, metric)} against {self._val(self.reference, metric)})"
+                )
+        if not lost:
+            return ""
+        return f"; it pays with worse {' and '.join(lost)}, beyond the noise: weigh that before adopting it"
 
     def _also(self, family: str) -> str:
         """Variants no worse than the reference beyond the noise on quality and alignment that beat it

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 
 import torch
@@ -167,7 +168,10 @@ def train_processes(requested: int, pending: int, threads: int) -> int:
     return max(1, min(pending, 2 * (threads or os.cpu_count() or 1)))
 
 
-def _worker(rc: RunConfig, dirs: VariantDirs, data: TrainingData, threads: int, n: int, errors) -> None:
+def _worker(
+    rc: RunConfig, dirs: VariantDirs, data: TrainingData, threads: int, n: int, errors, parent: int
+) -> None:
+    _exit_with(parent)
     torch.set_num_threads(threads)
     try:
         quiet = dataclasses.replace(rc, train=dataclasses.replace(rc.train, progress=False))
@@ -179,11 +183,25 @@ def _worker(rc: RunConfig, dirs: VariantDirs, data: TrainingData, threads: int, 
         raise SystemExit(1) from None
 
 
+def _exit_with(parent: int, every: float = 0.5) -> None:
+    """End this process when process `parent` is gone. A PoC killed with SIGKILL cannot stop its
+    training processes; left running, they would keep writing checkpoints into the directories the
+    rerun resumes from. What they leave is whole: checkpoints are written atomically."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def train_side_by_side(
     jobs: list[tuple[RunConfig, VariantDirs]],
     data: TrainingData,
     processes: int,
     threads: int,
+    progress: bool = True,
 ) -> None:
     """Train `jobs` in `processes` spawned processes of `threads` torch threads each. Small models train faster as single-threaded processes than with threads. A
     process killed here leaves its last checkpoint; the next run resumes it. When one variant fails, the
@@ -197,7 +215,10 @@ def train_side_by_side(
     queue, running, failed, why = list(range(len(jobs))), {}, [], {}
     steps = {i: 0 for i in queue}
     bar = tqdm(
-        total=sum(rc.train.steps for rc, _ in jobs), desc=f"train ({processes} processes)", leave=False
+        total=sum(rc.train.steps for rc, _ in jobs),
+        desc=f"train ({processes} processes)",
+        leave=False,
+        disable=not progress,
     )
     try:
         while queue or running:
@@ -206,7 +227,7 @@ def train_side_by_side(
                 rc, dirs = jobs[i]
                 running[i] = ctx.Process(
                     target=_worker,
-                    args=(rc, dirs, data, threads, min(processes, len(jobs)), errors),
+                    args=(rc, dirs, data, threads, min(processes, len(jobs)), errors, os.getpid()),
                     daemon=True,
                 )
                 running[i].start()
