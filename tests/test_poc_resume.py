@@ -131,11 +131,12 @@ def test_a_killed_poc_takes_its_side_by_side_trainers_with_it(tmp_path, evaluato
     for log in logs:
         wait_for(proc, log)
     proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    proc.wait()  # not communicate(): live trainers would hold its pipes open for their 5000 steps
     time.sleep(2.0)  # the trainers look for their parent every 0.5 s
     sizes = [log.stat().st_size for log in logs]
     time.sleep(1.5)
     assert [log.stat().st_size for log in logs] == sizes  # log_every 1: a live trainer grows its log
+    proc.communicate(timeout=30)
 
 
 @pytest.mark.slow  # timing-dependent: a SIGINT that lands inside a finaliser is reported by Python itself
