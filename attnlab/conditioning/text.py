@@ -94,17 +94,21 @@ class TextEncoder:
 
     @torch.no_grad()  # not inference_mode: cached features later feed layers that train
     def _fill(self, texts: list[str]) -> None:
-        if not texts:
-            return
-        batch = self._tokenize(texts, padding=True).to(self.device)
-        hidden = self.model(**batch).last_hidden_state  # (B, L, 384)
-        for text, h, m in zip(texts, hidden, batch["attention_mask"].bool()):
-            self._cache[text] = h[m].clone()  # (L_i, 384): real tokens only
+        """Encode `texts` into the cache, captions of one token length per batch: without padding a
+        caption's features do not depend on the captions encoded with it (padded batches move them
+        by ~1e-6), so the first caller to encode a caption decides nothing for later ones."""
+        by_len: dict[int, list[tuple[str, list[int]]]] = {}
+        for text, ids in zip(texts, self._tokenize(texts, return_tensors=None)["input_ids"] if texts else []):
+            by_len.setdefault(len(ids), []).append((text, ids))
+        for group in by_len.values():
+            ids = torch.tensor([i for _, i in group], device=self.device)  # (B, L): one length, no padding
+            hidden = self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+            for (text, _), h in zip(group, hidden):
+                self._cache[text] = h.clone()  # (L, 384)
 
     def _tokenize(self, texts, **kw):
-        return self.tokenizer(
-            list(texts), truncation=True, max_length=self.max_len, return_tensors="pt", **kw
-        )
+        kw.setdefault("return_tensors", "pt")
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_len, **kw)
 
     # Tokens and words
 
