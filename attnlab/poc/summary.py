@@ -187,15 +187,20 @@ class Summary:
             return None
         return "**Unreplicated:** " + "; ".join(parts) + "."
 
+    def smallest(self) -> dict[str, float | None]:
+        """Quality and alignment headline -> the smallest difference from the reference this budget
+        could call real (see `resolution`)."""
+        ref = self.stats.get(self.reference, {})
+        metrics = [self.headlines[f] for f in ("quality", "alignment")]
+        return {m.key: resolution(ref[m.key]) for m in metrics if m is not None and m.key in ref}
+
     def resolution_sentence(self) -> str | None:
         """The smallest difference from the reference this budget could call real, per headline."""
-        ref = self.stats.get(self.reference, {})
-        parts = []
-        for family in ("quality", "alignment"):
-            metric = self.headlines[family]
-            r = resolution(ref[metric.key]) if metric is not None and metric.key in ref else None
-            if r is not None and math.isfinite(r):
-                parts.append(f"{metric.label} {_amount(metric, r)}")
+        parts = [
+            f"{ALL[key].label} {_amount(ALL[key], r)}"
+            for key, r in self.smallest().items()
+            if r is not None and math.isfinite(r)
+        ]
         if not parts:
             return None
         n = self.train_seeds
@@ -363,17 +368,11 @@ class Summary:
     def noise_dict(self) -> dict:
         """The noise model as data: training seeds, the rule, the smallest real differences, and the
         variants whose differences are unreplicated."""
-        ref = self.stats.get(self.reference, {})
-        smallest = {}
-        for family in ("quality", "alignment"):
-            metric = self.headlines[family]
-            if metric is not None and metric.key in ref:
-                smallest[metric.key] = resolution(ref[metric.key])
         unrep = [n for n in self.variants if n != self.reference and self.unreplicated(n)]
         return {
             "train_seeds": self.train_seeds,
             "rule": {1: "sampling", 2: "two seeds"}.get(self.train_seeds, "t interval"),
-            "smallest_real_difference": smallest,
+            "smallest_real_difference": self.smallest(),
             "unreplicated": unrep,
         }
 
