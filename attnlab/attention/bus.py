@@ -60,6 +60,11 @@ def name_layers(model: nn.Module) -> BusState:
 
 
 def attention_layers(model: nn.Module) -> dict[str, Attention]:
+    """Every attention layer of `model` by name: attnlab's Attention modules, or on a diffusers
+    denoiser inside a control scope, its attention modules as the host adapted them."""
+    hosted = getattr(model, "attnlab_layers", None)
+    if hosted is not None:
+        return dict(hosted)
     return {m.name: m for m in model.modules() if isinstance(m, Attention)}
 
 
@@ -86,13 +91,16 @@ def _match_parts(pat: list[str], parts: list[str]) -> bool:
     return bool(parts) and fnmatch.fnmatchcase(parts[0], pat[0]) and _match_parts(pat[1:], parts[1:])
 
 
-def select_layers(model: nn.Module, layers: str | Sequence[str] = "**", kind: str | None = None):
-    """The Attention layers whose name matches any pattern (and of `kind`, if given)."""
+def select_layers(
+    model: nn.Module, layers: str | Sequence[str] = "**", kind: str | Sequence[str] | None = None
+):
+    """The Attention layers whose name matches any pattern (and of `kind`, or one of those kinds)."""
     patterns = [layers] if isinstance(layers, str) else list(layers)
+    kinds = None if kind is None else ({kind} if isinstance(kind, str) else set(kind))
     found = [
         m
         for name, m in attention_layers(model).items()
-        if any(match_layer(p, name) for p in patterns) and (kind is None or m.kind == kind)
+        if any(match_layer(p, name) for p in patterns) and (kinds is None or m.kind in kinds)
     ]
     return found
 
@@ -209,14 +217,32 @@ def _probe_grids(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return rec.seen
 
 
-@contextmanager
-def control(model: nn.Module, controls: Control | Iterable[Control]) -> Iterator[list[Control]]:
+def control(model, controls, **options):
     """Install controls on the layers they select for the duration of the block.
 
+    `model` is an attnlab model, or a diffusers pipeline or denoiser (U-Net or transformer): there
+    the stock pipeline runs the controls, and guidance terms (PAG, SAG, Attend-and-Excite) too,
+    through its own `__call__` (`attnlab.integrations.diffusers.control`, which takes `options`).
+
     Example:
-        with control(model, [HeatMaps(), PAG(scale=3.0, layers="mid")]):
-            x = sample(model, ...)
+        with control(model, [HeatMaps(), AttnCache(every=2)]):
+            x = sample(model, ..., guidances=[PAG(scale=3.0)])
+        with control(pipe, [PAG(scale=3.0, layers="mid_block"), maps]):
+            image = pipe("a red car", num_inference_steps=25).images[0]
     """
+    from attnlab.integrations.diffusers.host import hosts
+
+    if hosts(model):
+        from attnlab.integrations.diffusers.host import control as host_control
+
+        return host_control(model, controls, **options)
+    if options:
+        raise TypeError(f"control() on an attnlab model takes no options, got {sorted(options)}")
+    return _control(model, controls)
+
+
+@contextmanager
+def _control(model: nn.Module, controls: Control | Iterable[Control]) -> Iterator[list[Control]]:
     ctrls = [controls] if isinstance(controls, Control) else list(controls)
     bus_state(model)
     installed: list[tuple[Attention, Control]] = []

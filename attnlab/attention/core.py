@@ -31,7 +31,8 @@ class AttnCall:
 
     Attributes:
         name: the layer's stable name (its dotted module path, same in every model built from one config).
-        kind: "self", "cross" (to condition tokens) or "xscale" (to features of another resolution).
+        kind: "self", "cross" (to condition tokens), "xscale" (to features of another resolution)
+            or "joint" (image and text tokens in one softmax, diffusers' SD3 and Flux).
         grid: token grid shape of the query sequence, e.g. (16, 16) for a 2D map or (256,) for 1D.
         heads: number of heads.
         step: sampling step index (0-based) or None outside a sampling loop.
@@ -43,23 +44,28 @@ class AttnCall:
         pre_norm: (B, N, dim) the tokens before the sub-layer's norm (the block's residual stream),
             when the block passes them; token merging measures similarity on them, as tomesd does.
         batch: number of rows in the call's batch.
+        text: on a joint (image + text) attention layer (SD3, Flux), where the text tokens sit in
+            its joint sequence, which the probabilities' rows and columns index; the image queries
+            are at `image`. None on every other layer.
         chunk_seeds: the seeds of the samples one chunk's rows belong to (`BusState.chunk_seeds`);
             read them per row as `seeds`.
     """
 
     name: str
-    kind: Literal["self", "cross", "xscale"]
+    kind: Literal["self", "cross", "xscale", "joint"]
     grid: tuple[int, ...]
     heads: int
     step: int | None
     num_steps: int | None
     timestep: Tensor | None
     roles: tuple[str, ...]
-    layer: Attention
+    layer: ControlChain
     scratch: dict[str, Any] = field(default_factory=dict)
     pre_norm: Tensor | None = None
     batch: int = 0
     chunk_seeds: tuple[int, ...] | None = None
+    text: slice | None = None
+    image: slice | None = None
 
     def chunk(self, t: Tensor, role: str) -> slice:
         """Batch rows of `t` that belong to `role` (the batch is `len(roles)` equal chunks)."""
@@ -160,7 +166,69 @@ class AttnKernel(Protocol):
         """The explicit attention matrix (B, heads, N, N), rows summing to 1, for controls."""
 
 
-class Attention(nn.Module):
+class ControlChain:
+    """The control chain of one attention layer: how installed controls see and change a call.
+
+    A layer (attnlab's `Attention`, or a diffusers attention module adapted by
+    `attnlab.integrations.diffusers`) provides `name`, `kind`, `heads`, `controls`, `state` and
+    `project(x, context, grid) -> q, k, v` (B, heads, N, d), `_probs(q, k, mask, grid)`,
+    `_fused(q, k, v, grid, mask)` and `to_out(h)`; the mask is whatever the layer's own kernel
+    takes. `_forward_controlled` runs one call through the active controls.
+    """
+
+    name: str
+    kind: str
+    heads: int
+    controls: list
+    state: BusState | None
+
+    def _call_info(self, x: Tensor, grid, pre_norm=None, **extra) -> AttnCall:
+        st = self.state
+        return AttnCall(
+            name=self.name,
+            kind=self.kind,
+            grid=tuple(grid),
+            heads=self.heads,
+            step=st.step if st else None,
+            num_steps=st.num_steps if st else None,
+            timestep=st.timestep if st else None,
+            roles=st.roles if st else ("cond",),
+            layer=self,
+            pre_norm=pre_norm,
+            batch=x.shape[0],
+            chunk_seeds=st.chunk_seeds() if st else None,
+            **extra,
+        )
+
+    def _forward_controlled(self, x, context, context_mask, grid, pre_norm=None, **extra):
+        call = self._call_info(x, grid, pre_norm, **extra)
+        active = [c for c in self.controls if c.active(call)]
+        for c in active:
+            x = c.before(call, x)
+        out = None
+        for c in active:
+            out = c.replace(call, x)  # a cached output skips the computation entirely
+            if out is not None:
+                break
+        if out is None:
+            out = self._attend(call, active, x, context, context_mask)
+        for c in reversed(active):  # outermost control sees the final output
+            out = c.after(call, out)
+        return out
+
+    def _attend(self, call, active, x, context, context_mask):
+        q, k, v = self.project(x, context, call.grid)
+        if any(c.needs_probs(call) for c in active):
+            p = self._probs(q, k, context_mask, call.grid)  # (B, heads, N, L)
+            for c in active:
+                p = c.probs(call, p)
+            h = p.to(v.dtype) @ v
+        else:
+            h = self._fused(q, k, v, call.grid, context_mask)
+        return self.to_out(merge_heads(h))
+
+
+class Attention(ControlChain, nn.Module):
     """Multi-head self- or cross-attention with a pluggable control chain.
 
     Args:
@@ -270,44 +338,3 @@ class Attention(nn.Module):
         if self.kernel is not None:
             return self.kernel.probs(q, k, grid, context_mask)
         return attention_probs(q, k, key_padding_bias(context_mask))
-
-    def _forward_controlled(self, x, context, context_mask, grid, pre_norm=None):
-        st = self.state
-        call = AttnCall(
-            name=self.name,
-            kind=self.kind,
-            grid=tuple(grid),
-            heads=self.heads,
-            step=st.step if st else None,
-            num_steps=st.num_steps if st else None,
-            timestep=st.timestep if st else None,
-            roles=st.roles if st else ("cond",),
-            layer=self,
-            pre_norm=pre_norm,
-            batch=x.shape[0],
-            chunk_seeds=st.chunk_seeds() if st else None,
-        )
-        active = [c for c in self.controls if c.active(call)]
-        for c in active:
-            x = c.before(call, x)
-        out = None
-        for c in active:
-            out = c.replace(call, x)  # a cached output skips the computation entirely
-            if out is not None:
-                break
-        if out is None:
-            out = self._attend(call, active, x, context, context_mask)
-        for c in reversed(active):  # outermost control sees the final output
-            out = c.after(call, out)
-        return out
-
-    def _attend(self, call, active, x, context, context_mask):
-        q, k, v = self.project(x, context, call.grid)
-        if any(c.needs_probs(call) for c in active):
-            p = self._probs(q, k, context_mask, call.grid)  # (B, heads, N, L)
-            for c in active:
-                p = c.probs(call, p)
-            h = p.to(v.dtype) @ v
-        else:
-            h = self._fused(q, k, v, call.grid, context_mask)
-        return self.to_out(merge_heads(h))

@@ -31,24 +31,38 @@ DIT_LAYERS = "blocks.1"  # diffusers' default for transformers; attnlab's DiT na
 
 
 def transformer_blocks(model: nn.Module) -> list[str]:
-    """The "blocks.{i}" holding a DiT's self-attention layers, in order; [] for any other model.
+    """The transformer blocks holding a transformer's self-attention layers, in order ("blocks.{i}"
+    on attnlab's DiT, "transformer_blocks.{i}" on a diffusers transformer); [] for any other model.
 
     attnlab names layers by module path, so the names tell a DiT (every self-attention under
     `blocks`) from a U-Net (down/mid/up).
     """
-    names = [n for n, m in attention_layers(model).items() if m.kind == "self"]
-    if not names or any(n.split(".")[0] != "blocks" for n in names):
-        return []
-    return list(dict.fromkeys(".".join(n.split(".")[:2]) for n in names))
+    names = [n for n, m in attention_layers(model).items() if m.kind in ("self", "joint")]
+    for top in ("blocks", "transformer_blocks"):
+        if names and all(n.split(".")[0] == top for n in names):
+            return list(dict.fromkeys(".".join(n.split(".")[:2]) for n in names))
+    if names and any(n.startswith("transformer_blocks.") for n in names):  # Flux: + single blocks
+        return list(dict.fromkeys(".".join(n.split(".")[:2]) for n in names if n.startswith("transformer_blocks.")))
+    return []
 
 
 def reference_layers(model: nn.Module) -> str:
-    """PAG's default layer pattern for `model`: "blocks.1" on a DiT, "mid" otherwise."""
-    return DIT_LAYERS if transformer_blocks(model) else UNET_LAYERS
+    """PAG's default layer pattern for `model`: the second transformer block on a transformer
+    ("blocks.1", diffusers' "transformer_blocks.1"), the mid block on a U-Net ("mid", diffusers'
+    "mid_block")."""
+    blocks = transformer_blocks(model)
+    if blocks:
+        return blocks[0].split(".")[0] + ".1"
+    names = attention_layers(model)
+    return "mid_block" if any(n.startswith("mid_block.") for n in names) else UNET_LAYERS
 
 
-def identity_attention(layer, x: Tensor) -> Tensor:
-    """Self-attention with the identity map, A = I, without forming A: to_out(V). (B, N, dim)."""
+def identity_attention(layer, x: Tensor, call: AttnCall | None = None) -> Tensor:
+    """Self-attention with the identity map, A = I, without forming A: to_out(V). (B, N, dim).
+
+    A hosted diffusers layer computes its own (`perturbed`: joint layers keep their text)."""
+    if hasattr(layer, "perturbed"):
+        return layer.perturbed(call, x)
     c = layer.dim
     w = layer.to_qkv.weight[2 * c :]  # the V rows of the fused q/k/v projection
     b = None if layer.to_qkv.bias is None else layer.to_qkv.bias[2 * c :]
@@ -70,7 +84,7 @@ class IdentitySelfAttention(Control):
 
     def select(self, model: nn.Module):
         patterns = self.layers or (reference_layers(model),)
-        found = select_layers(model, patterns, "self")
+        found = select_layers(model, patterns, ("self", "joint"))
         require_layers("pag", model, found, patterns, "self")
         return found
 
@@ -79,7 +93,7 @@ class IdentitySelfAttention(Control):
 
     def replace(self, call: AttnCall, x: Tensor) -> Tensor | None:
         if call.roles == (self.role,):
-            return identity_attention(call.layer, x)
+            return identity_attention(call.layer, x, call)
         return None
 
 

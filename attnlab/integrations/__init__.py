@@ -1,0 +1,1 @@
+"""Second hosts for attnlab's training-free techniques (diffusers pipelines)."""

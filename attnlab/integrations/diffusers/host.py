@@ -1,0 +1,431 @@
+"""The diffusers host: attnlab's bus on a stock diffusers pipeline or denoiser, for one scope.
+
+What `control(pipe, [...])` does, and undoes at the end of the block:
+- names every attention module of the denoiser by its module path (`mid_block.attentions.0.
+  transformer_blocks.0.attn1`, `transformer_blocks.1.attn`, `single_transformer_blocks.0.attn`)
+  and adapts it as a `HostedAttention` (kind "self", "cross" or "joint"), so controls select
+  layers with the same whole-part patterns as on attnlab models;
+- sets a `BusProcessor` only on the modules some control selected; a call where no installed
+  control is active runs the module's own processor (and attention backend) untouched;
+- wraps the denoiser's `forward` (an instance attribute, deleted afterwards) to tell the bus the
+  step, the timestep and the batch layout ([uncond; cond] under CFG), to run guidance terms' extra
+  passes and add their terms to every chunk of the output (so the pipeline's own CFG formula folds
+  them in), to drop the uncond rows after T-GATE's gate, and to apply latent updates;
+- wraps the pipeline scheduler's `set_timesteps` and `step` to count steps and to hand updated
+  latents (Attend-and-Excite) to the pipeline's own `scheduler.step`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.attention.bus import BusState, Control
+from attnlab.errors import ConfigError
+from attnlab.integrations.diffusers.layers import BusProcessor, HostedAttention, adapt
+
+DENOISER_ATTRS = ("unet", "transformer")
+NOT_BATCHED = frozenset({"img_ids", "txt_ids", "return_dict", "joint_attention_kwargs", "cross_attention_kwargs"})
+
+
+def _from_diffusers(obj) -> bool:
+    return any(c.__module__.split(".")[0] == "diffusers" for c in type(obj).__mro__)
+
+
+def hosts(target) -> bool:
+    """Whether `target` is a diffusers pipeline or model (this host's job), not an attnlab model."""
+    return _from_diffusers(target)
+
+
+def resolve(target) -> tuple[Any, nn.Module]:
+    """(pipeline or None, denoiser) of a diffusers pipeline or denoiser.
+
+    Raises:
+        ConfigError: a pipeline without a U-Net or transformer, or a model with no attention.
+    """
+    if isinstance(target, nn.Module):
+        return None, target
+    for attr in DENOISER_ATTRS:
+        den = getattr(target, attr, None)
+        if isinstance(den, nn.Module):
+            return target, den
+    raise ConfigError(
+        f"{type(target).__name__}: attnlab controls need a pipeline with a `unet` or `transformer` "
+        "(Stable Diffusion 1.x/2.x, SDXL, PixArt, SD3, Flux) or one of those denoisers"
+    )
+
+
+def hosted_layers(denoiser: nn.Module) -> dict[str, HostedAttention]:
+    """Every attention module of a diffusers denoiser, adapted, by module path."""
+    found = {}
+    for name, module in denoiser.named_modules():
+        layer = adapt(name, module)
+        if layer is not None:
+            found[name] = layer
+    return found
+
+
+class Host:
+    """One scope's state: the denoiser, its adapted layers, the pipeline's step count."""
+
+    def __init__(self, pipe, denoiser: nn.Module, seeds: Sequence[int] | None):
+        self.pipe, self.denoiser = pipe, denoiser
+        self.state = BusState(seeds=None if seeds is None else tuple(int(s) for s in seeds))
+        self.layers = hosted_layers(denoiser)
+        if not self.layers:
+            raise ConfigError(f"{type(denoiser).__name__} has no attention layer attnlab can adapt")
+        for layer in self.layers.values():
+            layer.state, layer.host = self.state, self
+        self.step: int | None = None
+        self.num_steps: int | None = None
+        self.timesteps: Tensor | None = None
+        self.spatial: tuple[int, ...] | None = None  # the sample's token grid at full resolution
+        self.text_len: int | None = None  # text tokens of the current call (Flux single blocks)
+        self.pending: Tensor | None = None  # updated latents for the next scheduler.step
+        self.guidances: list = []
+        self.schedules: list = []
+
+    # What the layers ask
+
+    def grid_for(self, n: int) -> tuple[int, ...]:
+        """The (h, w) grid of a layer with n query tokens: the sample's grid, downsampled evenly."""
+        if self.spatial is None or len(self.spatial) != 2:
+            return (n,)
+        h, w = self.spatial
+        f = math.sqrt(h * w / n)
+        for rnd in (round, math.ceil):
+            gh, gw = max(1, rnd(h / f)), max(1, rnd(w / f))
+            if gh * gw == n:
+                return (gh, gw)
+        return (n,)
+
+    # The denoiser call
+
+    def roles(self, sample: Tensor) -> tuple[str, ...]:
+        """("uncond", "cond") when the call's batch is the pipeline's CFG batch, else ("cond",).
+
+        The pipeline's own `do_classifier_free_guidance` decides where it has one; otherwise the
+        batch is a CFG batch when its two halves are the same latents (`torch.cat([latents] * 2)`).
+        """
+        b = sample.shape[0]
+        if b % 2:
+            return ("cond",)
+        cfg = None
+        if self.pipe is not None:
+            try:
+                cfg = bool(self.pipe.do_classifier_free_guidance)
+            except (AttributeError, TypeError):
+                cfg = None
+        if cfg is None:
+            cfg = bool(torch.equal(sample[: b // 2], sample[b // 2 :]))
+        return ("uncond", "cond") if cfg else ("cond",)
+
+    def context(self, t: Tensor, x: Tensor) -> dict[str, Any]:
+        sch = getattr(self.pipe, "scheduler", None)
+        cfg = getattr(sch, "config", {}) or {}
+        ab = None
+        if sch is not None and getattr(sch, "alphas_cumprod", None) is not None:
+            idx = t.round().long().clamp(0, len(sch.alphas_cumprod) - 1)
+            ab = sch.alphas_cumprod.to(x.device)[idx].to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+        return {
+            "i": self.step,
+            "steps": self.num_steps,
+            "scheduler": sch,
+            "alpha_bar_t": ab,
+            "prediction_type": cfg.get("prediction_type", "epsilon") if hasattr(cfg, "get") else "epsilon",
+            "guidance": getattr(self.pipe, "guidance_scale", None) if self.pipe is not None else None,
+        }
+
+    def loop_timestep(self, fallback: Tensor | float, n: int) -> Tensor:
+        """(n,) the pipeline loop's timestep at the current step (the scheduler's value, on the
+        0..1000 scale PAG's adaptive scale reads), else the denoiser's timestep argument."""
+        if self.timesteps is not None and self.step is not None and self.step < len(self.timesteps):
+            t = self.timesteps[self.step]
+        else:
+            t = fallback
+        t = torch.as_tensor(t).float().flatten()
+        return t[:1].expand(n) if t.numel() != n else t
+
+
+class PipelineCondition:
+    """The conditioning of one chunk of a denoiser call, as guidance terms pass it back to `model`.
+
+    Holds the call's keyword arguments; `null_like()` is the uncond chunk's, `index(rows)` some rows.
+    """
+
+    def __init__(self, kwargs: dict, batch: int, roles: tuple[str, ...], role: str = "cond", rows=None):
+        self.kwargs, self.batch, self.roles, self.role = kwargs, batch, roles, role
+        self.rows = None if rows is None else [int(r) for r in rows]
+
+    def null_like(self) -> PipelineCondition:
+        if "uncond" not in self.roles:
+            raise ConfigError("this call has no unconditional rows (the pipeline runs without CFG)")
+        return PipelineCondition(self.kwargs, self.batch, self.roles, "uncond", self.rows)
+
+    def index(self, rows) -> PipelineCondition:
+        rows = rows.tolist() if isinstance(rows, Tensor) else list(rows)
+        picked = rows if self.rows is None else [self.rows[r] for r in rows]
+        return PipelineCondition(self.kwargs, self.batch, self.roles, self.role, picked)
+
+    def __len__(self) -> int:
+        return self.batch // len(self.roles) if self.rows is None else len(self.rows)
+
+    def select(self, v):
+        """`v` (a call argument) cut to this condition's rows."""
+        if isinstance(v, dict):
+            return {k: self.select(x) for k, x in v.items()}
+        if not isinstance(v, Tensor) or v.dim() == 0 or v.shape[0] != self.batch:
+            return v
+        n = self.batch // len(self.roles)
+        i = self.roles.index(self.role)
+        chunk = v[i * n : (i + 1) * n]
+        return chunk if self.rows is None else chunk[self.rows]
+
+
+class HostModel:
+    """`model(x, t, cond)` for guidance terms: the denoiser's original forward on `cond`'s rows,
+    with the sample replaced by x; returns the prediction tensor."""
+
+    def __init__(self, host: Host, forward, sample_key: str):
+        self.host, self.forward, self.sample_key = host, forward, sample_key
+        self.bus_state = host.state
+        self.training = False
+
+    def __call__(self, x: Tensor, t: Tensor, cond: PipelineCondition) -> Tensor:
+        kw = {k: (v if k in NOT_BATCHED else cond.select(v)) for k, v in cond.kwargs.items()}
+        kw[self.sample_key] = x
+        kw["return_dict"] = False
+        return self.forward(**kw)[0]
+
+    def parameters(self):
+        return self.host.denoiser.parameters()
+
+
+def _split(items) -> tuple[list[Control], list, list]:
+    """Controls, guidance terms (PAG, SAG, Attend-and-Excite) and CFG schedules (T-GATE)."""
+    controls, guidances, schedules = [], [], []
+    for it in items:
+        if hasattr(it, "correction") and hasattr(it, "controls"):
+            guidances.append(it)
+            controls.extend(it.controls())
+        elif isinstance(it, Control):
+            controls.append(it)
+            if hasattr(it, "guidance_scale") and getattr(it, "drop_cfg", False):
+                schedules.append(it)
+        else:
+            raise ConfigError(
+                f"{type(it).__name__} is neither an attention control nor a guidance term; "
+                "pass attnlab.control objects (PAG, SAG, HeatMaps, TGate, AttnCache, ...)"
+            )
+    return controls, guidances, schedules
+
+
+def _sample_key(forward) -> str:
+    params = list(inspect.signature(forward).parameters)
+    for key in ("sample", "hidden_states"):
+        if key in params:
+            return key
+    return params[0]
+
+
+@contextmanager
+def control(target, controls: Control | Iterable, *, seeds: Sequence[int] | None = None) -> Iterator[list]:
+    """Install attnlab controls and guidance terms on a diffusers pipeline or denoiser for a block.
+
+    Args:
+        target: a diffusers pipeline (its `unet` or `transformer` is hosted) or the denoiser.
+        controls: attnlab controls (HeatMaps, AttnCache, TGate, ToMe, ...) and guidance terms (PAG,
+            SAG, AttendExcite); several on one layer compose as on attnlab models.
+        seeds: one seed per sample of the pipeline's batch, for controls that draw random numbers
+            per sample (token merging); None: every sample draws from seed 0.
+    Raises:
+        ConfigError: not a supported pipeline or denoiser, or a control that selects no layer.
+    """
+    items = [controls] if isinstance(controls, Control) or hasattr(controls, "correction") else list(controls)
+    pipe, den = resolve(target)
+    host = Host(pipe, den, seeds)
+    ctrls, host.guidances, host.schedules = _split(items)
+    with ExitStack() as stack:
+        den.attnlab_layers = host.layers
+        den.bus_state = host.state
+        stack.callback(_drop_attrs, den, ("attnlab_layers", "bus_state"))
+        installed: list[tuple[HostedAttention, Control]] = []
+        stack.callback(_uninstall, installed)
+        for c in ctrls:
+            layers = c.select(den)
+            c.on_install(den, layers)
+            stack.callback(c.on_remove, den)
+            for layer in layers:
+                layer.controls.append(c)
+                installed.append((layer, c))
+        for layer in {id(lay): lay for lay, _ in installed}.values():
+            original = layer.module.processor
+            layer.module.processor = BusProcessor(layer, original)
+            stack.callback(setattr, layer.module, "processor", original)
+            if any(c.changes_tokens for c in layer.controls):
+                _watch_block_input(stack, den, layer)
+        _wrap_forward(stack, host)
+        if pipe is not None and getattr(pipe, "scheduler", None) is not None:
+            _wrap_scheduler(stack, host, pipe.scheduler)
+        yield items
+
+
+def _watch_block_input(stack: ExitStack, den: nn.Module, layer: HostedAttention) -> None:
+    """Keep the tokens entering the layer's transformer block (before its norm) on the layer, as
+    `AttnCall.pre_norm`: token merging measures similarity on them, as tomesd does."""
+    parent = den.get_submodule(layer.name.rsplit(".", 1)[0]) if "." in layer.name else den
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")
+        layer.block_input = x if isinstance(x, Tensor) else None
+
+    handle = parent.register_forward_pre_hook(hook, with_kwargs=True)
+    stack.callback(handle.remove)
+    stack.callback(setattr, layer, "block_input", None)
+
+
+def _drop_attrs(obj, names) -> None:
+    for n in names:
+        obj.__dict__.pop(n, None)
+
+
+def _uninstall(installed) -> None:
+    for layer, c in installed:
+        if c in layer.controls:
+            layer.controls.remove(c)
+
+
+def _patch(stack: ExitStack, obj, name: str, new) -> None:
+    """Set an instance attribute for the scope; afterwards the attribute is as it was (deleted if
+    it was the class's)."""
+    had = name in obj.__dict__
+    old = obj.__dict__.get(name)
+    obj.__dict__[name] = new
+
+    def undo():
+        if had:
+            obj.__dict__[name] = old
+        else:
+            obj.__dict__.pop(name, None)
+
+    stack.callback(undo)
+
+
+def _wrap_scheduler(stack: ExitStack, host: Host, scheduler) -> None:
+    set_timesteps, step = scheduler.set_timesteps, scheduler.step
+
+    def wrapped_set_timesteps(*args, **kwargs):
+        out = set_timesteps(*args, **kwargs)
+        host.timesteps = scheduler.timesteps.detach().cpu()
+        host.step, host.num_steps, host.pending = 0, len(host.timesteps), None
+        return out
+
+    def wrapped_step(model_output, timestep, sample, *args, **kwargs):
+        if host.pending is not None and host.pending.shape == sample.shape:
+            sample = host.pending.to(sample)  # the latent update reaches the pipeline's latents
+        host.pending = None
+        out = step(model_output, timestep, sample, *args, **kwargs)
+        if host.step is not None:
+            host.step += 1
+        return out
+
+    _patch(stack, scheduler, "set_timesteps", wrapped_set_timesteps)
+    _patch(stack, scheduler, "step", wrapped_step)
+
+
+def _wrap_forward(stack: ExitStack, host: Host) -> None:
+    den = host.denoiser
+    original = den.forward  # the bound forward, or an instance attribute already set (hooks)
+    sig = inspect.signature(original)
+    key = _sample_key(original)
+    model = HostModel(host, original, key)
+
+    def forward(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        kw = dict(bound.arguments)
+        extra = kw.pop(next((n for n, p in sig.parameters.items() if p.kind is p.VAR_KEYWORD), ""), {})
+        kw.update(extra)
+        return _hosted_call(host, model, original, key, kw)
+
+    _patch(stack, den, "forward", forward)
+
+
+def _hosted_call(host: Host, model: HostModel, original, key: str, kw: dict):
+    sample = kw[key]
+    st = host.state
+    roles = host.roles(sample)
+    b = sample.shape[0]
+    n = b // len(roles)
+    host.spatial = tuple(sample.shape[2:]) if sample.dim() == 4 else _packed_grid(kw)
+    ehs = kw.get("encoder_hidden_states")
+    host.text_len = ehs.shape[1] if isinstance(ehs, Tensor) and ehs.dim() == 3 else None
+    t_loop = host.loop_timestep(kw.get("timestep", 0), b)
+    ctx = host.context(t_loop[:n], sample[:n])
+    step, steps = host.step, host.num_steps
+    saved = (st.step, st.num_steps, st.timestep, st.roles)
+    st.step, st.num_steps, st.timestep = step, steps, t_loop
+    try:
+        # T-GATE after its gate: no CFG, so only the cond rows run; the pipeline's formula then
+        # gives cond + w * (cond - cond) = cond
+        if roles == ("uncond", "cond") and step is not None and any(
+            s.guidance_scale(2.0, step, steps) == 1.0 for s in host.schedules
+        ):
+            cond = PipelineCondition(kw, b, roles)
+            half = {k: (v if k in NOT_BATCHED else cond.select(v)) for k, v in kw.items()}
+            st.roles = ("cond",)
+            out = original(**half)
+            return _replace_pred(out, lambda p: torch.cat([p, p]))
+        cond = PipelineCondition(kw, b, roles)
+        x_in = sample[(len(roles) - 1) * n :]  # one chunk of the (equal) latents
+        updated = False
+        for g in host.guidances:
+            if hasattr(g, "prepare") and step is not None:
+                st.roles = ("cond",)
+                x_new = g.prepare(model, x_in, t_loop[:n], cond, ctx)
+                if x_new is not x_in:
+                    x_in, updated = x_new, True
+        if updated:
+            kw = dict(kw)
+            kw[key] = torch.cat([x_in] * len(roles))
+            host.pending = x_in.detach()
+        st.roles = roles
+        out = original(**kw)
+        pred = _pred(out)
+        active = [g for g in host.guidances if step is None or g.active(step, steps)]
+        if not active:
+            return out
+        chunks = dict(zip(roles, pred.chunk(len(roles))))
+        total = None
+        for g in active:
+            st.roles = ("cond",)
+            term = g.correction(model, x_in, t_loop[:n], cond, chunks, ctx)
+            total = term if total is None else total + term
+        return _replace_pred(out, lambda p: p + total.to(p.dtype).repeat(len(roles), *[1] * (p.dim() - 1)))
+    finally:
+        st.step, st.num_steps, st.timestep, st.roles = saved
+
+
+def _packed_grid(kw: dict) -> tuple[int, ...] | None:
+    """Flux packs latents as tokens; its `img_ids` hold each token's (_, row, col)."""
+    ids = kw.get("img_ids")
+    if isinstance(ids, Tensor) and ids.shape[-1] == 3:
+        ids = ids.reshape(-1, 3)
+        return (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+    return None
+
+
+def _pred(out) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
+def _replace_pred(out, fn):
+    if isinstance(out, tuple):
+        return (fn(out[0]), *out[1:])
+    out.sample = fn(out.sample)
+    return out
