@@ -41,7 +41,7 @@ from attnlab.techniques import register
     provides=("controls",),
     needs_prompts="attnlab maps",
     needs_text=True,
-    summary="per-word heat maps from cross-attention, aggregated as DAAM's code (per layer and head, summed over steps, coarsest maps left out): explains a sample; maps only the selected layers",
+    summary="per-word heat maps from cross-attention (the image-to-text block of joint attention), aggregated as DAAM's code (per layer and head, summed over steps, coarsest maps left out): explains a sample; maps only the selected layers",
 )
 @dataclass(eq=False)
 class HeatMaps(Control):
@@ -71,7 +71,7 @@ class HeatMaps(Control):
         self.count = 0  # layer-steps recorded
 
     def select(self, model: nn.Module):
-        found = select_layers(model, self.layers, "cross")
+        found = select_layers(model, self.layers, ("cross", "joint"))
         require_layers("heatmaps", model, found, self.layers, "cross")
         return found
 
@@ -82,8 +82,9 @@ class HeatMaps(Control):
         return True
 
     def probs(self, call: AttnCall, p: Tensor) -> Tensor:
-        if grid_tokens(call, p.shape[-2]):
-            c = rows(call, p, "cond").detach().float()  # (B, heads, N, L)
+        c = text_block(call, p)
+        if grid_tokens(call, c.shape[-2]):
+            c = rows(call, c, "cond").detach().float()  # (B, heads, N, L)
             m = c.transpose(-1, -2).reshape(*c.shape[:2], c.shape[-1], *call.grid)  # (B, heads, L, *grid)
             prev = self.sums.get(call.name)
             self.sums[call.name] = m if prev is None else prev + m
@@ -129,6 +130,16 @@ class HeatMaps(Control):
         if not indices:
             raise ConfigError("heatmaps: a word map needs at least one token index")
         return normalise(self.maps(size)[:, list(indices)].mean(1))
+
+
+def text_block(call: AttnCall, p: Tensor) -> Tensor:
+    """The image-query x text-key block of a call's probabilities (B, heads, N, L): a cross-
+    attention's whole map, or on a joint layer (SD3, Flux) its block renormalised over the text
+    keys, the map a cross-attention to the same text would give."""
+    if call.text is None:
+        return p
+    block = p[:, :, call.image, call.text]
+    return block / block.sum(-1, keepdim=True).clamp(min=torch.finfo(block.dtype).tiny)
 
 
 def normalise(m: Tensor, shift: bool = True) -> Tensor:

@@ -17,6 +17,7 @@ What `control(pipe, [...])` does, and undoes at the end of the block:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from attnlab.attention.bus import BusState, Control
 from attnlab.errors import ConfigError
-from attnlab.integrations.diffusers.layers import BusProcessor, HostedAttention, adapt
+from attnlab.integrations.diffusers.layers import HostedAttention, adapt, processor_for
 
 DENOISER_ATTRS = ("unet", "transformer")
 NOT_BATCHED = frozenset({"img_ids", "txt_ids", "return_dict", "joint_attention_kwargs", "cross_attention_kwargs"})
@@ -127,20 +128,30 @@ class Host:
         return ("uncond", "cond") if cfg else ("cond",)
 
     def context(self, t: Tensor, x: Tensor) -> dict[str, Any]:
+        """What guidance terms read of the step: the scheduler, its noise level (alpha_bar_t for
+        eps / v models; sigma for flow models, whose scheduler has sigmas and no alphas_cumprod,
+        prediction_type "flow") and, for packed latents (Flux), `to_image` / `from_image`."""
         sch = getattr(self.pipe, "scheduler", None)
         cfg = getattr(sch, "config", {}) or {}
-        ab = None
+        kind = cfg.get("prediction_type", "epsilon") if hasattr(cfg, "get") else "epsilon"
+        ab = sigma = None
         if sch is not None and getattr(sch, "alphas_cumprod", None) is not None:
             idx = t.round().long().clamp(0, len(sch.alphas_cumprod) - 1)
             ab = sch.alphas_cumprod.to(x.device)[idx].to(x.dtype).view(-1, *[1] * (x.dim() - 1))
-        return {
+        elif getattr(sch, "sigmas", None) is not None and self.step is not None:
+            kind, sigma = "flow", sch.sigmas[min(self.step, len(sch.sigmas) - 1)].to(x.device, x.dtype)
+        ctx = {
             "i": self.step,
             "steps": self.num_steps,
             "scheduler": sch,
             "alpha_bar_t": ab,
-            "prediction_type": cfg.get("prediction_type", "epsilon") if hasattr(cfg, "get") else "epsilon",
+            "sigma": sigma,
+            "prediction_type": kind,
             "guidance": getattr(self.pipe, "guidance_scale", None) if self.pipe is not None else None,
         }
+        if x.dim() == 3 and self.spatial is not None and len(self.spatial) == 2 and x.shape[-1] % 4 == 0:
+            ctx["to_image"], ctx["from_image"] = _unpack_2x2(self.spatial), _pack_2x2(self.spatial)
+        return ctx
 
     def loop_timestep(self, fallback: Tensor | float, n: int) -> Tensor:
         """(n,) the pipeline loop's timestep at the current step (the scheduler's value, on the
@@ -266,7 +277,7 @@ def control(target, controls: Control | Iterable, *, seeds: Sequence[int] | None
                 installed.append((layer, c))
         for layer in {id(lay): lay for lay, _ in installed}.values():
             original = layer.module.processor
-            layer.module.processor = BusProcessor(layer, original)
+            layer.module.processor = processor_for(layer, original)
             stack.callback(setattr, layer.module, "processor", original)
             if any(c.changes_tokens for c in layer.controls):
                 _watch_block_input(stack, den, layer)
@@ -320,12 +331,14 @@ def _patch(stack: ExitStack, obj, name: str, new) -> None:
 def _wrap_scheduler(stack: ExitStack, host: Host, scheduler) -> None:
     set_timesteps, step = scheduler.set_timesteps, scheduler.step
 
+    @functools.wraps(set_timesteps)  # pipelines read its signature (custom sigmas, timesteps)
     def wrapped_set_timesteps(*args, **kwargs):
         out = set_timesteps(*args, **kwargs)
         host.timesteps = scheduler.timesteps.detach().cpu()
         host.step, host.num_steps, host.pending = 0, len(host.timesteps), None
         return out
 
+    @functools.wraps(step)  # pipelines read its signature (eta, generator)
     def wrapped_step(model_output, timestep, sample, *args, **kwargs):
         if host.pending is not None and host.pending.shape == sample.shape:
             sample = host.pending.to(sample)  # the latent update reaches the pipeline's latents
@@ -346,6 +359,7 @@ def _wrap_forward(stack: ExitStack, host: Host) -> None:
     key = _sample_key(original)
     model = HostModel(host, original, key)
 
+    @functools.wraps(original)
     def forward(*args, **kwargs):
         bound = sig.bind(*args, **kwargs)
         kw = dict(bound.arguments)
@@ -371,29 +385,34 @@ def _hosted_call(host: Host, model: HostModel, original, key: str, kw: dict):
     saved = (st.step, st.num_steps, st.timestep, st.roles)
     st.step, st.num_steps, st.timestep = step, steps, t_loop
     try:
-        # T-GATE after its gate: no CFG, so only the cond rows run; the pipeline's formula then
-        # gives cond + w * (cond - cond) = cond
+        # T-GATE after its gate: no CFG, so one chunk runs, the negative prompt's as in the T-GATE
+        # pipelines (its pooled text and micro-conditions enter SDXL's U-Net too); the pipeline's
+        # formula then gives uncond + w * (uncond - uncond) = uncond
         if roles == ("uncond", "cond") and step is not None and any(
             s.guidance_scale(2.0, step, steps) == 1.0 for s in host.schedules
         ):
-            cond = PipelineCondition(kw, b, roles)
-            half = {k: (v if k in NOT_BATCHED else cond.select(v)) for k, v in kw.items()}
-            st.roles = ("cond",)
+            neg = PipelineCondition(kw, b, roles, "uncond")
+            half = {k: (v if k in NOT_BATCHED else neg.select(v)) for k, v in kw.items()}
+            st.roles = ("uncond",)
             out = original(**half)
             return _replace_pred(out, lambda p: torch.cat([p, p]))
         cond = PipelineCondition(kw, b, roles)
         x_in = sample[(len(roles) - 1) * n :]  # one chunk of the (equal) latents
-        updated = False
-        for g in host.guidances:
-            if hasattr(g, "prepare") and step is not None:
+        preparing = [g for g in host.guidances if hasattr(g, "prepare")] if step is not None else []
+        if preparing:
+            # latent updates act on the pipeline's latents: the model input divided by the
+            # scheduler's input scaling (Euler: 1 / sqrt(sigma^2 + 1); DDIM, flows: none)
+            c = _input_scale(ctx["scheduler"], x_in, t_loop[0])
+            z = x_in if c is None else x_in / c
+            z0 = z
+            for g in preparing:
                 st.roles = ("cond",)
-                x_new = g.prepare(model, x_in, t_loop[:n], cond, ctx)
-                if x_new is not x_in:
-                    x_in, updated = x_new, True
-        if updated:
-            kw = dict(kw)
-            kw[key] = torch.cat([x_in] * len(roles))
-            host.pending = x_in.detach()
+                z = g.prepare(model, z, t_loop[:n], cond, ctx)
+            if z is not z0:
+                x_in = z if c is None else z * c
+                kw = dict(kw)
+                kw[key] = torch.cat([x_in] * len(roles))
+                host.pending = z.detach()
         st.roles = roles
         out = original(**kw)
         pred = _pred(out)
@@ -411,6 +430,17 @@ def _hosted_call(host: Host, model: HostModel, original, key: str, kw: dict):
         st.step, st.num_steps, st.timestep, st.roles = saved
 
 
+def _input_scale(scheduler, x: Tensor, t: Tensor) -> Tensor | None:
+    """The factor the scheduler's `scale_model_input` multiplies latents by at this step (called
+    after the pipeline's own call of the step, so a step index it keeps is already set), or None
+    where it has none or it is the identity."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    if scale is None:
+        return None
+    c = scale(torch.ones_like(x[:1]), t)
+    return None if bool((c == 1).all()) else c
+
+
 def _packed_grid(kw: dict) -> tuple[int, ...] | None:
     """Flux packs latents as tokens; its `img_ids` hold each token's (_, row, col)."""
     ids = kw.get("img_ids")
@@ -418,6 +448,30 @@ def _packed_grid(kw: dict) -> tuple[int, ...] | None:
         ids = ids.reshape(-1, 3)
         return (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
     return None
+
+
+def _unpack_2x2(grid: tuple[int, int]):
+    """Flux's packed latents (B, h*w, 4C), 2x2 patches of C channels, as the image (B, C, 2h, 2w)."""
+    h, w = grid
+
+    def to_image(x: Tensor) -> Tensor:
+        b, _, c4 = x.shape
+        x = x.view(b, h, w, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, 2, w, 2)
+        return x.reshape(b, c4 // 4, 2 * h, 2 * w)
+
+    return to_image
+
+
+def _pack_2x2(grid: tuple[int, int]):
+    """The inverse of `_unpack_2x2` (the pipeline's `_pack_latents`)."""
+    h, w = grid
+
+    def from_image(z: Tensor) -> Tensor:
+        b, c = z.shape[:2]
+        z = z.view(b, c, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, 2, 2)
+        return z.reshape(b, h * w, c * 4)
+
+    return from_image
 
 
 def _pred(out) -> Tensor:

@@ -95,6 +95,22 @@ class BusProcessor:
         return getattr(self.original, name)
 
 
+class FluxBusProcessor(BusProcessor):
+    """`BusProcessor` for Flux's attention, which passes the rotary embedding fifth, positionally."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs):
+        return super().__call__(
+            attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=image_rotary_emb, **kwargs
+        )
+
+
+def processor_for(layer: HostedAttention, original) -> BusProcessor:
+    """The bus processor that takes the module's calls as its own processor does."""
+    if getattr(layer, "family", None) == "flux":
+        return FluxBusProcessor(layer, original)
+    return BusProcessor(layer, original)
+
+
 class HostedAttention(ControlChain):
     """A legacy diffusers `Attention` (self or cross) seen by the bus.
 
@@ -225,7 +241,7 @@ class JointAttention(HostedAttention):
         extra = {}
         if context is not None:
             extra["image"], extra["text"] = self.layout(x.shape[1], context.shape[1])
-        out = self._forward_controlled(x, context, attention_mask, grid, **extra)
+        out = self._forward_controlled(x, context, attention_mask, grid, self._pre_norm(x), **extra)
         if self.single:
             return out
         if context is None:
