@@ -116,18 +116,25 @@ class AttentionInjection(Control):
         self.layers = self.owner.layers
 
     def select(self, model: nn.Module):
-        found = [m for m in select_layers(model, self.layers) if m.kind in ("self", "cross")]
-        require_layers("p2p", model, [m for m in found if m.kind == "cross"], self.layers, "cross")
+        found = [m for m in select_layers(model, self.layers) if m.kind in ("self", "cross", "joint")]
+        words = [m for m in found if m.kind in ("cross", "joint")]
+        require_layers("p2p", model, words, self.layers, "cross")
         return found
 
     def active(self, call: AttnCall) -> bool:
         o = self.owner
         if o.plan is None or not is_main_pass(call) or "cond" not in call.roles:
             return False
-        if call.kind == "cross":
-            return o.in_window(o.cross_start, o.cross_end, call, extra_row=True)
+        return self.cross_on(call) or self.self_on(call)
+
+    def cross_on(self, call: AttnCall) -> bool:
+        o = self.owner
+        return call.kind in ("cross", "joint") and o.in_window(o.cross_start, o.cross_end, call, extra_row=True)
+
+    def self_on(self, call: AttnCall) -> bool:
+        o = self.owner
         small = o.self_max_tokens is None or math.prod(call.grid) <= o.self_max_tokens
-        return call.kind == "self" and small and o.in_window(o.self_start, o.self_end, call)
+        return call.kind in ("self", "joint") and small and o.in_window(o.self_start, o.self_end, call)
 
     def needs_probs(self, call: AttnCall) -> bool:
         return True
@@ -139,10 +146,31 @@ class AttentionInjection(Control):
             raise ConfigError(
                 f"p2p: bound to {self.owner.rows} prompts but the batch has {c.shape[0]} cond rows"
             )
-        edited = self._cross(c) if call.kind == "cross" else c[:1].expand_as(c)
+        if call.kind == "joint":
+            edited = self._joint(call, c)
+        else:
+            edited = self._cross(c) if call.kind == "cross" else c[:1].expand_as(c)
         p = p.clone()
         p[sl] = edited
         return p
+
+    def _joint(self, call: AttnCall, c: Tensor) -> Tensor:
+        """A joint (image + text) map (SD3, Flux): in the cross window the image-to-text block is
+        edited as the cross-attention map it would be (renormalised over the text keys, edited,
+        then scaled back to the edit row's own mass on the text), in the self window the
+        image-to-image block is the source's distribution at the edit row's own mass on the image
+        keys; replace and refine so keep every row summing to one. The text rows are left alone."""
+        img, txt = call.image, call.text
+        out = c.clone()
+        if self.cross_on(call):
+            block = c[:, :, img, txt]  # (R, heads, N, L)
+            mass = block.sum(-1, keepdim=True)
+            out[:, :, img, txt] = self._cross(block / mass.clamp(min=torch.finfo(c.dtype).tiny)) * mass
+        if self.self_on(call):
+            block = c[:, :, img, img]
+            mass = block.sum(-1, keepdim=True)
+            out[:, :, img, img] = (block[:1] / mass[:1].clamp(min=torch.finfo(c.dtype).tiny)) * mass
+        return out
 
     def _cross(self, c: Tensor) -> Tensor:
         """Refine (`base[..., mapper] * alpha + edit * (1 - alpha)`), then the equalizer, as
@@ -173,9 +201,15 @@ class BlendMaps(Control):
     def needs_probs(self, call: AttnCall) -> bool:
         return True
 
+    def select(self, model: nn.Module):
+        return select_layers(model, "**", ("cross", "joint"))
+
     def probs(self, call: AttnCall, p: Tensor) -> Tensor:
-        if grid_tokens(call, p.shape[-2]):
-            m = to_grid(rows(call, p, "cond").detach().float().sum(1), call.grid)  # (R, L, *grid)
+        from attnlab.control.heatmaps import text_block
+
+        c = text_block(call, p)
+        if grid_tokens(call, c.shape[-2]):
+            m = to_grid(rows(call, c, "cond").detach().float().sum(1), call.grid)  # (R, L, *grid)
             prev = self.sums.get(call.grid)
             self.sums[call.grid] = m if prev is None else prev + m
         return p

@@ -75,8 +75,8 @@ def hosted_layers(denoiser: nn.Module) -> dict[str, HostedAttention]:
 class Host:
     """One scope's state: the denoiser, its adapted layers, the pipeline's step count."""
 
-    def __init__(self, pipe, denoiser: nn.Module, seeds: Sequence[int] | None):
-        self.pipe, self.denoiser = pipe, denoiser
+    def __init__(self, pipe, denoiser: nn.Module, seeds: Sequence[int] | None, cfg: bool | None = None):
+        self.pipe, self.denoiser, self.cfg = pipe, denoiser, cfg
         self.state = BusState(seeds=None if seeds is None else tuple(int(s) for s in seeds))
         self.layers = hosted_layers(denoiser)
         if not self.layers:
@@ -117,8 +117,8 @@ class Host:
         b = sample.shape[0]
         if b % 2:
             return ("cond",)
-        cfg = None
-        if self.pipe is not None:
+        cfg = self.cfg
+        if cfg is None and self.pipe is not None:
             try:
                 cfg = bool(self.pipe.do_classifier_free_guidance)
             except (AttributeError, TypeError):
@@ -246,7 +246,9 @@ def _sample_key(forward) -> str:
 
 
 @contextmanager
-def control(target, controls: Control | Iterable, *, seeds: Sequence[int] | None = None) -> Iterator[list]:
+def control(
+    target, controls: Control | Iterable, *, seeds: Sequence[int] | None = None, cfg: bool | None = None
+) -> Iterator[list]:
     """Install attnlab controls and guidance terms on a diffusers pipeline or denoiser for a block.
 
     Args:
@@ -255,12 +257,16 @@ def control(target, controls: Control | Iterable, *, seeds: Sequence[int] | None
             SAG, AttendExcite); several on one layer compose as on attnlab models.
         seeds: one seed per sample of the pipeline's batch, for controls that draw random numbers
             per sample (token merging); None: every sample draws from seed 0.
+        cfg: whether the denoiser's batches are [uncond; cond] CFG batches; None (the default) asks
+            the pipeline (`do_classifier_free_guidance`) and otherwise takes a batch whose halves
+            are the same latents for one. Pass it when calling a denoiser directly with a batch of
+            equal latents that is not a CFG batch (Prompt-to-Prompt's source and edit rows).
     Raises:
         ConfigError: not a supported pipeline or denoiser, or a control that selects no layer.
     """
     items = [controls] if isinstance(controls, Control) or hasattr(controls, "correction") else list(controls)
     pipe, den = resolve(target)
-    host = Host(pipe, den, seeds)
+    host = Host(pipe, den, seeds, cfg)
     ctrls, host.guidances, host.schedules = _split(items)
     with ExitStack() as stack:
         den.attnlab_layers = host.layers
@@ -344,12 +350,23 @@ def _wrap_scheduler(stack: ExitStack, host: Host, scheduler) -> None:
             sample = host.pending.to(sample)  # the latent update reaches the pipeline's latents
         host.pending = None
         out = step(model_output, timestep, sample, *args, **kwargs)
+        blends = [g for g in host.guidances if hasattr(g, "after_step")]
+        if blends and host.step is not None:  # the latent after the step (P2P's local blend)
+            x = out[0] if isinstance(out, tuple) else out.prev_sample
+            for g in blends:
+                x = g.after_step(x, host.step, host.num_steps)
+            out = (x, *out[1:]) if isinstance(out, tuple) else _with_prev(out, x)
         if host.step is not None:
             host.step += 1
         return out
 
     _patch(stack, scheduler, "set_timesteps", wrapped_set_timesteps)
     _patch(stack, scheduler, "step", wrapped_step)
+
+
+def _with_prev(out, x: Tensor):
+    out.prev_sample = x
+    return out
 
 
 def _wrap_forward(stack: ExitStack, host: Host) -> None:
@@ -398,7 +415,8 @@ def _hosted_call(host: Host, model: HostModel, original, key: str, kw: dict):
             return _replace_pred(out, lambda p: torch.cat([p, p]))
         cond = PipelineCondition(kw, b, roles)
         x_in = sample[(len(roles) - 1) * n :]  # one chunk of the (equal) latents
-        preparing = [g for g in host.guidances if hasattr(g, "prepare")] if step is not None else []
+        preparing = [g for g in host.guidances if hasattr(g, "prepare") and not hasattr(g, "after_step")]
+        preparing = preparing if step is not None else []  # after_step: in the scheduler's step
         if preparing:
             # latent updates act on the pipeline's latents: the model input divided by the
             # scheduler's input scaling (Euler: 1 / sqrt(sigma^2 + 1); DDIM, flows: none)
