@@ -7,7 +7,9 @@ A technique is a dataclass of its options, registered with `@register`. Its decl
 - `training_free`: whether it acts on a trained model at sampling time (else it changes the
   architecture, and a model is trained with it; token merging is both);
 - `hosts` and `modalities`: the backbones ("unet", "dit") and data dimensionalities (1 = audio,
-  2 = images) it works in; anything else is refused from this declaration;
+  2 = images) it works in; anything else is refused from this declaration; `pipelines`: the
+  diffusers pipeline families (PIPELINES) a training-free technique runs on through the diffusers
+  host (all of them unless it says otherwise, with `pipelines_note` saying why);
 - `provides`: the hook points it fills, each a method of the options class (see HOOKS). The
   backbones ask the resolved model plan (`attnlab.models.plan`) for a hook point; the sampling plan
   (`attnlab.control.plan`) asks for controls, guidance terms and CFG schedules. No host ever names a
@@ -57,6 +59,9 @@ LEVELS = {
 
 HOSTS = ("unet", "dit")
 MODALITIES = (1, 2)
+# The diffusers pipeline families the diffusers host runs training-free techniques on
+# (`attnlab.integrations.diffusers`).
+PIPELINES = ("sd", "sdxl", "pixart", "sd3", "flux")
 
 # Hook points: a technique that provides one defines the method of that name.
 BACKBONE_HOOKS = {
@@ -113,6 +118,8 @@ class Technique:
     needs_prompts: str | None = None
     needs_text: bool = False
     not_in_poc: str | None = None
+    pipelines: tuple[str, ...] = ()
+    pipelines_note: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -153,6 +160,8 @@ def register(
     needs_prompts: str | None = None,
     needs_text: bool = False,
     not_in_poc: str | None = None,
+    pipelines: tuple[str, ...] | None = None,
+    pipelines_note: str | None = None,
 ):
     """Class decorator that declares a technique; the class's dataclass fields are its options.
 
@@ -166,6 +175,9 @@ def register(
     unknown = set(provides) - HOOKS.keys()
     _require(not unknown, name, f"unknown hook point(s) {sorted(unknown)}; known: {', '.join(HOOKS)}")
     _require(bool(provides), name, "provides no hook point")
+    pipelines = (PIPELINES if training_free else ()) if pipelines is None else tuple(pipelines)
+    _require(set(pipelines) <= set(PIPELINES), name, f"pipelines must be among {PIPELINES}, got {pipelines}")
+    _require(training_free or not pipelines, name, "an architectural technique runs on no pretrained pipeline")
 
     def deco(cls):
         _require(name not in REGISTRY, name, "is registered twice")
@@ -184,6 +196,8 @@ def register(
             needs_prompts,
             needs_text,
             not_in_poc,
+            pipelines,
+            pipelines_note,
             defaults=_defaults(cls),
         )
         return cls

@@ -62,6 +62,41 @@ def resolve(target) -> tuple[Any, nn.Module]:
     )
 
 
+FAMILIES = {
+    "PixArtTransformer2DModel": "pixart",
+    "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
+}
+
+
+def family(target) -> str | None:
+    """The pipeline family of a diffusers pipeline or denoiser ("sd" for SD 1.x/2.x, "sdxl",
+    "pixart", "sd3", "flux"; `attnlab.techniques.registry.PIPELINES`), None for any other model."""
+    den = target if isinstance(target, nn.Module) else resolve(target)[1]
+    name = type(den).__name__
+    if name == "UNet2DConditionModel":
+        return "sdxl" if den.config.get("addition_embed_type") == "text_time" else "sd"
+    return FAMILIES.get(name)
+
+
+def check_family(items, fam: str | None) -> None:
+    """Refuse a registered technique that declares it does not run on this pipeline family."""
+    from attnlab.techniques.registry import REGISTRY, load_all
+
+    if fam is None:
+        return
+    load_all()
+    by_class = {t.options: t for t in REGISTRY.values()}
+    for it in items:
+        tech = by_class.get(type(it))
+        if tech is not None and fam not in tech.pipelines:
+            why = f" ({tech.pipelines_note})" if tech.pipelines_note else ""
+            raise ConfigError(
+                f"technique {tech.name!r} does not run on {fam} pipelines{why}; it runs on: "
+                + (", ".join(tech.pipelines) or "no pretrained pipeline")
+            )
+
+
 def hosted_layers(denoiser: nn.Module) -> dict[str, HostedAttention]:
     """Every attention module of a diffusers denoiser, adapted, by module path."""
     found = {}
@@ -266,6 +301,7 @@ def control(
     """
     items = [controls] if isinstance(controls, Control) or hasattr(controls, "correction") else list(controls)
     pipe, den = resolve(target)
+    check_family(items, family(den))
     host = Host(pipe, den, seeds, cfg)
     ctrls, host.guidances, host.schedules = _split(items)
     with ExitStack() as stack:
