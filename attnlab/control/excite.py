@@ -5,6 +5,16 @@ Models" (SIGGRAPH 2023, arXiv:2301.13826). Each chosen token's cross-attention m
 softmaxed at temperature 1/100, Gaussian-smoothed) should peak high; the loss is
 max_k (1 - max_attention_k), and z_t <- z_t - step * grad(loss), with iterative refinement at a few
 steps until the loss is below 1 - threshold. Neglected objects then appear.
+
+On diffusers pipelines (`attnlab.attention.control(pipe, [AttendExcite(...).bind([[2, 5]])])`) the
+token indices are positions of the pipeline's tokenizer, as the pipeline's `token_indices`; the
+latent update happens before the step's main pass and reaches the pipeline's latents. There, as
+the pipeline (`StableDiffusionAttendAndExcitePipeline`) does: `bind` without spans scores every text
+position but the first and the last (`attention_maps[:, :, 1:-1]`), `max_iter_to_alter` and a
+`thresholds` dict count steps, and `attn_res=(16, 16)` keeps the maps of that query grid only (see
+`AttendExcite.diffusers`). On joint attention (SD3, Flux) a token's map is the image-query to
+text-key block of the joint map, renormalised over the text keys (the softmax restricted to the
+text: what a cross-attention map is); SD3's text is CLIP's 77 positions followed by T5's.
 """
 
 from __future__ import annotations
@@ -41,12 +51,13 @@ class DifferentiableCrossMaps(Control):
 
     layers: tuple[str, ...] = ("**",)
     maps: list[Tensor] = field(default_factory=list)
+    attn_res: tuple[int, ...] | None = None
 
     def __post_init__(self):
         self.kind = "cross"
 
     def select(self, model: nn.Module):
-        found = select_layers(model, self.layers, "cross")
+        found = select_layers(model, self.layers, ("cross", "joint"))
         require_layers("attend_excite", model, found, self.layers, "cross")
         return found
 
@@ -57,8 +68,13 @@ class DifferentiableCrossMaps(Control):
         return True
 
     def probs(self, call: AttnCall, p: Tensor) -> Tensor:
-        if grid_tokens(call, p.shape[-2]):
-            self.maps.append(to_grid(p.mean(1), call.grid))  # (B, L, *grid)
+        m = p
+        if call.text is not None:  # joint map: image queries to text keys, renormalised over the text
+            m = p[:, :, call.image, call.text]
+            m = m / m.sum(-1, keepdim=True)
+        res_ok = self.attn_res is None or tuple(call.grid) == tuple(self.attn_res)
+        if res_ok and grid_tokens(call, m.shape[-2]):
+            self.maps.append(to_grid(m.mean(1), call.grid))  # (B, L, *grid)
         return p
 
     def take(self) -> Tensor:
@@ -103,19 +119,35 @@ class AttendExcite:
             (0 = no smoothing).
         smooth_size: taps of that kernel per spatial dim (odd).
         layers: cross-attention layer name patterns.
-    Call `bind(token_indices, spans)` before sampling. After a run, `refinements[i]` holds each
-    row's number of refinement updates at refine step i (before the step's own update).
+        max_iter_to_alter: the latent is updated at steps i < max_iter_to_alter (diffusers'
+            argument, in steps); None: while i / steps < end.
+        attn_res: keep only the maps of layers whose query grid is this (diffusers: (16, 16));
+            None: every selected layer's, resized to the finest grid.
+    `thresholds` may also be a dict {step index: threshold}, diffusers' form (then `refine_at` is
+    unused). Call `bind(token_indices, spans)` before sampling. After a run, `refinements[i]` holds
+    each row's number of refinement updates at refine step i (before the step's own update).
     """
 
     end: float = 0.5
     step_size: float = 20.0
     refine_at: tuple[float, ...] = (0.0, 0.2, 0.4)
-    thresholds: tuple[float, ...] = (0.05, 0.5, 0.8)
+    thresholds: tuple[float, ...] | dict[int, float] = (0.05, 0.5, 0.8)
     max_refine: int = 20
     temperature: float = 0.01
     smooth_sigma: float = 0.5
     smooth_size: int = 3
     layers: str | tuple[str, ...] = "**"
+    max_iter_to_alter: int | None = None
+    attn_res: tuple[int, ...] | None = None
+
+    @classmethod
+    def diffusers(cls, token_indices, **overrides) -> AttendExcite:
+        """Bound to `token_indices` with `StableDiffusionAttendAndExcitePipeline`'s defaults:
+        max_iter_to_alter 25, thresholds {0: 0.05, 10: 0.5, 20: 0.8}, scale_factor 20 (step_size),
+        attn_res (16, 16), a 3x3 smoothing kernel with sigma 0.5, 20 refinement steps, and every
+        text position but the first and the last scored. `overrides` set other fields."""
+        ref = {"max_iter_to_alter": 25, "thresholds": {0: 0.05, 10: 0.5, 20: 0.8}, "attn_res": (16, 16)}
+        return cls(**{**ref, **overrides}).bind(token_indices)
 
     def __post_init__(self):
         window(0.0, self.end, "attend_excite")
@@ -127,19 +159,37 @@ class AttendExcite:
             raise ConfigError(
                 f"attend_excite: smooth_size must be an odd number >= 1, got {self.smooth_size}"
             )
-        if len(self.refine_at) != len(self.thresholds):
+        if isinstance(self.thresholds, dict):
+            self.thresholds = {int(k): float(v) for k, v in self.thresholds.items()}
+        elif len(self.refine_at) != len(self.thresholds):
             raise ConfigError(
                 f"attend_excite: refine_at has {len(self.refine_at)} entries but thresholds has {len(self.thresholds)}"
             )
         self.layers = as_patterns(self.layers)
-        self._maps = DifferentiableCrossMaps(self.layers)
+        self.attn_res = None if self.attn_res is None else tuple(int(r) for r in self.attn_res)
+        self._maps = DifferentiableCrossMaps(self.layers, attn_res=self.attn_res)
         self.tokens: list[list[int]] = []
-        self.spans: list[tuple[int, int]] = []
+        self.spans: list[tuple[int, int] | None] = []
         self.refinements: dict[int, list[int]] = {}
 
-    def bind(self, token_indices: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]) -> AttendExcite:
+    def bind(
+        self,
+        token_indices: Sequence[Sequence[int]] | Sequence[int],
+        spans: Sequence[tuple[int, int]] | None = None,
+    ) -> AttendExcite:
         """Per batch row: the chosen tokens' positions and the [first, last) span of text tokens
-        (special tokens and padding outside it). Positions are in the encoded token sequence."""
+        (special tokens and padding outside it). Positions are in the encoded token sequence (on a
+        diffusers pipeline: its tokenizer's, as `pipe.get_indices(prompt)` lists them); one list of
+        ints is one row's. spans None: every position but the first and the last of the sequence
+        the maps have (diffusers' `[1:-1]`), checked when the maps are read."""
+        if token_indices and all(isinstance(i, int) for i in token_indices):
+            token_indices = [token_indices]
+        if spans is None:
+            for idx in token_indices:
+                if not idx or min(idx) < 1:
+                    raise ConfigError(f"attend_excite: token indices {list(idx)} must be non-empty and >= 1")
+            self.tokens, self.spans = [list(i) for i in token_indices], [None] * len(token_indices)
+            return self
         if len(token_indices) != len(spans):
             raise ConfigError(f"attend_excite: {len(token_indices)} token lists for {len(spans)} spans")
         for idx, (a, b) in zip(token_indices, spans):
@@ -175,7 +225,8 @@ class AttendExcite:
     def prepare(self, model, x: Tensor, t: Tensor, cond, ctx: dict) -> Tensor:
         """The latent entering step i, moved so the chosen tokens' attention peaks rise."""
         i, steps = ctx["i"], ctx["steps"]
-        if not self.tokens or i / steps >= self.end or self.step_size == 0:
+        alters = i / steps < self.end if self.max_iter_to_alter is None else i < self.max_iter_to_alter
+        if not self.tokens or not alters or self.step_size == 0:
             return x
         if x.shape[0] != len(self.tokens):
             raise ConfigError(f"attend_excite: bound to {len(self.tokens)} rows, the batch has {x.shape[0]}")
@@ -213,6 +264,8 @@ class AttendExcite:
         return counts
 
     def _threshold(self, i: int, steps: int) -> float | None:
+        if isinstance(self.thresholds, dict):
+            return self.thresholds.get(i)
         for frac, thr in zip(self.refine_at, self.thresholds):
             if i == round(frac * steps):
                 return thr
@@ -234,7 +287,8 @@ class AttendExcite:
         return loss.detach(), grad
 
     def _excite_maps(self, model, z: Tensor, t: Tensor, cond, ctx: dict, rows: Tensor) -> Tensor:
-        x_in = ctx["scheduler"].scale_model_input(z, t[0]) if "scheduler" in ctx else z
+        sch = ctx.get("scheduler")
+        x_in = sch.scale_model_input(z, t[0]) if hasattr(sch, "scale_model_input") else z
         tr = t[rows]
         with extra_pass(model, (EXCITE_ROLE,), ctx, tr), sample_rows(model, rows):  # the rows still refining
             model(x_in, tr, cond.index(rows))
@@ -244,7 +298,11 @@ class AttendExcite:
         kernel = smoothing_kernel(self.smooth_size, self.smooth_sigma) if self.smooth_sigma > 0 else None
         peaks = []
         for m, r in zip(maps, rows.tolist()):
-            (a, b), idx = self.spans[r], self.tokens[r]
+            (a, b), idx = self.spans[r] or (1, m.shape[0] - 1), self.tokens[r]
+            if max(idx) >= b:
+                raise ConfigError(
+                    f"attend_excite: token indices {idx} must lie in [{a}, {b}) of {m.shape[0]} text tokens"
+                )
             text = (m[a:b] / self.temperature).softmax(0)  # (T, *grid): tokens compete per position
             chosen = text[[k - a for k in idx]].unsqueeze(1)  # (K, 1, *grid)
             smooth = separable_blur(chosen, kernel) if kernel is not None else chosen

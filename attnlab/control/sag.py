@@ -9,6 +9,19 @@ attention, mean_heads(A).sum(queries) > 1, upsampled (nearest) to the sample; x0
 that branch is blurred inside the mask (9 taps, sigma 1), re-noised to t with the branch's predicted
 noise, and denoised again on the same branch; the guidance term is
 scale * (out_uncond - out_degraded), scale 0.75.
+
+On diffusers pipelines (`attnlab.attention.control(pipe, [SAG()])`) the same algorithm runs in the
+model's own parametrisation:
+- eps / v models (SD, SDXL, PixArt): the DDIM algebra above on the denoiser's input, which is
+  sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps for DDIM and for Euler's scaled input alike; a model
+  with learned variance (PixArt) gives its eps in the first C channels.
+- flow models (SD3, Flux: x_t = (1 - sigma) x0 + sigma * noise, velocity v = noise - x0, sigma read
+  from the scheduler at the step): x0 = x - sigma v, noise = x + (1 - sigma) v, and the re-noised
+  sample is (1 - sigma) x0_deg + sigma * noise (`flow_x0_noise`, `flow_renoise`).
+- joint attention (SD3, Flux): the map is the image-to-image block of the joint map, renormalised
+  over the image keys (the softmax restricted to image tokens), so threshold 1 is still the average.
+- packed latents (Flux's 2x2 patch tokens) are blurred as the latent image they pack.
+- without CFG (Flux) the cond branch gives the map, x0_hat and the degraded pass.
 """
 
 from __future__ import annotations
@@ -20,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab.attention import AttnCall, Control, StepWindow, select_layers
+from attnlab.attention import AttnCall, Control, StepWindow, attention_layers, select_layers
 from attnlab.control.common import (
     as_patterns,
     check_choice,
@@ -44,9 +57,23 @@ BRANCHES = ("uncond", "cond")
 
 def reference_layer(model: nn.Module) -> str:
     """SAG's default map for `model`, as a pattern: the mid block's first self-attention on a U-Net
-    (diffusers reads `mid_block.attentions[0].transformer_blocks[0].attn1`), block depth // 2 on a DiT."""
+    (diffusers reads `mid_block.attentions[0].transformer_blocks[0].attn1`), block depth // 2 on a DiT
+    or a diffusers transformer (Flux: of its double-stream blocks)."""
     blocks = transformer_blocks(model)
-    return blocks[len(blocks) // 2] if blocks else UNET_LAYERS
+    if blocks:
+        return blocks[len(blocks) // 2]
+    return "mid_block" if any(n.startswith("mid_block.") for n in attention_layers(model)) else UNET_LAYERS
+
+
+def flow_x0_noise(x: Tensor, v: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """x0 and noise implied by a velocity v = noise - x0 at x = (1 - sigma) x0 + sigma * noise
+    (rectified flow, SD3 / Flux): x0 = x - sigma v, noise = x + (1 - sigma) v."""
+    return x - sigma * v, x + (1 - sigma) * v
+
+
+def flow_renoise(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
+    """The flow's forward process at sigma: (1 - sigma) x0 + sigma * noise."""
+    return (1 - sigma) * x0 + sigma * noise
 
 
 def gaussian_blur_taps(x: Tensor, taps: int, sigma: float) -> Tensor:
@@ -88,7 +115,7 @@ class AttentionMassRecorder(Control):
 
     def select(self, model: nn.Module):
         patterns = self.layers or (reference_layer(model),)
-        found = select_layers(model, patterns, "self")
+        found = select_layers(model, patterns, ("self", "joint"))
         require_layers("sag", model, found, patterns, "self")
         return found if self.layers else found[:1]  # the reference reads one map
 
@@ -111,9 +138,13 @@ class AttentionMassRecorder(Control):
         return True
 
     def probs(self, call: AttnCall, p: Tensor) -> Tensor:
-        n = p.shape[-1]
-        if grid_tokens(call, n) and p.shape[-2] == n:
-            mass = rows(call, p, self.role(call)).detach().mean(1).sum(1)  # (B, N): mass per key
+        a = rows(call, p, self.role(call)).detach()  # (B, heads, N, L)
+        if call.image is not None:  # joint map: image queries to image keys, renormalised over them
+            a = a[:, :, call.image, call.image]
+            a = a / a.sum(-1, keepdim=True)
+        n = a.shape[-1]
+        if grid_tokens(call, n) and a.shape[-2] == n:
+            mass = a.mean(1).sum(1)  # (B, N): mass per key
             self.mass[call.name] = mass.view(mass.shape[0], *call.grid)  # (B, *grid)
         return p
 
@@ -184,17 +215,41 @@ class SAG:
         return torch.stack(up).amax(0)  # union over the chosen layers (one by default)
 
     def correction(self, model, x_in: Tensor, t: Tensor, cond, out: dict, ctx: dict) -> Tensor:
-        mask = self.mask(tuple(x_in.shape[2:]))
+        to_image, from_image = ctx.get("to_image", _same), ctx.get("from_image", _same)
+        x = to_image(x_in)  # (B, C, *spatial): packed latents as the image they pack
+        mask = self.mask(tuple(x.shape[2:]))
         self._recorder.mass.clear()
         if mask is None:
             self.skipped += 1
             return torch.zeros_like(out["cond"])  # the map was not computed this step (e.g. cached)
         on_uncond = self.branch == "uncond" and "uncond" in out  # the recorder read the same rows
         pred = out["uncond"] if on_uncond else out["cond"]
-        ab, kind = ctx["alpha_bar_t"], ctx["prediction_type"]
-        x0 = predict_x0(kind, x_in, pred, ab)
-        eps = predict_eps(kind, x_in, pred, ab)
+        x0, eps = self._x0_eps(x, to_image(pred)[:, : x.shape[1]], ctx)  # learned variance: drop it
         x0_deg = torch.lerp(x0, gaussian_blur_taps(x0, self.blur_taps, self.blur_sigma), mask.to(x0))
-        with extra_pass(model, (SAG_ROLE,), ctx, t):  # add_noise: the scheduler's, for a VP schedule
-            degraded = model(add_noise(x0_deg, eps, ab), t, cond.null_like() if on_uncond else cond)
+        x_deg = from_image(self._renoise(x0_deg, eps, ctx))
+        with extra_pass(model, (SAG_ROLE,), ctx, t):
+            degraded = model(x_deg, t, cond.null_like() if on_uncond else cond)
         return self.scale * (pred - degraded)
+
+    @staticmethod
+    def _x0_eps(x: Tensor, pred: Tensor, ctx: dict) -> tuple[Tensor, Tensor]:
+        kind = ctx["prediction_type"]
+        if kind == "flow":
+            return flow_x0_noise(x, pred, _bcast(ctx["sigma"], x))
+        ab = ctx["alpha_bar_t"]
+        return predict_x0(kind, x, pred, ab), predict_eps(kind, x, pred, ab)
+
+    @staticmethod
+    def _renoise(x0: Tensor, eps: Tensor, ctx: dict) -> Tensor:
+        if ctx["prediction_type"] == "flow":
+            return flow_renoise(x0, eps, _bcast(ctx["sigma"], x0))
+        return add_noise(x0, eps, ctx["alpha_bar_t"])  # the scheduler's, for a VP schedule
+
+
+def _same(x: Tensor) -> Tensor:
+    return x
+
+
+def _bcast(a, like: Tensor) -> Tensor:
+    a = torch.as_tensor(a, device=like.device)
+    return a.to(like.dtype).reshape(-1, *[1] * (like.dim() - 1))  # (B or 1, 1, ..., 1)
