@@ -7,10 +7,11 @@ from typing import Annotated
 
 import typer
 
+from attnlab.cli.flags import Device, PipelineDir
 from attnlab.errors import ConfigError
 
 RunDir = Annotated[
-    Path, typer.Argument(help="A run directory (its latest checkpoint) or a checkpoint directory.")
+    Path | None, typer.Argument(help="A run directory (its latest checkpoint) or a checkpoint directory.")
 ]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
 Seed = Annotated[int, typer.Option("--seed", help="Noise seed (of the first sample).")]
@@ -22,6 +23,13 @@ Guidance = Annotated[
 ]
 Ema = Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")]
 Threads = Annotated[int, typer.Option("--threads", help="torch CPU threads (0 = all cores).")]
+Precision = Annotated[
+    str | None,
+    typer.Option(
+        "--precision",
+        help="With --pipeline: fp32, bf16, fp16 (CUDA) or auto, the weights' dtype (default auto).",
+    ),
+]
 
 
 def _setup(
@@ -67,7 +75,6 @@ def _save_sample(path: Path, x, cfg, meta: dict) -> str:
 
 
 def edit_command(
-    run_dir: RunDir,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The source prompt.")],
     edit: Annotated[list[str], typer.Option("--edit", "-e", help="An edited prompt; repeat for several.")],
     out: Out,
@@ -104,8 +111,12 @@ def edit_command(
     guidance: Guidance = None,
     ema: Ema = True,
     threads: Threads = 0,
+    run_dir: RunDir = None,
+    pipeline: PipelineDir = None,
+    device: Device = "cpu",
 ):
     """Edit a sample with Prompt-to-Prompt: source and edits from the same noise, written side by side."""
+    from attnlab.cli.flags import pipeline_or_run
     from attnlab.control import PromptToPrompt
     from attnlab.control.edit import edit as run_edit
     from attnlab.control.figures import side_by_side, waves_side_by_side
@@ -114,6 +125,11 @@ def edit_command(
 
     if mode != "reweight" and (word is not None or factor != 1.0):
         raise ConfigError("--word and --factor apply to --mode reweight only")
+    if pipeline_or_run(run_dir, pipeline, device, sampler=sampler, ema=ema):
+        raise ConfigError(
+            "edit --pipeline: Prompt-to-Prompt is not yet supported for diffusers pipelines "
+            "(attnlab models only for now)"
+        )
     model, cfg, encoder, scheduler, shape, settings = _setup(run_dir, ema, sampler, steps, guidance, threads)
     mode = _mode(mode, encoder, prompt, edit)
     p2p = PromptToPrompt(
@@ -187,7 +203,6 @@ def edit_command(
 
 
 def maps_command(
-    run_dir: RunDir,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt to sample and explain.")],
     out: Out,
     word: Annotated[
@@ -204,18 +219,26 @@ def maps_command(
     guidance: Guidance = None,
     ema: Ema = True,
     threads: Threads = 0,
+    run_dir: RunDir = None,
+    pipeline: PipelineDir = None,
+    precision: Precision = None,
+    device: Device = "cpu",
 ):
     """Sample a prompt and write a heat map per word over it (DAAM): overlays for images, curves for audio."""
-    from safetensors.torch import save_file
-
+    from attnlab.cli.flags import pipeline_or_run
     from attnlab.control import HeatMaps
     from attnlab.control.explain import explain
-    from attnlab.control.figures import heat_curves, heat_overlays
-    from attnlab.io import atomic_path, write_json
-    from attnlab.samples import slug
 
-    model, cfg, encoder, scheduler, shape, settings = _setup(run_dir, ema, sampler, steps, guidance, threads)
     hm = HeatMaps(layers=layers, start=start, end=end)
+    if pipeline_or_run(run_dir, pipeline, device, sampler=sampler, ema=ema):
+        return _maps_pipeline(
+            pipeline, prompt, word, hm, out, seed, steps, guidance, precision, device, threads
+        )
+    if precision is not None:
+        raise ConfigError(
+            "--precision applies to --pipeline; an attnlab run's heat maps are computed in fp32"
+        )
+    model, cfg, encoder, scheduler, shape, settings = _setup(run_dir, ema, sampler, steps, guidance, threads)
     x, maps = explain(
         model,
         encoder,
@@ -228,7 +251,6 @@ def maps_command(
         seed=seed,
         heatmaps=hm,
     )
-    x = x.clamp(-1, 1).cpu()
     meta = {
         "run_dir": str(run_dir),
         "prompt": prompt,
@@ -237,18 +259,58 @@ def maps_command(
         "window": [start, end],
         **settings,
     }
-    files = [_save_sample(out / "sample", x, cfg, meta)]
+    _write_maps(out, x.clamp(-1, 1).cpu(), maps, meta, cfg.data.sample_rate if cfg.model.dims == 1 else None)
+
+
+def _maps_pipeline(folder, prompt, words, hm, out, seed, steps, guidance, precision, device, threads) -> None:
+    """`maps --pipeline`: the pipeline's own call with heat maps installed through the host."""
+    from attnlab.cli.sample import output_dir, torch_threads
+    from attnlab.integrations.diffusers.load import call_default, load_pipeline, provenance
+    from attnlab.integrations.diffusers.words import explain
+
+    torch_threads(threads)
+    output_dir(out)
+    pipe = load_pipeline(folder, precision or "auto", device)
+    steps = steps or call_default(pipe, "num_inference_steps")
+    guidance = call_default(pipe, "guidance_scale") if guidance is None else guidance
+    x, maps = explain(pipe, prompt, words or None, seed=seed, steps=steps, guidance=guidance, heatmaps=hm)
+    spec = {"heatmaps": {"layers": list(hm.layers), "start": hm.start, "end": hm.end}}
+    meta = {
+        **provenance(folder, pipe, steps, guidance, spec, device),
+        "prompt": prompt,
+        "seed": seed,
+        "layers": list(hm.layers),
+        "window": [hm.start, hm.end],
+    }
+    _write_maps(out, x, maps, meta, None)
+
+
+def _write_maps(out: Path, x, maps: dict, meta: dict, sample_rate: int | None) -> None:
+    """The sample with its provenance, an overlay (images) or curves (audio, `sample_rate`) per word
+    and of all words, the maps as safetensors and maps.json."""
+    from safetensors.torch import save_file
+
+    from attnlab.control.figures import heat_curves, heat_overlays
+    from attnlab.io import atomic_path, write_json
+    from attnlab.samples import save_png, save_wav, slug
+
+    prompt = meta["prompt"]
+
+    def figure(path, m):
+        return (
+            heat_overlays(path, x, m, prompt)
+            if sample_rate is None
+            else heat_curves(path, x, m, sample_rate, prompt)
+        )
+
+    out.mkdir(parents=True, exist_ok=True)
+    if sample_rate is None:
+        files = [save_png(out / "sample.png", x, meta).name]
+    else:
+        files = [save_wav(out / "sample.wav", x, sample_rate, meta).name]
     for w, m in maps.items():
-        path = out / f"map-{slug(w)}.png"
-        if cfg.model.dims == 1:
-            heat_curves(path, x, {w: m}, cfg.data.sample_rate, prompt)
-        else:
-            heat_overlays(path, x, {w: m}, prompt)
-        files.append(path.name)
-    both = out / "maps.png"
-    heat_curves(both, x, maps, cfg.data.sample_rate, prompt) if cfg.model.dims == 1 else heat_overlays(
-        both, x, maps, prompt
-    )
+        files.append(figure(out / f"map-{slug(w)}.png", {w: m}).name)
+    both = figure(out / "maps.png", maps)
     with atomic_path(out / "heatmaps.safetensors") as tmp:
         save_file({w: m.contiguous().float().cpu() for w, m in maps.items()}, str(tmp))
     write_json(

@@ -1,13 +1,27 @@
 """Sampling-time techniques on the command line: the `sample` command's shorthand flags and the
-generic `--technique NAME[.option=value]`, which reaches every training-free technique by name."""
+generic `--technique NAME[.option=value]`, which reaches every training-free technique by name;
+and `--pipeline DIR` / `--device`, which point `sample`, `maps` and `edit` at a diffusers pipeline."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated
 
+import typer
 import yaml
 
 from attnlab.errors import ConfigError
+
+PipelineDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--pipeline",
+        help="A local diffusers pipeline folder (save_pretrained; SD, SDXL, PixArt, SD3, Flux) to sample "
+        "instead of an attnlab run: local files only, safetensors only.",
+    ),
+]
+Device = Annotated[str, typer.Option("--device", help="Where a --pipeline runs: cpu, cuda or cuda:N.")]
 
 
 def technique_options(items: Sequence[str]) -> dict[str, dict]:
@@ -61,3 +75,30 @@ def cli_spec(
     if cache_every > 1:
         spec["attn_cache"] = {"every": cache_every}
     return spec
+
+
+def pipeline_or_run(run_dir, pipeline, device: str, **model_only) -> bool:
+    """Whether a command samples a diffusers `--pipeline` (True) or an attnlab run directory (False).
+
+    `model_only` are the flags that apply to attnlab models only (by option name, the value given:
+    None or the default when not given; `ema` is given when False).
+
+    Raises:
+        ConfigError: both or neither given, a model-only flag with --pipeline, or --device without it.
+    """
+    if (run_dir is None) == (pipeline is None):
+        raise ConfigError(
+            "give a run directory (an attnlab model) or --pipeline DIR (a diffusers pipeline folder), not "
+            + ("both" if run_dir is not None else "neither")
+        )
+    if pipeline is None:
+        if device != "cpu":
+            raise ConfigError(f"--device {device}: applies to --pipeline; attnlab models sample on the CPU")
+        return False
+    given = [name for name, value in model_only.items() if value not in (None, [], True)]
+    if given:
+        flag = "--no-ema" if given[0] == "ema" else f"--{given[0].replace('_', '-')}"
+        raise ConfigError(
+            f"{flag} applies to attnlab models; a --pipeline samples with its own scheduler and weights"
+        )
+    return True

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from attnlab.cli.flags import Device, PipelineDir
 from attnlab.errors import ConfigError
 from attnlab.io import write_json
 
@@ -18,8 +19,9 @@ SAMPLER_NAMES = ("ddpm", "ddim", "dpm++")  # attnlab.diffusion.SAMPLERS, without
 
 def sample_command(
     run_dir: Annotated[
-        Path, typer.Argument(help="A run directory (its latest checkpoint) or a checkpoint directory.")
-    ],
+        Path | None,
+        typer.Argument(help="A run directory (its latest checkpoint) or a checkpoint directory."),
+    ] = None,
     prompt: Annotated[
         list[str] | None,
         typer.Option("--prompt", "-p", help="Text prompt; repeat for several (text models)."),
@@ -99,9 +101,11 @@ def sample_command(
             "-t tome.ratio=0.5); repeat for several (`attnlab techniques` lists them).",
         ),
     ] = None,
+    pipeline: PipelineDir = None,
+    device: Device = "cpu",
 ):
     """Draw samples: PNG files and a grid (images) or WAV files (audio), and request.json."""
-    from attnlab.cli.flags import cli_spec, technique_options
+    from attnlab.cli.flags import cli_spec, pipeline_or_run, technique_options
     from attnlab.control.plan import sampling_plan
     from attnlab.generate import generate, plan, text_encoder_for
     from attnlab.precision import resolve as resolve_precision
@@ -115,6 +119,10 @@ def sample_command(
     techniques = sampling_plan(spec)
 
     torch_threads(threads)
+    if pipeline_or_run(run_dir, pipeline, device, label=label, sampler=sampler, ema=ema):
+        return sample_pipeline(
+            pipeline, prompt or [], num, seed, steps, guidance, precision, device, batch_size, techniques, out
+        )
     model, cfg = load_model(run_dir, ema=ema)
     s = cfg.sample
     precision = resolve_precision(precision or s.precision, "cpu", "--precision")
@@ -169,6 +177,51 @@ def sample_command(
     )
 
 
+def sample_pipeline(
+    folder: Path,
+    prompts: list[str],
+    num: int,
+    seed: int,
+    steps: int | None,
+    guidance: float | None,
+    precision: str | None,
+    device: str,
+    batch_size: int,
+    techniques,
+    out: Path,
+) -> None:
+    """`sample --pipeline`: the pipeline's own call with the plan's controls, one PNG per sample."""
+    from attnlab.generate import plan
+    from attnlab.integrations.diffusers.load import call_default, generate, load_pipeline, provenance
+    from attnlab.samples import grid, save_array_png, save_png, slug
+
+    if not prompts:
+        raise ConfigError("--pipeline samples text-to-image: give at least one --prompt")
+    output_dir(out)
+    pipe = load_pipeline(folder, precision or "auto", device)
+    steps = steps or call_default(pipe, "num_inference_steps")
+    guidance = call_default(pipe, "guidance_scale") if guidance is None else guidance
+    items = plan(prompts, [], num, seed)
+    x = generate(
+        pipe,
+        [it.prompt for it in items],
+        [it.seed for it in items],
+        steps=steps,
+        guidance=guidance,
+        controls=[*techniques.controls, *techniques.guidances],
+        batch_size=batch_size,
+    )
+    base = provenance(folder, pipe, steps, guidance, techniques.spec, device)
+    files = []
+    for i, (xi, it) in enumerate(zip(x, items)):
+        name = f"{i:03d}-{slug(it.prompt)}-seed{it.seed}.png"
+        save_png(out / name, xi, {**base, "prompt": it.prompt, "seed": it.seed})
+        files.append(name)
+    save_array_png(out / "grid.png", grid(x, len(prompts)), {**base, "items": [vars(it) for it in items]})
+    write_json(out / "request.json", {**base, "prompts": prompts, "num": num, "seed": seed, "files": files})
+    typer.echo(f"wrote {len(files)} samples to {out} (grid: {out / 'grid.png'})")
+
+
 def regenerate_command(
     file: Annotated[Path, typer.Argument(help="A PNG or WAV file written by `attnlab sample`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = ...,
@@ -182,6 +235,7 @@ def regenerate_command(
     from attnlab.train.checkpoint import model_dir, read_config
 
     output_dir(out)
+    _refuse_pipeline_sample(file)
     x, meta = regenerate(file, model)
     target = out / Path(file).name
     if Path(file).suffix.lower() == ".wav":
@@ -190,6 +244,24 @@ def regenerate_command(
     else:
         save_png(target, x, meta)
     typer.echo(f"wrote {target}")
+
+
+def _refuse_pipeline_sample(file: Path) -> None:
+    """A sample drawn from a diffusers pipeline is drawn again with `sample --pipeline`."""
+    from attnlab.errors import DataError
+    from attnlab.samples import read_provenance
+
+    try:
+        meta = read_provenance(file)
+    except DataError:
+        return  # regenerate reports it
+    if "pipeline" in meta:
+        raise ConfigError(
+            f"{file}: drawn from the diffusers pipeline {meta['pipeline']}; regenerate draws attnlab models' "
+            f"samples, draw it again with `attnlab sample --pipeline {meta['pipeline']} -p PROMPT -n 1 "
+            f"--seed {meta.get('seed')} --steps {meta.get('steps')} -g {meta.get('guidance')} "
+            f"--precision {meta.get('precision')}` and its techniques"
+        )
 
 
 def output_dir(out: Path) -> Path:

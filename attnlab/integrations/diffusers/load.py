@@ -112,6 +112,25 @@ def weights_hashes(folder: str | Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No per-component loading bars from diffusers and transformers for the block (a command's
+    output is its own progress and its one-line errors)."""
+    from diffusers.utils import logging as dl
+    from transformers.utils import logging as tl
+
+    was = dl.is_progress_bar_enabled(), tl.is_progress_bar_enabled()
+    dl.disable_progress_bar()
+    tl.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            dl.enable_progress_bar()
+        if was[1]:
+            tl.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def offline() -> Iterator[None]:
     """HF_HUB_OFFLINE=1 for the block, in the environment and in huggingface_hub's constant
     (read once at import), so nothing can reach a hub."""
@@ -169,7 +188,7 @@ def load_pipeline(folder: str | Path, precision: str = "fp32", device: str = "cp
     dev = check_device(device)
     precision = resolve(precision, dev, "--precision")
     try:
-        with offline():
+        with offline(), quiet_loading():
             pipe = DiffusionPipeline.from_pretrained(
                 folder, local_files_only=True, use_safetensors=True, dtype=DTYPES[precision]
             )
@@ -186,7 +205,7 @@ def denoiser(pipe):
 
 
 def family(pipe) -> str:
-    """"sd", "sdxl", "pixart", "sd3" or "flux", read off the pipeline's denoiser.
+    """ "sd", "sdxl", "pixart", "sd3" or "flux", read off the pipeline's denoiser.
 
     Raises:
         ConfigError: a denoiser of none of these families.
@@ -195,7 +214,11 @@ def family(pipe) -> str:
     name = type(den).__name__
     if name == "UNet2DConditionModel":
         return "sdxl" if den.config.addition_embed_type == "text_time" else "sd"
-    families = {"PixArtTransformer2DModel": "pixart", "SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+    families = {
+        "PixArtTransformer2DModel": "pixart",
+        "SD3Transformer2DModel": "sd3",
+        "FluxTransformer2DModel": "flux",
+    }
     if name not in families:
         raise ConfigError(f"{type(pipe).__name__}: its denoiser {name} is of no family attnlab knows")
     return families[name]
@@ -268,7 +291,9 @@ def provenance(folder: str | Path, pipe, steps: int, guidance: float, spec: dict
         "sampler": type(sched).__name__,
         "steps": steps,
         "guidance": guidance,
-        "prediction": sched.config.get("prediction_type", "flow" if family(pipe) in ("sd3", "flux") else None),
+        "prediction": sched.config.get(
+            "prediction_type", "flow" if family(pipe) in ("sd3", "flux") else None
+        ),
         "techniques": {"sampling": spec},
         "precision": getattr(pipe, "attnlab_precision", "fp32"),
         "device": str(device),

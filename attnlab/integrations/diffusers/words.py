@@ -36,10 +36,16 @@ def token_positions(tokenizer, prompt: str, spans, max_length: int | None = None
     """Positions of the tokens covering `spans` in the tokenizer's encoding of `prompt` (special
     tokens included, as the pipeline encodes it), within the first `max_length` tokens."""
     if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(f"{type(tokenizer).__name__}: word positions need a fast tokenizer (tokenizer.json)")
-    enc = tokenizer(prompt, return_offsets_mapping=True, truncation=max_length is not None, max_length=max_length)
+        raise ConfigError(
+            f"{type(tokenizer).__name__}: word positions need a fast tokenizer (tokenizer.json)"
+        )
+    enc = tokenizer(
+        prompt, return_offsets_mapping=True, truncation=max_length is not None, max_length=max_length
+    )
     return [
-        i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and any(a < e and s < b for s, e in spans)
+        i
+        for i, (a, b) in enumerate(enc["offset_mapping"])
+        if b > a and any(a < e and s < b for s, e in spans)
     ]
 
 
