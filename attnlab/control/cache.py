@@ -74,6 +74,12 @@ class AttnCache(Control):
         start, end: the step window, as fractions of the run, where outputs are reused.
     Only the sampling loop's own passes are cached: a guidance's extra pass (PAG's perturbed pass,
     SAG's degraded pass, Attend-and-Excite's excite pass) computes every layer at every step.
+
+    With start=0 this is diffusers' pyramid attention broadcast with `*_block_skip_range=every` and
+    timestep ranges that hold every step: PAB refreshes at its iterations 0, every, 2 * every, ...
+    Its iterations count the module's calls, not steps, and restart only where the pipeline resets
+    its stateful hooks (CacheMixin models such as Flux, not the U-Nets, PixArt or SD3); here the
+    steps are the pipeline's own, from 0 in every run.
     """
 
     every: int = 2

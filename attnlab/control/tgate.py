@@ -67,6 +67,9 @@ class TGate(Control):
             loop through `guidance_schedule`; the attention part ignores it. The chunk is the cond
             rows, where the reference passes the negative prompt: the same when text enters only
             through the frozen cross-attention (SD); attnlab's models also add a pooled text vector.
+            On a diffusers pipeline the host runs the negative prompt's rows, as the T-GATE
+            pipelines do (SDXL's U-Net also reads the pooled text and size conditions).
+    Joint attention (SD3, Flux) is refused: it has no cross-attention output of its own to freeze.
     """
 
     gate: float = 0.4
@@ -130,7 +133,16 @@ class TGate(Control):
 
     def select(self, model: nn.Module):
         kinds = ("cross", "self") if self.caches_self() else ("cross",)
-        found = [m for m in select_layers(model, self.layers) if m.kind in kinds]
+        selected = select_layers(model, self.layers)
+        joint = [m.name for m in selected if m.kind == "joint"]
+        if joint:
+            raise ConfigError(
+                f"tgate cannot gate joint attention ({joint[0]}, ...): image and text tokens share one "
+                "softmax there (SD3, Flux), so there is no cross-attention output to freeze apart from "
+                "self-attention, and the text stream's own update depends on the image; T-GATE is "
+                "defined for models with separate cross-attention (SD 1.x/2.x, SDXL, PixArt)"
+            )
+        found = [m for m in selected if m.kind in kinds]
         require_layers("tgate", model, found, self.layers, "cross")
         return found
 

@@ -189,6 +189,31 @@ def downsamples(model: nn.Module, layers) -> dict[str, int]:
     return out
 
 
+def hosted_downsample(layer, n: int) -> int | None:
+    """The downsample of a diffusers layer with n image tokens, tomesd's `ceil(sqrt(HW // n))` with
+    HW the tokens of the denoiser's finest self-attention grid: the sample's grid over the patch
+    size (transformers), and over 4 per level a U-Net's encoder runs without attention (SDXL's
+    first level); None outside a hosted call."""
+    host = getattr(layer, "host", None)
+    if host is None or host.spatial is None:
+        return None
+    cfg = getattr(host.denoiser, "config", None) or {}
+    patch = cfg.get("patch_size") or 1
+    levels = list(cfg.get("down_block_types") or ())
+    plain = next((i for i, t in enumerate(levels) if "Attn" in t), 0)
+    finest = math.prod(host.spatial) // (patch * patch) // 4**plain
+    return math.ceil(math.sqrt(finest // n)) if n else None
+
+
+def joint_parts(call: AttnCall, out: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """(image outputs, text outputs, text first) of a joint layer's packed output (SD3: [image;
+    text], Flux: [text; image]), whatever number of image tokens are left after merging."""
+    n_txt = call.text.stop - call.text.start
+    if call.text.start == 0:
+        return out[:, n_txt:], out[:, :n_txt], True
+    return out[:, : out.shape[1] - n_txt], out[:, out.shape[1] - n_txt :], False
+
+
 # The technique
 
 
@@ -221,6 +246,11 @@ class TokenMerging(Control):
     the model trains on the random destinations it will meet when sampling. tomesd turns the
     randomness off for odd batches, so that prompted and unprompted rows computed apart agree;
     seeding per sample makes them agree anyway, so the batch size changes nothing here.
+
+    On a joint image + text layer (SD3) only the image tokens merge: the text tokens attend and are
+    attended to as they are, and only the image part of the output is unmerged. Flux is refused:
+    its attention rotates every query and key by its token's position (RoPE), and a merged token
+    stands for several positions.
 
     Args:
         ratio: fraction of the grid's tokens removed before attention (0 = the layer unchanged),
@@ -263,21 +293,35 @@ class TokenMerging(Control):
     def select(self, model: nn.Module):
         from attnlab.control.common import require_layers
 
-        found = select_layers(model, self.layers, "self")
+        found = select_layers(model, self.layers, ("self", "joint"))
         require_layers("tome", model, found, self.layers, "self")
+        rotary = [m.name for m in found if getattr(m, "family", None) == "flux"]
+        if rotary:
+            raise ConfigError(
+                f"tome cannot merge Flux's attention ({rotary[0]}, ...): it rotates each query and key "
+                "by its token's grid position (RoPE), and a merged token, the mean of several "
+                "tokens, has no one position to rotate by; drop tome on Flux"
+            )
         return found
 
     def on_install(self, model: nn.Module, layers) -> None:
         check_model(getattr(model, "config", None))
         self.downsample.update(downsamples(model, layers))
 
-    def merges(self, name: str) -> bool:
-        """Whether layer `name` merges at all (its downsample is within `max_downsample`)."""
-        return self.max_downsample is None or self.downsample.get(name, 1) <= self.max_downsample
+    def merges(self, name: str, layer=None, n: int = 0) -> bool:
+        """Whether layer `name` merges at all (its downsample is within `max_downsample`); a
+        diffusers layer's downsample is found at the call, from its n image tokens."""
+        if self.max_downsample is None:
+            return True
+        down = self.downsample.get(name)
+        if down is None and layer is not None:
+            down = hosted_downsample(layer, n)
+        return (down or 1) <= self.max_downsample
 
     def before(self, call: AttnCall, x: Tensor) -> Tensor:
         r = merge_count(call.grid, self.ratio, self.stride)
-        if r == 0 or x.shape[1] < math.prod(call.grid) or not self.merges(call.name):
+        n = x.shape[1]
+        if r == 0 or n < math.prod(call.grid) or not self.merges(call.name, call.layer, n):
             return x  # nothing to merge, merged already, or too coarse a layer
         metric = call.pre_norm if call.pre_norm is not None and call.pre_norm.shape == x.shape else x
         choice = self.choice(call) if self.rand else None
@@ -297,7 +341,12 @@ class TokenMerging(Control):
 
     def after(self, call: AttnCall, out: Tensor) -> Tensor:
         unmerge = call.scratch.get(id(self))
-        return out if unmerge is None else unmerge(out)
+        if unmerge is None:
+            return out
+        if call.text is None:
+            return unmerge(out)
+        image, text, text_first = joint_parts(call, out)  # the text outputs were never merged
+        return torch.cat([text, unmerge(image)] if text_first else [unmerge(image), text], dim=1)
 
     def check(self, cfg) -> None:
         """Config-time check for the architectural use (called by `check_techniques`)."""
