@@ -316,6 +316,15 @@ def test_controls_the_pipeline_cannot_take(sd_dir, tmp_path):
     )
 
 
+def test_a_technique_the_family_does_not_take_is_refused_before_loading(sd3_dir, tmp_path, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(load, "load_pipeline", no_load)
+    text = error_of("sample", "--pipeline", sd3_dir, "-p", "x", "--tgate", "0.5", "-o", tmp_path)
+    assert "technique 'tgate' does not run on sd3 pipelines" in text
+
+
 def test_flags_that_do_not_fit_a_pipeline(sd_dir, tmp_path):
     out = tmp_path / "o"
     assert "--sampler applies to attnlab models" in error_of(

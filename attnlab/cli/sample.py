@@ -192,12 +192,21 @@ def sample_pipeline(
 ) -> None:
     """`sample --pipeline`: the pipeline's own call with the plan's controls, one PNG per sample."""
     from attnlab.generate import plan
-    from attnlab.integrations.diffusers.load import call_default, generate, load_pipeline, provenance
+    from attnlab.integrations.diffusers.host import check_family
+    from attnlab.integrations.diffusers.load import (
+        call_default,
+        folder_family,
+        generate,
+        load_pipeline,
+        provenance,
+    )
     from attnlab.samples import grid, save_array_png, save_png, slug
 
     if not prompts:
         raise ConfigError("--pipeline samples text-to-image: give at least one --prompt")
     output_dir(out)
+    controls = [*techniques.controls, *techniques.guidances]
+    check_family(controls, folder_family(folder))  # before the weights load
     pipe = load_pipeline(folder, precision or "auto", device)
     steps = steps or call_default(pipe, "num_inference_steps")
     guidance = call_default(pipe, "guidance_scale") if guidance is None else guidance
@@ -208,7 +217,7 @@ def sample_pipeline(
         [it.seed for it in items],
         steps=steps,
         guidance=guidance,
-        controls=[*techniques.controls, *techniques.guidances],
+        controls=controls,
         batch_size=batch_size,
     )
     base = provenance(folder, pipe, steps, guidance, techniques.spec, device)

@@ -97,6 +97,11 @@ def _check_component(folder: Path, comp: str, spec: list) -> None:
         )
 
 
+def folder_family(folder: str | Path) -> str:
+    """The family of the pipeline a folder holds, read off its model_index.json (no weights loaded)."""
+    return PIPELINES[read_index(folder)["_class_name"]]
+
+
 def weights_hashes(folder: str | Path) -> dict[str, str]:
     """sha256 of every safetensors file of the pipeline's components, by path inside the folder
     (read in 1 MiB blocks, so a 10 GB pipeline is not held in memory)."""
@@ -205,23 +210,19 @@ def denoiser(pipe):
 
 
 def family(pipe) -> str:
-    """ "sd", "sdxl", "pixart", "sd3" or "flux", read off the pipeline's denoiser.
+    """ "sd", "sdxl", "pixart", "sd3" or "flux", read off the pipeline's denoiser (the host's `family`).
 
     Raises:
         ConfigError: a denoiser of none of these families.
     """
-    den = denoiser(pipe)
-    name = type(den).__name__
-    if name == "UNet2DConditionModel":
-        return "sdxl" if den.config.addition_embed_type == "text_time" else "sd"
-    families = {
-        "PixArtTransformer2DModel": "pixart",
-        "SD3Transformer2DModel": "sd3",
-        "FluxTransformer2DModel": "flux",
-    }
-    if name not in families:
-        raise ConfigError(f"{type(pipe).__name__}: its denoiser {name} is of no family attnlab knows")
-    return families[name]
+    from attnlab.integrations.diffusers.host import family as host_family
+
+    fam = host_family(pipe)
+    if fam is None:
+        raise ConfigError(
+            f"{type(pipe).__name__}: its denoiser {type(denoiser(pipe)).__name__} is of no family attnlab knows"
+        )
+    return fam
 
 
 # Sampling
