@@ -19,7 +19,7 @@ def techniques_cmd(
     if markdown:
         typer.echo(readme_block())
         return
-    keep = (0, 1, 2, 3, 4, 6)  # the paper and options are in `--markdown` and the README
+    keep = (0, 1, 2, 3, 4, 5, 7)  # the paper and options are in `--markdown` and the README
     table = Table(*[HEADER[i] for i in keep], title="attnlab techniques")
     for t in techniques(level):
         row = _row(t)
