@@ -232,6 +232,8 @@ def sd3_components(qk_norm: str | None = None, layers: int = 2):
     t1, tok1 = clip_text(32, projection=True, seed=0)
     t2, tok2 = clip_text(32, projection=True, seed=1)
     t3, tok3 = t5_text()
+    sd3_vae = vae(4, (32, 64), 32)
+    sd3_vae.register_to_config(shift_factor=0.0609)  # SD3's VAE has one; decoding reads it
     return {
         "scheduler": FlowMatchEulerDiscreteScheduler(),
         "text_encoder": t1,
@@ -241,7 +243,7 @@ def sd3_components(qk_norm: str | None = None, layers: int = 2):
         "tokenizer_2": tok2,
         "tokenizer_3": tok3,
         "transformer": tr,
-        "vae": vae(4, (32, 64), 32),
+        "vae": sd3_vae,
         "image_encoder": None,
         "feature_extractor": None,
     }

@@ -114,6 +114,7 @@ def edit_command(
     run_dir: RunDir = None,
     pipeline: PipelineDir = None,
     device: Device = "cpu",
+    precision: Precision = None,
 ):
     """Edit a sample with Prompt-to-Prompt: source and edits from the same noise, written side by side."""
     from attnlab.cli.flags import pipeline_or_run
@@ -121,17 +122,30 @@ def edit_command(
     from attnlab.control.edit import edit as run_edit
     from attnlab.control.figures import side_by_side, waves_side_by_side
     from attnlab.io import write_json
-    from attnlab.samples import slug
+    from attnlab.samples import save_png, slug
 
     if mode != "reweight" and (word is not None or factor != 1.0):
         raise ConfigError("--word and --factor apply to --mode reweight only")
-    if pipeline_or_run(run_dir, pipeline, device, sampler=sampler, ema=ema):
-        raise ConfigError(
-            "edit --pipeline: Prompt-to-Prompt is not yet supported for diffusers pipelines "
-            "(attnlab models only for now)"
-        )
-    model, cfg, encoder, scheduler, shape, settings = _setup(run_dir, ema, sampler, steps, guidance, threads)
-    mode = _mode(mode, encoder, prompt, edit)
+    on_pipeline = pipeline_or_run(run_dir, pipeline, device, sampler=sampler, ema=ema)
+    if on_pipeline:
+        from attnlab.cli.sample import output_dir, torch_threads
+        from attnlab.integrations.diffusers.load import call_default, load_pipeline, provenance
+        from attnlab.integrations.diffusers.words import edit as edit_pipeline
+        from attnlab.integrations.diffusers.words import real_token_count
+
+        torch_threads(threads)
+        output_dir(out)
+        pipe = load_pipeline(pipeline, precision or "auto", device)
+        if mode is None:  # replace when every edit has the source's token count, else refine
+            n = real_token_count(pipe, prompt)
+            mode = "replace" if all(real_token_count(pipe, e) == n for e in edit) else "refine"
+        steps = steps or call_default(pipe, "num_inference_steps")
+        guidance = call_default(pipe, "guidance_scale") if guidance is None else guidance
+    else:
+        if precision is not None:
+            raise ConfigError("--precision applies to --pipeline; attnlab models edit in their own precision")
+        model, cfg, encoder, scheduler, shape, settings = _setup(run_dir, ema, sampler, steps, guidance, threads)
+        mode = _mode(mode, encoder, prompt, edit)
     p2p = PromptToPrompt(
         mode=mode,
         word=word,
@@ -152,37 +166,42 @@ def edit_command(
         "layers": layers,
         "blend_threshold": blend_threshold,
     }
+    if on_pipeline:
+        settings = provenance(pipeline, pipe, steps, guidance, {"p2p": options}, device)
+        base_info = {}
+    else:
+        base_info = {"run_dir": str(run_dir)}
     titles = ["source: " + prompt, *[f"edit {k + 1}: {e}" for k, e in enumerate(edit)]]
     files = []
     for s in range(seed, seed + num):
-        x = run_edit(
-            model,
-            encoder,
-            prompt,
-            edit,
-            p2p,
-            shape=shape,
-            scheduler=scheduler,
-            steps=settings["steps"],
-            guidance=settings["guidance"],
-            seed=s,
-        )
-        x = x.clamp(-1, 1).cpu()
-        base = {
-            "run_dir": str(run_dir),
-            "source": prompt,
-            "edits": edit,
-            "seed": s,
-            "p2p": options,
-            **settings,
-        }
-        names = [_save_sample(out / f"seed{s}-source", x[0], cfg, {**base, "prompt": prompt})]
-        for k, e in enumerate(edit):
-            names.append(
-                _save_sample(out / f"seed{s}-edit{k + 1}-{slug(e)}", x[k + 1], cfg, {**base, "prompt": e})
+        if on_pipeline:
+            x = edit_pipeline(pipe, prompt, edit, p2p, seed=s, steps=steps, guidance=guidance)
+        else:
+            x = run_edit(
+                model,
+                encoder,
+                prompt,
+                edit,
+                p2p,
+                shape=shape,
+                scheduler=scheduler,
+                steps=settings["steps"],
+                guidance=settings["guidance"],
+                seed=s,
             )
+        x = x.clamp(-1, 1).cpu()
+        base = {**base_info, "source": prompt, "edits": edit, "seed": s, "p2p": options, **settings}
+
+        def save(path, img, meta):
+            if on_pipeline:
+                return save_png(path.with_suffix(".png"), img, meta).name
+            return _save_sample(path, img, cfg, meta)
+
+        names = [save(out / f"seed{s}-source", x[0], {**base, "prompt": prompt})]
+        for k, e in enumerate(edit):
+            names.append(save(out / f"seed{s}-edit{k + 1}-{slug(e)}", x[k + 1], {**base, "prompt": e}))
         side = out / f"seed{s}-side-by-side.png"
-        if cfg.model.dims == 1:
+        if not on_pipeline and cfg.model.dims == 1:
             waves_side_by_side(side, list(x), titles, cfg.data.sample_rate)
         else:
             side_by_side(side, list(x), titles)
@@ -190,7 +209,7 @@ def edit_command(
     write_json(
         out / "edit.json",
         {
-            "run_dir": str(run_dir),
+            **base_info,
             "source": prompt,
             "edits": edit,
             "seeds": list(range(seed, seed + num)),

@@ -135,3 +135,70 @@ def explain(
         m = hm.word_map(idx, grid)[:1].float()  # (1, *grid)
         maps[w] = resize(m[:, None], tuple(x.shape[1:]))[0, 0].clamp(0, 1)
     return x, maps
+
+
+def text_tokens(pipe, prompt: str) -> list[str]:
+    """The tokens of the text `pipe`'s denoiser attends to, one per position, padding included, as
+    the pipeline encodes `prompt` (SD3: CLIP's 77, then T5's)."""
+    fam = family(pipe)
+    clip, t5 = _tokenizers(pipe, fam)
+    out: list[str] = []
+    for tok, length in ((clip, CLIP_LENGTH), (t5, _t5_length(pipe, fam) if t5 is not None else 0)):
+        if tok is None:
+            continue
+        ids = tok(prompt, padding="max_length", max_length=length, truncation=True).input_ids
+        out += tok.convert_ids_to_tokens(ids)
+    return out
+
+
+def real_token_count(pipe, prompt: str) -> int:
+    """How many tokens (padding left out) the pipeline's tokenizers make of `prompt`."""
+    fam = family(pipe)
+    return sum(len(tok(prompt, truncation=True).input_ids) for tok in _tokenizers(pipe, fam) if tok is not None)
+
+
+def edit(
+    pipe,
+    source: str,
+    edits: Sequence[str],
+    p2p,
+    *,
+    seed: int,
+    steps: int,
+    guidance: float,
+    controls: Sequence = (),
+) -> Tensor:
+    """Draw `source` and every prompt of `edits` with the pipeline from the same noise, edited by
+    Prompt-to-Prompt through the host (source row first).
+
+    The prompts' tokens are the pipeline's own, padding included (so padding positions map one to
+    one, as the reference code's mapper does); word positions come from `word_token_indices`.
+
+    Returns:
+        (1 + len(edits), 3, H, W) images in [-1, 1] on the CPU.
+    Raises:
+        ConfigError: no edit prompt, a local blend on Flux's packed latents, or a p2p setting the
+            prompts do not fit (see `PromptToPrompt.bind`).
+    """
+    import torch
+
+    from attnlab.attention import control
+    from attnlab.integrations.diffusers.load import call_arguments
+
+    prompts = [source, *edits]
+    if not edits:
+        raise ConfigError("edit: give at least one edited prompt")
+    if family(pipe) == "flux" and p2p.blend:
+        raise ConfigError("p2p: the local blend reads latent images; Flux packs its latents as tokens (drop --blend)")
+
+    def find(row: int, word: str) -> list[int]:
+        try:
+            return word_token_indices(pipe, prompts[row], word)
+        except ConfigError:
+            return []
+
+    p2p.bind([text_tokens(pipe, p) for p in prompts], find)
+    kw = call_arguments(pipe, prompts, [seed] * len(prompts), steps, guidance)  # one noise for every row
+    with control(pipe, [p2p, *controls], seeds=[seed] * len(prompts)):
+        images = pipe(**kw).images
+    return images.float().cpu() * 2 - 1
