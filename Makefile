@@ -7,6 +7,8 @@ TORCH_VERSION ?= 2.13.0
 # Without a GPU, ask for the +cpu build by name: PyPI's default Linux wheel pulls GBs of CUDA libraries.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_OUT ?= runs/poc-shapes
+# Peer packages of the parity tests (pyproject's `peers` extra), installed one by one.
+PEERS ?= tomesd==0.1.3 tgate==1.0.0
 # Idle OpenMP threads sleep rather than spin (spinning threads stall badly on shared cores).
 export OMP_WAIT_POLICY ?= PASSIVE
 
@@ -19,6 +21,8 @@ $(STAMP): pyproject.toml
 	else $(BIN)/pip install "torch==$(TORCH_VERSION)+cpu" \
 	  || $(BIN)/pip install "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX); fi
 	$(BIN)/pip install -q -e ".[dev]"
+	for peer in $(PEERS); do $(BIN)/pip install -q --no-deps "$$peer" \
+	  || echo "peer $$peer did not install: its parity tests skip"; done
 	touch $(STAMP)
 
 setup: $(STAMP)

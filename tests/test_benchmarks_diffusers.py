@@ -16,7 +16,7 @@ CONTROLS = ["empty scope", "idle controls", "ToMe", "T-GATE", "PAG", "SAG", "hea
 
 def test_quick_benchmark_reports_every_row(tmp_path):
     pytest.importorskip("diffusers")
-    pytest.importorskip("tomesd", reason="tomesd, the token-merging peer, is in the dev extra")
+    pytest.importorskip("tomesd", reason="tomesd, the token-merging peer (make setup installs the peers)")
     pytest.importorskip("tgate", reason="the T-GATE peer: pip install tgate==1.0.0 --no-deps")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out", str(tmp_path)]
