@@ -162,3 +162,109 @@ def test_local_blend_keeps_the_source_outside_the_region():
     outside = (out[1] - out[0]).abs()[:, region == 0]
     assert outside.max() <= 1e-5 * out.abs().max()  # blended after the last step too
     assert (out[1] - out[0]).abs()[:, region == 1].max() > 1e-3
+
+
+def _inject_all(den, kw, toks, **p2p_kw):
+    """(bare, written, attnlab) outputs of one denoiser call on [source; edit] rows."""
+    with torch.no_grad():
+        bare = den(**kw)[0]
+        saved = den.attn_processors
+        den.set_attn_processor({n: InjectProcessor(".attn2." in n) for n in saved})
+        try:
+            want = den(**kw)[0]
+        finally:
+            den.set_attn_processor(saved)
+        p2p = PromptToPrompt(mode="replace", **p2p_kw).bind(toks, lambda r, w: [])
+        with control(den, [p2p], cfg=False):
+            got = den(**kw)[0]
+    return bare, want, got
+
+
+def test_sdxl_replace_equals_injection_written_from_the_paper():
+    pipe = tiny.sdxl()
+    g = torch.Generator().manual_seed(0)
+    kw = dict(
+        sample=torch.randn(1, 4, 32, 32, generator=g).expand(2, -1, -1, -1).contiguous(),
+        timestep=torch.tensor(500),
+        encoder_hidden_states=torch.randn(2, 7, 64, generator=g),
+        added_cond_kwargs={"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.rand(2, 6, generator=g)},
+        return_dict=False,
+    )
+    bare, want, got = _inject_all(pipe.unet, kw, [[f"t{i}" for i in range(7)]] * 2)
+    close(want, got, effect=(want - bare).abs().max().item())
+
+
+def test_pixart_replace_equals_injection_written_from_the_paper():
+    pipe = tiny.pixart()
+    g = torch.Generator().manual_seed(0)
+    kw = dict(
+        hidden_states=torch.randn(1, 4, 8, 8, generator=g).expand(2, -1, -1, -1).contiguous(),
+        encoder_hidden_states=torch.randn(2, 7, 32, generator=g),
+        timestep=torch.full((2,), 500),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        return_dict=False,
+    )
+    bare, want, got = _inject_all(pipe.transformer, kw, [[f"t{i}" for i in range(7)]] * 2)
+    close(want, got, effect=(want - bare).abs().max().item())
+
+
+class FluxInjectProcessor:
+    """Flux's joint attention ([text; image], q/k norms, then RoPE) written from the P2P definition
+    for a joint map, as `JointInjectProcessor`; single-stream blocks get the joint sequence whole."""
+
+    def __init__(self, n_txt: int):
+        self.n_txt = n_txt
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        def heads(t):
+            return t.unflatten(-1, (attn.heads, -1))
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        e = encoder_hidden_states
+        if e is not None:
+            eq, ek, ev = heads(attn.add_q_proj(e)), heads(attn.add_k_proj(e)), heads(attn.add_v_proj(e))
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+            q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
+        q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1).transpose(1, 2)
+        k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1).transpose(1, 2)
+        v = v.transpose(1, 2)
+        t = self.n_txt
+        p = ((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])).softmax(-1).clone()
+        for cols in (slice(0, t), slice(t, None)):
+            block = p[:, :, t:, cols]
+            mass = block.sum(-1, keepdim=True)
+            p[1:, :, t:, cols] = (block[:1] / mass[:1]) * mass[1:]
+        h = (p @ v).transpose(1, 2).flatten(2)
+        if e is None:
+            return h
+        return attn.to_out[1](attn.to_out[0](h[:, t:])), attn.to_add_out(h[:, :t])
+
+
+@pytest.mark.parametrize("layer", ["transformer_blocks.0.attn", "single_transformer_blocks.1.attn"])
+def test_flux_joint_replace_equals_injection_written_from_the_paper(layer):
+    from test_diffusers_host import flux_inputs
+
+    pipe = tiny.flux()
+    tr = pipe.transformer
+    kw = flux_inputs(pipe)
+    for key in ("hidden_states", "encoder_hidden_states", "pooled_projections"):
+        kw[key] = kw[key][:1].expand(2, *kw[key].shape[1:]).contiguous()
+    kw["encoder_hidden_states"] = kw["encoder_hidden_states"] + torch.randn_like(kw["encoder_hidden_states"]) * 0.5
+    n_txt = kw["encoder_hidden_states"].shape[1]
+    with torch.no_grad():
+        bare = tr(**kw)[0]
+        module = tr.get_submodule(layer)
+        saved = module.processor
+        module.processor = FluxInjectProcessor(n_txt)
+        try:
+            want = tr(**kw)[0]
+        finally:
+            module.processor = saved
+        p2p = PromptToPrompt(mode="replace", self_max_tokens=None, layers=layer.rsplit(".", 1)[0])
+        p2p.bind([[f"t{i}" for i in range(n_txt)]] * 2, lambda r, w: [])
+        with control(tr, [p2p], cfg=False):
+            got = tr(**kw)[0]
+    close(want, got, effect=(want - bare).abs().max().item())
