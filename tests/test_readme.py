@@ -69,5 +69,17 @@ def test_readme_digits_example_runs(tmp_path, monkeypatch):
     regen = next(c for c in commands if c[1] == "regenerate")
     _attnlab(regen[1:])
     scope = {}
-    exec(_blocks("python")[0].replace("steps=50", "steps=2"), scope)
+    block = next(b for b in _blocks("python") if "load_model" in b)
+    exec(block.replace("steps=50", "steps=2"), scope)
     assert scope["x"].shape == (2, 1, 16, 16)
+
+
+def test_readme_pipeline_example_runs():
+    """The README's block on a diffusers pipeline, on a tiny random-weight Stable Diffusion."""
+    import diffusers_tiny
+    import torch
+
+    block = next(b for b in _blocks("python") if "control(pipe" in b)
+    scope = {"pipe": diffusers_tiny.sd(), "g": torch.Generator().manual_seed(0)}
+    exec(block.replace("num_inference_steps=25", "num_inference_steps=2"), scope)
+    assert scope["image"].size == (32, 32) and scope["maps"].count > 0
