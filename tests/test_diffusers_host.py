@@ -144,8 +144,9 @@ def test_sd35_pag_applies_the_qk_norms_the_pipeline_skips():
     plain = tiny.sd3()  # the same comparison without q/k norms agrees (test_pag_equals_...)
     kw = call_kw(plain, 32)
     ref = tiny._build(StableDiffusion3PAGPipeline, dict(plain.components, pag_applied_layers=["blocks.1"]))
+    want = images(ref, dict(kw, pag_scale=3.0))
     with control(plain, [PAG(scale=3.0, layers="transformer_blocks.1")]):
-        close(images(ref, dict(kw, pag_scale=3.0)), images(plain, kw))
+        close(want, images(plain, kw))
 
 
 class IdentityImageBlock:
@@ -480,3 +481,21 @@ def test_an_object_that_is_no_control_is_refused(pipes):
     with pytest.raises(ConfigError, match="neither an attention control nor a guidance term"):
         with control(pipes["sd"], ["pag"]):
             pass
+
+
+def test_pags_perturbed_pass_rides_in_the_main_call(pipes):
+    """As diffusers' PAG pipelines batch [uncond, cond, perturbed], the host runs one U-Net
+    forward per step: the perturbed rows beside the CFG rows, each attention layer's controls
+    seeing each group of rows under its own roles."""
+    pipe = pipes["sd"]
+    kw = call_kw(pipe, 64, steps=3)
+    batches = []
+    hook = pipe.unet.conv_in.register_forward_hook(lambda m, a, o: batches.append(a[0].shape[0]))
+    try:
+        with control(pipe, [PAG(scale=3.0, layers="mid_block")]):
+            images(pipe, kw)
+        with control(pipe, [PAG(scale=3.0, layers="mid_block", adaptive_scale=1.0)]):  # s(t) = 0
+            images(pipe, kw)
+    finally:
+        hook.remove()
+    assert batches == [6, 6, 6, 4, 4, 4]  # 2 prompts: uncond + cond + perturbed, then no pass

@@ -146,10 +146,20 @@ class PAG:
         """(B,) the guidance scale at timesteps t: max(0, scale - adaptive_scale * (1000 - t))."""
         return (self.scale - self.adaptive_scale * (1000 - t.double())).clamp(min=0)
 
+    pass_role = PAG_ROLE  # the batch role of the perturbed pass
+
+    def needs_pass(self, t: Tensor) -> bool:
+        """Whether the perturbed pass runs at timesteps t (not where the adaptive scale reached 0)."""
+        return bool((self.scale_at(t) > 0).any())
+
+    def combine(self, cond_out: Tensor, perturbed: Tensor, t: Tensor) -> Tensor:
+        """The guidance term s(t) * (out_cond - out_perturbed) from the two passes' outputs."""
+        s = self.scale_at(t).to(cond_out.dtype).view(-1, *[1] * (cond_out.dim() - 1))  # (B, 1, ..., 1)
+        return s * (cond_out - perturbed)
+
     def correction(self, model, x_in: Tensor, t: Tensor, cond, out: dict, ctx: dict) -> Tensor:
-        s = self.scale_at(t).to(x_in.dtype).view(-1, *[1] * (x_in.dim() - 1))  # (B, 1, ..., 1)
-        if not bool((s > 0).any()):
+        if not self.needs_pass(t):
             return torch.zeros_like(out["cond"])  # the adaptive scale reached 0: no pass needed
         with extra_pass(model, (PAG_ROLE,), ctx, t):
             perturbed = model(x_in, t, cond)
-        return s * (out["cond"] - perturbed)
+        return self.combine(out["cond"], perturbed, t)

@@ -126,6 +126,9 @@ class Host:
         self.pending: Tensor | None = None  # updated latents for the next scheduler.step
         self.guidances: list = []
         self.schedules: list = []
+        # the role groups of the current denoiser call's rows, when it holds a guidance's pass
+        # beside the main pass (PAG's perturbed rows): [(roles, rows), ...]; None otherwise
+        self.groups: list[tuple[tuple[str, ...], int]] | None = None
 
     # What the layers ask
 
@@ -467,19 +470,29 @@ def _hosted_call(host: Host, model: HostModel, original, key: str, kw: dict):
                 kw = dict(kw)
                 kw[key] = torch.cat([x_in] * len(roles))
                 host.pending = z.detach()
-        st.roles = roles
-        out = original(**kw)
-        pred = _pred(out)
         active = [g for g in host.guidances if step is None or g.active(step, steps)]
+        folded = _foldable(active, t_loop[:n])
+        if folded is not None:  # its pass rides in the main call: [main rows; its cond rows]
+            kw = {k: (v if k in NOT_BATCHED else _with_rows(v, cond, b)) for k, v in kw.items()}
+            host.groups = [(roles, b), ((folded.pass_role,), n)]
+        st.roles = roles
+        try:
+            out = original(**kw)
+        finally:
+            host.groups = None
+        pred = _pred(out)
         if not active:
             return out
-        chunks = dict(zip(roles, pred.chunk(len(roles))))
+        chunks = dict(zip(roles, pred[:b].chunk(len(roles))))
         total = None
         for g in active:
             st.roles = ("cond",)
-            term = g.correction(model, x_in, t_loop[:n], cond, chunks, ctx)
+            if g is folded:
+                term = g.combine(chunks["cond"], pred[b:], t_loop[:n])
+            else:
+                term = g.correction(model, x_in, t_loop[:n], cond, chunks, ctx)
             total = term if total is None else total + term
-        return _replace_pred(out, lambda p: p + total.to(p.dtype).repeat(len(roles), *[1] * (p.dim() - 1)))
+        return _replace_pred(out, lambda p: p[:b] + total.to(p.dtype).repeat(len(roles), *[1] * (p.dim() - 1)))
     finally:
         st.step, st.num_steps, st.timestep, st.roles = saved
 
@@ -493,6 +506,25 @@ def _input_scale(scheduler, x: Tensor, t: Tensor) -> Tensor | None:
         return None
     c = scale(torch.ones_like(x[:1]), t)
     return None if bool((c == 1).all()) else c
+
+
+def _foldable(active: list, t: Tensor):
+    """The one active guidance term whose extra pass can run in the main call (it declares
+    `pass_role` and `combine`, and needs the pass at this step), else None. Its pass then costs
+    no separate forward, as diffusers' PAG pipelines batch [uncond, cond, perturbed]."""
+    for g in active:
+        if hasattr(g, "combine") and hasattr(g, "pass_role") and g.needs_pass(t):
+            return g
+    return None
+
+
+def _with_rows(v, cond: PipelineCondition, b: int):
+    """A call argument with the cond chunk's rows appended (batch-first tensors; dicts of them)."""
+    if isinstance(v, dict):
+        return {k: _with_rows(x, cond, b) for k, x in v.items()}
+    if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == b:
+        return torch.cat([v, cond.select(v)])
+    return v
 
 
 def _packed_grid(kw: dict) -> tuple[int, ...] | None:

@@ -81,6 +81,45 @@ class BusProcessor:
         **kwargs,
     ):
         layer = self.layer
+        groups = layer.host.groups if layer.host is not None else None
+        if groups is not None and len(groups) > 1:
+            return self._per_group(
+                groups, attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb, kwargs
+            )
+        return self._one(attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb, kwargs)
+
+    def _per_group(self, groups, attn, hidden_states, encoder_hidden_states, attention_mask, temb, rope, kwargs):
+        """A batch that holds the main pass and a guidance's pass side by side (PAG's perturbed
+        rows): each group of rows runs the chain under its own roles, as if called alone."""
+        layer, st = self.layer, self.layer.state
+        total = hidden_states.shape[0]
+        block_input = getattr(layer, "block_input", None)
+        outs, start, saved = [], 0, st.roles
+        try:
+            for roles, n in groups:
+                rows = slice(start, start + n)
+                start += n
+
+                def cut(v, rows=rows):
+                    return v[rows] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == total else v
+
+                st.roles = roles
+                if block_input is not None:
+                    layer.block_input = cut(block_input)
+                outs.append(
+                    self._one(attn, cut(hidden_states), cut(encoder_hidden_states), cut(attention_mask), cut(temb), rope,
+                              {k: cut(v) for k, v in kwargs.items()})
+                )  # fmt: skip
+        finally:
+            st.roles = saved
+            if block_input is not None:
+                layer.block_input = block_input
+        if isinstance(outs[0], tuple):
+            return tuple(torch.cat(parts) for parts in zip(*outs))
+        return torch.cat(outs)
+
+    def _one(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb, kwargs):
+        layer = self.layer
         if layer.any_active(hidden_states):
             return layer.run(hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb)
         extra = {"temb": temb, "image_rotary_emb": image_rotary_emb, **kwargs}
