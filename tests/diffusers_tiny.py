@@ -203,7 +203,13 @@ def pixart_components():
         norm_eps=1e-6,
     ).eval()
     text, tok = t5_text()
-    return {"transformer": tr, "vae": vae(4, (32, 64), 32), "scheduler": DDIMScheduler(clip_sample=False), "text_encoder": text, "tokenizer": tok}
+    return {
+        "transformer": tr,
+        "vae": vae(4, (32, 64), 32),
+        "scheduler": DDIMScheduler(clip_sample=False),
+        "text_encoder": text,
+        "tokenizer": tok,
+    }
 
 
 def pixart(cls=None):

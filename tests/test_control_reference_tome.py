@@ -27,7 +27,8 @@ TOL = 1e-5
 def tomesd_merge():
     """tomesd's merge module (the peer package; `pip install -e '.[dev]'` installs it)."""
     return pytest.importorskip(
-        "tomesd.merge", reason="tomesd, the reference package, is not installed (make setup installs the peers)"
+        "tomesd.merge",
+        reason="tomesd, the reference package, is not installed (make setup installs the peers)",
     )
 
 

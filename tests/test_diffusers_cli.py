@@ -359,7 +359,9 @@ def test_regenerate_points_a_pipeline_sample_at_sample_pipeline(sd_dir, tmp_path
 
 def test_edit_on_a_pipeline_keeps_the_source_and_records_provenance(sd_dir, tmp_path):
     args = ("--steps", "3", "-g", "4", "--precision", "fp32", "--seed", "2")
-    code, text = invoke("edit", "--pipeline", sd_dir, "-p", "a red car", "-e", "a blue car", *args, "-o", tmp_path / "e")
+    code, text = invoke(
+        "edit", "--pipeline", sd_dir, "-p", "a red car", "-e", "a blue car", *args, "-o", tmp_path / "e"
+    )
     assert code == 0 and "mode replace" in text, text
     names = sorted(p.name for p in (tmp_path / "e").iterdir())
     assert names == ["edit.json", "seed2-edit1-a-blue-car.png", "seed2-side-by-side.png", "seed2-source.png"]
@@ -367,8 +369,12 @@ def test_edit_on_a_pipeline_keeps_the_source_and_records_provenance(sd_dir, tmp_
     assert meta["pipeline"] == str(sd_dir.resolve()) and meta["prompt"] == "a blue car" and meta["seed"] == 2
     assert meta["p2p"]["mode"] == "replace" and meta["techniques"]["sampling"]["p2p"]["mode"] == "replace"
     for prompt, d in (("a red car", "red"), ("a blue car", "blue")):
-        assert invoke("sample", "--pipeline", sd_dir, "-p", prompt, "-n", "1", *args, "-o", tmp_path / d)[0] == 0
-    source, edited = (read_png(tmp_path / "e" / n).astype(int) for n in ("seed2-source.png", "seed2-edit1-a-blue-car.png"))
+        assert (
+            invoke("sample", "--pipeline", sd_dir, "-p", prompt, "-n", "1", *args, "-o", tmp_path / d)[0] == 0
+        )
+    source, edited = (
+        read_png(tmp_path / "e" / n).astype(int) for n in ("seed2-source.png", "seed2-edit1-a-blue-car.png")
+    )
     red = read_png(tmp_path / "red" / "000-a-red-car-seed2.png").astype(int)
     blue = read_png(tmp_path / "blue" / "000-a-blue-car-seed2.png").astype(int)
     assert np.abs(source - red).max() <= 1  # the source row is drawn as it is alone
@@ -377,7 +383,9 @@ def test_edit_on_a_pipeline_keeps_the_source_and_records_provenance(sd_dir, tmp_
 
 
 def test_edit_refuses_a_blend_on_flux_and_a_precision_on_a_run(sd_dir, tmp_path):
-    text = error_of("edit", "runs/none", "-p", "a red car", "-e", "a blue car", "--precision", "bf16", "-o", tmp_path)
+    text = error_of(
+        "edit", "runs/none", "-p", "a red car", "-e", "a blue car", "--precision", "bf16", "-o", tmp_path
+    )
     assert "--precision applies to --pipeline" in text or "runs/none" in text
 
 

@@ -6,10 +6,10 @@ import diffusers_tiny as tiny
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
+from test_diffusers_host import call_kw, close, images
 
 from attnlab.attention import Control, control
 from attnlab.control import PAG, AttnCache, HeatMaps
-from test_diffusers_host import call_kw, close, images
 
 CASES = {
     # family: (build, size, the layer PAG and the cache share, heat-map layers)

@@ -157,7 +157,9 @@ class IdentityImageBlock:
     def __init__(self, original):
         self.original = original
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None
+    ):
         from diffusers.models.embeddings import apply_rotary_emb
 
         def heads(t):
@@ -179,7 +181,9 @@ class IdentityImageBlock:
         bias = torch.zeros(n, n)
         bias[n_txt:, n_txt:] = float("-inf")
         bias[range(n_txt, n), range(n_txt, n)] = 0.0
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias
+        )
         out = out.transpose(1, 2).flatten(2)
         if single:
             return out
@@ -323,7 +327,9 @@ class ScoresProcessor:
         q = attn.head_to_batch_dim(attn.to_q(hidden_states))
         ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         k, v = attn.head_to_batch_dim(attn.to_k(ctx)), attn.head_to_batch_dim(attn.to_v(ctx))
-        mask = None if attention_mask is None else attn.prepare_attention_mask(attention_mask, ctx.shape[1], b)
+        mask = (
+            None if attention_mask is None else attn.prepare_attention_mask(attention_mask, ctx.shape[1], b)
+        )
         p = attn.get_attention_scores(q, k, mask)
         self.log.append((self.name, p.view(b, attn.heads, *p.shape[1:]).clone()))
         out = attn.batch_to_head_dim(torch.bmm(p, v))
@@ -341,7 +347,12 @@ def test_probabilities_equal_get_attention_scores(pipes, family):
     log: list = []
     saved = den.attn_processors
     cross = {n.rsplit(".", 1)[0] for n in saved if ".attn2." in n + "."}
-    den.set_attn_processor({n: (ScoresProcessor(n.rsplit(".", 1)[0], log) if n.rsplit(".", 1)[0] in cross else p) for n, p in saved.items()})
+    den.set_attn_processor(
+        {
+            n: (ScoresProcessor(n.rsplit(".", 1)[0], log) if n.rsplit(".", 1)[0] in cross else p)
+            for n, p in saved.items()
+        }
+    )
     try:
         images(pipe, kw)
     finally:
@@ -352,12 +363,14 @@ def test_probabilities_equal_get_attention_scores(pipes, family):
         close(p_ref, p)
 
 
-def daam(maps_per_step: dict[str, list[torch.Tensor]], size: tuple[int, int], factor: float = 8) -> torch.Tensor:
+def daam(
+    maps_per_step: dict[str, list[torch.Tensor]], size: tuple[int, int], factor: float = 8
+) -> torch.Tensor:
     """DAAM's aggregation written from its paper and code: per layer and head the cond rows' maps
     summed over steps, each (layer, head) map upsampled bicubically to the latent size and clamped
     at zero, the mean over layers and heads; layers at least `factor` times coarser are skipped."""
     kept = []
-    for name, ps in maps_per_step.items():
+    for ps in maps_per_step.values():
         s = torch.stack(ps).sum(0)  # (B, heads, N, L)
         side = int(math.isqrt(s.shape[2]))
         if size[0] / side >= factor:
@@ -424,7 +437,7 @@ def test_joint_maps_equal_the_models_own_sdpa_inputs(pipes, family):
             h.remove()
     assert len(mode.qk) == len(cap.seen) > 0
     n_txt = None
-    for (q, k), (name, roles, p) in zip(mode.qk, cap.seen):
+    for (q, k), (_, _, p) in zip(mode.qk, cap.seen):
         s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
         full = s.softmax(-1)
         close(full, p)

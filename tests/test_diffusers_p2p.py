@@ -7,10 +7,10 @@ import math
 import diffusers_tiny as tiny
 import pytest
 import torch
+from test_diffusers_host import call_kw, close
 
 from attnlab.attention import control
 from attnlab.control import PromptToPrompt
-from test_diffusers_host import call_kw, close
 
 SELF_MAX = 256  # the reference injects self-attention maps only at 16 x 16 and coarser
 
@@ -64,7 +64,9 @@ def test_sd_replace_equals_injection_written_from_the_paper():
             want = unet(**kw)[0]
         finally:
             unet.set_attn_processor(saved)
-        p2p = PromptToPrompt(mode="replace").bind([tokens_of(pipe.tokenizer, p) for p in prompts], word_index(pipe.tokenizer, prompts))
+        p2p = PromptToPrompt(mode="replace").bind(
+            [tokens_of(pipe.tokenizer, p) for p in prompts], word_index(pipe.tokenizer, prompts)
+        )
         with control(unet, [p2p], cfg=False):
             got = unet(**kw)[0]
     close(want, got, effect=(want - bare).abs().max().item())
@@ -187,7 +189,10 @@ def test_sdxl_replace_equals_injection_written_from_the_paper():
         sample=torch.randn(1, 4, 32, 32, generator=g).expand(2, -1, -1, -1).contiguous(),
         timestep=torch.tensor(500),
         encoder_hidden_states=torch.randn(2, 7, 64, generator=g),
-        added_cond_kwargs={"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.rand(2, 6, generator=g)},
+        added_cond_kwargs={
+            "text_embeds": torch.randn(2, 32, generator=g),
+            "time_ids": torch.rand(2, 6, generator=g),
+        },
         return_dict=False,
     )
     bare, want, got = _inject_all(pipe.unet, kw, [[f"t{i}" for i in range(7)]] * 2)
@@ -215,13 +220,19 @@ class FluxInjectProcessor:
     def __init__(self, n_txt: int):
         self.n_txt = n_txt
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None
+    ):
         from diffusers.models.embeddings import apply_rotary_emb
 
         def heads(t):
             return t.unflatten(-1, (attn.heads, -1))
 
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        q, k, v = (
+            heads(attn.to_q(hidden_states)),
+            heads(attn.to_k(hidden_states)),
+            heads(attn.to_v(hidden_states)),
+        )
         q, k = attn.norm_q(q), attn.norm_k(k)
         e = encoder_hidden_states
         if e is not None:
@@ -252,7 +263,9 @@ def test_flux_joint_replace_equals_injection_written_from_the_paper(layer):
     kw = flux_inputs(pipe)
     for key in ("hidden_states", "encoder_hidden_states", "pooled_projections"):
         kw[key] = kw[key][:1].expand(2, *kw[key].shape[1:]).contiguous()
-    kw["encoder_hidden_states"] = kw["encoder_hidden_states"] + torch.randn_like(kw["encoder_hidden_states"]) * 0.5
+    kw["encoder_hidden_states"] = (
+        kw["encoder_hidden_states"] + torch.randn_like(kw["encoder_hidden_states"]) * 0.5
+    )
     n_txt = kw["encoder_hidden_states"].shape[1]
     with torch.no_grad():
         bare = tr(**kw)[0]

@@ -282,7 +282,9 @@ def test_pyramid_broadcast_counts_on_across_calls_and_the_cache_restarts():
 
 
 def tomesd():
-    return pytest.importorskip("tomesd", reason="tomesd, the reference package, is not installed (make setup installs the peers)")
+    return pytest.importorskip(
+        "tomesd", reason="tomesd, the reference package, is not installed (make setup installs the peers)"
+    )
 
 
 @contextmanager

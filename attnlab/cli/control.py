@@ -144,7 +144,9 @@ def edit_command(
     else:
         if precision is not None:
             raise ConfigError("--precision applies to --pipeline; attnlab models edit in their own precision")
-        model, cfg, encoder, scheduler, shape, settings = _setup(run_dir, ema, sampler, steps, guidance, threads)
+        model, cfg, encoder, scheduler, shape, settings = _setup(
+            run_dir, ema, sampler, steps, guidance, threads
+        )
         mode = _mode(mode, encoder, prompt, edit)
     p2p = PromptToPrompt(
         mode=mode,

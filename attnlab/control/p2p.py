@@ -129,7 +129,9 @@ class AttentionInjection(Control):
 
     def cross_on(self, call: AttnCall) -> bool:
         o = self.owner
-        return call.kind in ("cross", "joint") and o.in_window(o.cross_start, o.cross_end, call, extra_row=True)
+        return call.kind in ("cross", "joint") and o.in_window(
+            o.cross_start, o.cross_end, call, extra_row=True
+        )
 
     def self_on(self, call: AttnCall) -> bool:
         o = self.owner

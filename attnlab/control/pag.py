@@ -42,7 +42,9 @@ def transformer_blocks(model: nn.Module) -> list[str]:
         if names and all(n.split(".")[0] == top for n in names):
             return list(dict.fromkeys(".".join(n.split(".")[:2]) for n in names))
     if names and any(n.startswith("transformer_blocks.") for n in names):  # Flux: + single blocks
-        return list(dict.fromkeys(".".join(n.split(".")[:2]) for n in names if n.startswith("transformer_blocks.")))
+        return list(
+            dict.fromkeys(".".join(n.split(".")[:2]) for n in names if n.startswith("transformer_blocks."))
+        )
     return []
 
 

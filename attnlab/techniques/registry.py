@@ -177,7 +177,9 @@ def register(
     _require(bool(provides), name, "provides no hook point")
     pipelines = (PIPELINES if training_free else ()) if pipelines is None else tuple(pipelines)
     _require(set(pipelines) <= set(PIPELINES), name, f"pipelines must be among {PIPELINES}, got {pipelines}")
-    _require(training_free or not pipelines, name, "an architectural technique runs on no pretrained pipeline")
+    _require(
+        training_free or not pipelines, name, "an architectural technique runs on no pretrained pipeline"
+    )
 
     def deco(cls):
         _require(name not in REGISTRY, name, "is registered twice")

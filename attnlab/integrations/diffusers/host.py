@@ -32,7 +32,9 @@ from attnlab.errors import ConfigError
 from attnlab.integrations.diffusers.layers import HostedAttention, adapt, processor_for
 
 DENOISER_ATTRS = ("unet", "transformer")
-NOT_BATCHED = frozenset({"img_ids", "txt_ids", "return_dict", "joint_attention_kwargs", "cross_attention_kwargs"})
+NOT_BATCHED = frozenset(
+    {"img_ids", "txt_ids", "return_dict", "joint_attention_kwargs", "cross_attention_kwargs"}
+)
 
 
 def _from_diffusers(obj) -> bool:
@@ -444,8 +446,10 @@ def _hosted_call(host: Host, model: HostModel, original, key: str, kw: dict):
         # T-GATE after its gate: no CFG, so one chunk runs, the negative prompt's as in the T-GATE
         # pipelines (its pooled text and micro-conditions enter SDXL's U-Net too); the pipeline's
         # formula then gives uncond + w * (uncond - uncond) = uncond
-        if roles == ("uncond", "cond") and step is not None and any(
-            s.guidance_scale(2.0, step, steps) == 1.0 for s in host.schedules
+        if (
+            roles == ("uncond", "cond")
+            and step is not None
+            and any(s.guidance_scale(2.0, step, steps) == 1.0 for s in host.schedules)
         ):
             neg = PipelineCondition(kw, b, roles, "uncond")
             half = {k: (v if k in NOT_BATCHED else neg.select(v)) for k, v in kw.items()}
@@ -492,7 +496,9 @@ def _hosted_call(host: Host, model: HostModel, original, key: str, kw: dict):
             else:
                 term = g.correction(model, x_in, t_loop[:n], cond, chunks, ctx)
             total = term if total is None else total + term
-        return _replace_pred(out, lambda p: p[:b] + total.to(p.dtype).repeat(len(roles), *[1] * (p.dim() - 1)))
+        return _replace_pred(
+            out, lambda p: p[:b] + total.to(p.dtype).repeat(len(roles), *[1] * (p.dim() - 1))
+        )
     finally:
         st.step, st.num_steps, st.timestep, st.roles = saved
 

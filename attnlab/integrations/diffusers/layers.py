@@ -84,11 +84,22 @@ class BusProcessor:
         groups = layer.host.groups if layer.host is not None else None
         if groups is not None and len(groups) > 1:
             return self._per_group(
-                groups, attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb, kwargs
+                groups,
+                attn,
+                hidden_states,
+                encoder_hidden_states,
+                attention_mask,
+                temb,
+                image_rotary_emb,
+                kwargs,
             )
-        return self._one(attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb, kwargs)
+        return self._one(
+            attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb, kwargs
+        )
 
-    def _per_group(self, groups, attn, hidden_states, encoder_hidden_states, attention_mask, temb, rope, kwargs):
+    def _per_group(
+        self, groups, attn, hidden_states, encoder_hidden_states, attention_mask, temb, rope, kwargs
+    ):
         """A batch that holds the main pass and a guidance's pass side by side (PAG's perturbed
         rows): each group of rows runs the chain under its own roles, as if called alone."""
         layer, st = self.layer, self.layer.state
@@ -118,7 +129,9 @@ class BusProcessor:
             return tuple(torch.cat(parts) for parts in zip(*outs))
         return torch.cat(outs)
 
-    def _one(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb, kwargs):
+    def _one(
+        self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb, kwargs
+    ):
         layer = self.layer
         if layer.any_active(hidden_states):
             return layer.run(hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb)
@@ -137,9 +150,22 @@ class BusProcessor:
 class FluxBusProcessor(BusProcessor):
     """`BusProcessor` for Flux's attention, which passes the rotary embedding fifth, positionally."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+        **kwargs,
+    ):
         return super().__call__(
-            attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=image_rotary_emb, **kwargs
+            attn,
+            hidden_states,
+            encoder_hidden_states,
+            attention_mask,
+            image_rotary_emb=image_rotary_emb,
+            **kwargs,
         )
 
 
@@ -244,7 +270,9 @@ def probabilities(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
     if low_precision(scores):
         scores = scores.float()
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(scores)
+        scores = (
+            scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(scores)
+        )
     return scores.softmax(dim=-1)
 
 
@@ -256,7 +284,9 @@ class JointAttention(HostedAttention):
         super().__init__(name, module)
         self.family = family
         self.single = family == "flux" and getattr(module, "added_kv_proj_dim", None) is None
-        self.kind = "joint" if (getattr(module, "added_kv_proj_dim", None) is not None or self.single) else "self"
+        self.kind = (
+            "joint" if (getattr(module, "added_kv_proj_dim", None) is not None or self.single) else "self"
+        )
         self.heads = module.heads
         self._rope = self._context = self._ctx_len = None
 
@@ -298,7 +328,9 @@ class JointAttention(HostedAttention):
                 k = attn.norm_k(k)
             if context is None:
                 return q, k, v
-            cq, ck, cv = (self._heads(p(context)) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            cq, ck, cv = (
+                self._heads(p(context)) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
             if attn.norm_added_q is not None:
                 cq = attn.norm_added_q(cq)
             if attn.norm_added_k is not None:

@@ -154,7 +154,9 @@ def text_tokens(pipe, prompt: str) -> list[str]:
 def real_token_count(pipe, prompt: str) -> int:
     """How many tokens (padding left out) the pipeline's tokenizers make of `prompt`."""
     fam = family(pipe)
-    return sum(len(tok(prompt, truncation=True).input_ids) for tok in _tokenizers(pipe, fam) if tok is not None)
+    return sum(
+        len(tok(prompt, truncation=True).input_ids) for tok in _tokenizers(pipe, fam) if tok is not None
+    )
 
 
 def edit(
@@ -180,7 +182,6 @@ def edit(
         ConfigError: no edit prompt, a local blend on Flux's packed latents, or a p2p setting the
             prompts do not fit (see `PromptToPrompt.bind`).
     """
-    import torch
 
     from attnlab.attention import control
     from attnlab.integrations.diffusers.load import call_arguments
@@ -189,7 +190,9 @@ def edit(
     if not edits:
         raise ConfigError("edit: give at least one edited prompt")
     if family(pipe) == "flux" and p2p.blend:
-        raise ConfigError("p2p: the local blend reads latent images; Flux packs its latents as tokens (drop --blend)")
+        raise ConfigError(
+            "p2p: the local blend reads latent images; Flux packs its latents as tokens (drop --blend)"
+        )
 
     def find(row: int, word: str) -> list[int]:
         try:
