@@ -23,11 +23,27 @@ def poc_command(
     ] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
 ):
-    """Compare attention designs: train, sample and evaluate every variant, then write report.md/html."""
-    from attnlab.poc import load_poc_config, run_poc
+    """Compare attention designs: train, sample and evaluate every variant, then write report.md/html.
 
-    cfg = load_poc_config(config, overrides or [])
+    A config with a `pipeline` key (a local diffusers pipeline folder) compares training-free designs
+    on that pretrained pipeline instead (examples/poc-pipeline.yaml)."""
+    from attnlab.poc import load_poc_config, run_poc
+    from attnlab.poc.pipeline import is_pipeline_config, load_pipeline_poc_config, run_pipeline_poc
+
+    on_pipeline = is_pipeline_config(config)
+    if on_pipeline:
+        cfg = load_pipeline_poc_config(config, overrides or [])
+        run_poc = run_pipeline_poc  # noqa: F811  (the same call, on a pretrained pipeline)
+    else:
+        cfg = load_poc_config(config, overrides or [])
     if dry_run:
+        if on_pipeline:
+            from attnlab.poc.pipeline import prompt_set
+
+            prompt_set(cfg)  # the prompts are readable
+            for v in cfg.variants:
+                typer.echo(f"{v.name}: samples the pipeline with {dict(v.techniques) or 'nothing added'}")
+            return None
         return _dry_run(cfg, out)
     interrupted = []
 

@@ -95,6 +95,14 @@ ALIGNMENT = [
     Metric("pitch_cents_median", "pitch error (cents)", "alignment", True, _num(0)),
     Metric("waveform_acc", "waveform", "alignment", False, _pct),
     Metric(
+        "clip_score",
+        "CLIP score",
+        "alignment",
+        False,
+        _num(2),
+        say="CLIP score {value}",
+    ),
+    Metric(
         "heatmap_iou",
         "heat-map IoU (shape words)",
         "alignment",
@@ -115,7 +123,11 @@ COST = [
 ]
 ALL = {m.key: m for m in QUALITY + ALIGNMENT + COST}
 # The headline number of each family: what "best quality", "best alignment", "lowest cost" mean.
-HEADLINE = {"quality": ("fid", "kid_mean"), "alignment": ("all_correct", "class_acc"), "cost": ("latency_s",)}
+HEADLINE = {
+    "quality": ("fid", "kid_mean"),
+    "alignment": ("all_correct", "class_acc", "clip_score"),
+    "cost": ("latency_s",),
+}
 
 
 @dataclass(frozen=True)

@@ -82,9 +82,15 @@ def write_report(
     return {**results, "skipped": False}
 
 
+def _on_pipeline(cfg) -> bool:
+    return getattr(cfg, "kind", "") == "pipeline"
+
+
 def title_of(cfg: PocConfig) -> str:
     if cfg.title:
         return cfg.title
+    if _on_pipeline(cfg):
+        return f"Training-free attention designs on the pipeline {Path(cfg.pipeline).name}"
     m = cfg.model
     unit = "px" if m.dims == 2 else "samples"
     return f"Attention designs on {cfg.data.name} ({m.size} {unit}, {m.backbone}, {m.cond}-conditioned)"
@@ -210,6 +216,13 @@ def build_document(cfg: PocConfig, results: dict, figs: dict, heat: list[dict]) 
 
 def _meta(cfg: PocConfig, results: dict) -> str:
     b = cfg.budget
+    if _on_pipeline(cfg):
+        t = results["timing"]
+        return (
+            f"{len(cfg.variants)} variants on the pretrained pipeline `{cfg.pipeline}` (nothing trained) · "
+            f"{b.sample_steps} steps, guidance {b.guidance:g} · {b.num_samples} samples × {len(cfg.seeds)} sampling seeds · "
+            f"priority: **{cfg.priority}** · compute: {t['sampling_seconds_total'] / 60:.1f} min sampling · {results['created']}"
+        )
     train = f"{b.train_steps} training steps" if b.train_steps else f"{b.train_minutes:g} training minutes"
     t = results["timing"]
     return (
@@ -263,7 +276,9 @@ def _variants_table(cfg: PocConfig, entries: list[dict], ref: str) -> Table:
         record = next(iter(e["train"].values()), {})
         seeds = f" × {len(e['train'])} seeds" if len(e["train"]) > 1 else ""
         model = (
-            f"trained ({record.get('train_steps', '?')} steps{seeds})"
+            "the pretrained pipeline"
+            if _on_pipeline(cfg)
+            else f"trained ({record.get('train_steps', '?')} steps{seeds})"
             if own
             else f"reuses `{e['trained_by']}`"
         )
@@ -426,6 +441,8 @@ def _figure_sections(doc: Document, cfg: PocConfig, figs: dict, heat: list[dict]
 
 
 def _method(cfg: PocConfig, results: dict) -> list[str]:
+    if _on_pipeline(cfg):
+        return _pipeline_method(cfg, results)
     b, n_seeds = cfg.budget, len(cfg.seeds)
     source = "given in the config" if cfg.prompts else "captions or labels drawn from the eval split"
     ev = f"the evaluator `{cfg.evaluator}`" if cfg.evaluator else f"the built-in `{cfg.data.name}` evaluator"
@@ -522,3 +539,34 @@ def _not_counted(entries: list[dict]) -> list[str]:
     return [
         f"FLOPs per sample are not counted for {', '.join(names)}: its sampling differentiates through the model, which the FLOP counter does not follow."
     ]
+
+
+def _pipeline_method(cfg, results: dict) -> list[str]:
+    b, n = cfg.budget, len(cfg.seeds)
+    lines = [
+        f"Every variant drew the same {b.num_samples} prompts for each of the {n} sampling seeds "
+        f"{', '.join(map(str, cfg.seeds))} with the pipeline's own call; sample k of seed s starts from the noise of seed "
+        f"s·{SEED_STRIDE}+k, so variants differ only by design.",
+        f"Nothing was trained: every variant samples the one pretrained pipeline, so the verdicts rest on the {n} sampling "
+        "seeds only. Each number is the mean ± standard deviation (n − 1) over them; two variants are **within noise** "
+        "when their means differ by no more than √(std₁² + std₂²). A larger set of prompts or seeds narrows that.",
+    ]
+    if "clip_score" in cfg.metrics:
+        lines.append(
+            f"CLIP score: 100 × max(cos(image, prompt), 0) of the local CLIP model `{cfg.clip}`, averaged over each seed's samples (higher is better)."
+        )
+    if {"fid", "kid"} & set(cfg.metrics):
+        lines.append(
+            f"FID and KID compare the FID Inception's features (`{cfg.inception}`) of each seed's {b.num_samples} samples with "
+            f"the images of `{cfg.reference_images}`. With few samples FID is biased upward: compare variants within this report."
+        )
+    lines.append(
+        f"Latency is wall time per sample in batches of {b.batch_size} on {cfg.device}; FLOPs per sample count one whole "
+        "pipeline call's denoiser work (classifier-free guidance and guidance passes included); peak memory is the most "
+        "tensor bytes alive at once while sampling two prompts. Latency moves with the machine's load."
+    )
+    lines.append(
+        "Files: results.json (every number per sampling seed), results.csv (one row per variant and sampling seed), "
+        "variants/NAME/ (samples, stage records)."
+    )
+    return lines + _not_counted(results["variants"])

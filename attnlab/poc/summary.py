@@ -168,6 +168,11 @@ class Summary:
         """With one training seed: which differences are unreplicated and which are sampling noise only."""
         if self.replicated:
             return None
+        if all(e.get("trained_by") == "pipeline" for e in self.variants.values()):
+            return (
+                "**Sampling seeds only:** nothing was trained (every variant samples the one pretrained "
+                "pipeline), so these verdicts rest on the sampling seeds' spread; more seeds or prompts narrow it."
+            )
         arch = [n for n in self.variants if n != self.reference and self.architectural(n)]
         free = [n for n in self.variants if n != self.reference and not self.architectural(n)]
         parts = []

@@ -244,21 +244,26 @@ def generate(
     guidance: float,
     controls: Sequence = (),
     batch_size: int = 4,
+    bind=None,
+    **call,
 ) -> Tensor:
     """Images for `prompts[i]` from seed `seeds[i]`, drawn by the pipeline's own `__call__` with
     `controls` installed through the host.
 
     Each sample's noise comes from its own CPU generator, so an image does not depend on the batch
-    it was drawn in nor on the device. Returns (N, 3, H, W) in [-1, 1] on the CPU.
+    it was drawn in nor on the device. `bind(prompts)` gives further controls bound to one batch's
+    prompts (Attend-and-Excite's tokens); `call` goes to the pipeline's call (height, width).
+    Returns (N, 3, H, W) in [-1, 1] on the CPU.
     """
     from attnlab.attention import control
 
     out = []
     for i in range(0, len(prompts), batch_size):
         rows, sds = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
-        scope = control(pipe, list(controls), seeds=sds) if controls else contextlib.nullcontext()
+        batch = [*controls, *(bind(rows) if bind is not None else ())]
+        scope = control(pipe, batch, seeds=sds) if batch else contextlib.nullcontext()
         with scope:
-            images = pipe(**call_arguments(pipe, rows, sds, steps, guidance)).images
+            images = pipe(**call_arguments(pipe, rows, sds, steps, guidance), **call).images
         out.append(images.float().cpu() * 2 - 1)
     return torch.cat(out)
 
