@@ -1,0 +1,199 @@
+"""The proof of concept on a pretrained pipeline: a tiny random-weight Stable Diffusion saved with
+save_pretrained (and a tiny CLIP), run end to end, rerun, resumed after a kill, and refused inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import diffusers_tiny as tiny
+import pytest
+import torch
+import yaml
+
+from attnlab.errors import AttnlabError, ConfigError
+from attnlab.poc import pipeline as pp
+
+VARIANTS = [
+    {"name": "reference"},
+    {"name": "pag0", "techniques": {"pag": {"scale": 0.0, "layers": "mid_block"}}},
+    {"name": "pag", "techniques": {"pag": {"scale": 3.0, "layers": "mid_block"}}},
+    {"name": "tgate", "techniques": {"tgate": {"gate": 0.5}}},
+]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline-poc")
+    tiny.sd().save_pretrained(root / "sd")
+    (root / "prompts.txt").write_text("a red car\na blue cat\n\na green ball on a tree\n")
+    return root
+
+
+def clip_folder(root):
+    """A tiny random CLIP saved with save_pretrained (model, tokenizer and image processor)."""
+    path = root / "clip"
+    if path.is_dir():
+        return path
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    tok = tiny.clip_tokenizer()
+    cfg = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                         vocab_size=len(tok), bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )  # fmt: skip
+    CLIPModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def write_config(root, name="poc.yaml", **changes):
+    cfg = {
+        "pipeline": "sd",
+        "prompts": "prompts.txt",
+        "budget": {"sample_steps": 2, "num_samples": 3, "batch_size": 2, "guidance": 5.0},
+        "variants": VARIANTS,
+        "metrics": ["cost"],
+        "seeds": [0, 1, 2],
+        **changes,
+    }
+    path = root / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(path, out, overrides=()):
+    cfg = pp.load_pipeline_poc_config(path, list(overrides))
+    return pp.run_pipeline_poc(cfg, out, progress=False, echo=lambda s: None)
+
+
+def test_runs_end_to_end_and_a_rerun_does_nothing(folder, tmp_path):
+    out = tmp_path / "out"
+    results = run(write_config(folder), out)
+    for f in ("report.md", "report.html", "results.json", "results.csv", "figures/samples_side_by_side.png"):
+        assert (out / f).is_file(), f
+    names = [e["name"] for e in results["variants"]]
+    assert names == ["reference", "pag0", "pag", "tgate"] and results["train_seeds"] == [0]
+    ref = results["variants"][0]
+    assert set(ref["per_train_seed"]["0"]) == {"0", "1", "2"} and ref["trained_by"] == "pipeline"
+    assert {"latency_s", "flops_per_sample", "peak_mem_bytes", "params"} <= set(ref["metrics"])
+    text = (out / "report.md").read_text()
+    assert "nothing trained" in text and "Sampling seeds only" in text and "heatmaps.png" in text
+    # the samples of PAG at scale 0 are the reference's, bit for bit; PAG at 3 differs
+    from safetensors.torch import load_file
+
+    x = {n: load_file(str(out / "variants" / n / "samples" / "seed-1.safetensors"))["x"] for n in names}
+    assert torch.equal(x["pag0"], x["reference"]) and (x["pag"] - x["reference"]).abs().max() > 1e-3
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "variants").rglob("*") if p.is_file()}
+    again = run(write_config(folder), out)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert again["variants"] == results["variants"]
+
+
+def test_a_killed_run_resumes_and_only_a_changed_variant_is_redone(folder, tmp_path, monkeypatch):
+    out, path = tmp_path / "out", write_config(folder)
+    draw, calls = pp._draw, []
+
+    def dying(*args, **kw):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return draw(*args, **kw)
+
+    monkeypatch.setattr(pp, "_draw", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(path, out)
+    monkeypatch.setattr(pp, "_draw", draw)
+    kept = {p: p.stat().st_mtime_ns for p in (out / "variants").rglob("seed-*.safetensors")}
+    assert kept and not (out / "report.md").exists()
+    run(path, out)
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    assert (out / "report.md").is_file()
+    before = {p: p.stat().st_mtime_ns for p in (out / "variants").rglob("seed-*.safetensors")}
+    changed = [dict(v) for v in VARIANTS]
+    changed[3] = {"name": "tgate", "techniques": {"tgate": {"gate": 0.25}}}
+    run(write_config(folder, variants=changed), out)
+    redone = {p.parent.parent.name for p, t in before.items() if p.stat().st_mtime_ns != t}
+    assert redone == {"tgate"}
+
+
+def test_clip_score_pag_at_zero_scores_exactly_as_the_reference(folder, tmp_path):
+    pytest.importorskip("attnlab.evaluate.clip_score")
+    clip = clip_folder(folder)
+    results = run(write_config(folder, clip=str(clip), metrics=["clip_score", "cost"]), tmp_path / "out")
+    by = {e["name"]: e for e in results["variants"]}
+    ref, zero, pag = (by[n]["per_train_seed"]["0"] for n in ("reference", "pag0", "pag"))
+    assert all(ref[s]["clip_score"] == zero[s]["clip_score"] for s in ref)
+    assert any(ref[s]["clip_score"] != pag[s]["clip_score"] for s in ref)
+    assert "CLIP score" in (tmp_path / "out" / "report.md").read_text()
+    assert results["summary"]["sentences"]
+
+
+# Refused inputs: one message naming the file or key
+
+
+def test_a_pipeline_folder_with_pickled_weights_only(folder, tmp_path):
+    bad = tmp_path / "sd"
+    shutil.copytree(folder / "sd", bad)
+    for f in (bad / "unet").glob("*.safetensors"):
+        f.rename(f.with_name("diffusion_pytorch_model.bin"))
+    shutil.copy(folder / "prompts.txt", tmp_path / "prompts.txt")
+    with pytest.raises(AttnlabError, match=r"diffusion_pytorch_model\.bin holds pickled weights"):
+        run(write_config(tmp_path), tmp_path / "out")
+
+
+def test_a_missing_prompt_file(folder, tmp_path):
+    path = write_config(folder, name="missing.yaml", prompts=str(tmp_path / "nope.txt"))
+    with pytest.raises(ConfigError, match=r"prompts: .*nope\.txt"):
+        run(path, tmp_path / "out")
+
+
+def test_a_clip_folder_that_is_not_clip(folder, tmp_path):
+    pytest.importorskip("attnlab.evaluate.clip_score")
+    not_clip = tmp_path / "not-clip"
+    not_clip.mkdir()
+    (not_clip / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    path = write_config(folder, name="notclip.yaml", clip=str(not_clip), metrics=["clip_score"])
+    with pytest.raises(ConfigError, match="not-clip"):
+        run(path, tmp_path / "out")
+
+
+def test_config_refusals_name_the_key(folder):
+    with pytest.raises(ConfigError, match="clip"):
+        pp.load_pipeline_poc_config(write_config(folder, name="c1.yaml", metrics=["clip_score"]))
+    with pytest.raises(ConfigError, match="inception"):
+        pp.load_pipeline_poc_config(write_config(folder, name="c2.yaml", metrics=["fid"], reference_images="x"))
+    arch = [{"name": "rope", "techniques": {"rope": {}}}]
+    with pytest.raises(ConfigError, match=r"variants\[0\]\.techniques\.rope.*training-free"):
+        pp.load_pipeline_poc_config(write_config(folder, name="c3.yaml", variants=arch))
+    with pytest.raises(ConfigError, match="seeds"):
+        pp.load_pipeline_poc_config(write_config(folder, name="c4.yaml", seeds=[0, 1]))
+
+
+def test_a_technique_the_family_does_not_take(tmp_path):
+    tiny.sd3().save_pretrained(tmp_path / "sd")
+    (tmp_path / "prompts.txt").write_text("a red car\n")
+    path = write_config(tmp_path, variants=[{"name": "reference"}, {"name": "tg", "techniques": {"tgate": {}}}])
+    with pytest.raises(ConfigError, match=r"variants\[1\]\.techniques\.tgate.*one softmax"):
+        run(path, tmp_path / "out")
+
+
+def test_the_example_config_loads_and_dry_runs(folder, tmp_path):
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from attnlab.cli.main import app
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "poc-pipeline.yaml"
+    args = ["poc", str(example), f"pipeline={folder / 'sd'}", "metrics=[cost]", "--dry-run", "-o", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "pag: samples the pipeline with {'pag': {'scale': 3.0}}" in result.output
+    cfg = pp.load_pipeline_poc_config(example, [f"pipeline={folder / 'sd'}"])
+    assert len(pp.read_prompts(cfg)) == 8
