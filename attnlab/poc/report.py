@@ -182,6 +182,18 @@ def build_document(cfg: PocConfig, results: dict, figs: dict, heat: list[dict]) 
     doc.add(Heading("Summary"), Bullets(results["summary"]["sentences"]))
     doc.add(Heading("Variants"), _variants_table(cfg, entries, ref))
     comparisons = results["comparisons"]
+    pipe = _on_pipeline(cfg)
+    leads = {
+        "Quality": "Sample quality against the reference images (lower is better)."
+        if pipe
+        else "Sample quality against the eval split (lower is better).",
+        "Condition alignment": "How well a sample shows what its prompt asked for (higher is better)."
+        if pipe
+        else "How often a sample shows what its prompt asked for (higher is better, except errors).",
+        "Cost": "What each design costs to sample (lower is better)."
+        if pipe
+        else "What each design costs to sample and to train (lower is better).",
+    }
     for title, family, lead in (
         ("Quality", QUALITY, "Sample quality against the eval split (lower is better)."),
         (
@@ -195,7 +207,7 @@ def build_document(cfg: PocConfig, results: dict, figs: dict, heat: list[dict]) 
         if metrics:
             doc.add(
                 Heading(title),
-                Para(lead),
+                Para(leads[title]),
                 metric_table(entries, metrics, comparisons, ref, results["real_data"]),
             )
     if cfg.replicated:
