@@ -48,7 +48,9 @@ def clip_folder(root):
     )  # fmt: skip
     CLIPModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        path
+    )
     return path
 
 
@@ -167,7 +169,9 @@ def test_config_refusals_name_the_key(folder):
     with pytest.raises(ConfigError, match="clip"):
         pp.load_pipeline_poc_config(write_config(folder, name="c1.yaml", metrics=["clip_score"]))
     with pytest.raises(ConfigError, match="inception"):
-        pp.load_pipeline_poc_config(write_config(folder, name="c2.yaml", metrics=["fid"], reference_images="x"))
+        pp.load_pipeline_poc_config(
+            write_config(folder, name="c2.yaml", metrics=["fid"], reference_images="x")
+        )
     arch = [{"name": "rope", "techniques": {"rope": {}}}]
     with pytest.raises(ConfigError, match=r"variants\[0\]\.techniques\.rope.*training-free"):
         pp.load_pipeline_poc_config(write_config(folder, name="c3.yaml", variants=arch))
@@ -178,7 +182,9 @@ def test_config_refusals_name_the_key(folder):
 def test_a_technique_the_family_does_not_take(tmp_path):
     tiny.sd3().save_pretrained(tmp_path / "sd")
     (tmp_path / "prompts.txt").write_text("a red car\n")
-    path = write_config(tmp_path, variants=[{"name": "reference"}, {"name": "tg", "techniques": {"tgate": {}}}])
+    path = write_config(
+        tmp_path, variants=[{"name": "reference"}, {"name": "tg", "techniques": {"tgate": {}}}]
+    )
     with pytest.raises(ConfigError, match=r"variants\[1\]\.techniques\.tgate.*one softmax"):
         run(path, tmp_path / "out")
 
@@ -191,9 +197,46 @@ def test_the_example_config_loads_and_dry_runs(folder, tmp_path):
     from attnlab.cli.main import app
 
     example = Path(__file__).resolve().parents[1] / "examples" / "poc-pipeline.yaml"
-    args = ["poc", str(example), f"pipeline={folder / 'sd'}", "metrics=[cost]", "--dry-run", "-o", str(tmp_path)]
+    args = [
+        "poc",
+        str(example),
+        f"pipeline={folder / 'sd'}",
+        "metrics=[cost]",
+        "--dry-run",
+        "-o",
+        str(tmp_path),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "pag: samples the pipeline with {'pag': {'scale': 3.0}}" in result.output
     cfg = pp.load_pipeline_poc_config(example, [f"pipeline={folder / 'sd'}"])
     assert len(pp.read_prompts(cfg)) == 8
+
+
+def test_fid_and_kid_against_reference_images(folder, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from attnlab.evaluate.inception import FIDInception
+
+    torch.manual_seed(0)
+    inception = tmp_path / "inception.safetensors"
+    save_file({k: v.contiguous() for k, v in FIDInception().state_dict().items()}, str(inception))
+    images = tmp_path / "ours"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    path = write_config(
+        folder, name="fid.yaml", variants=VARIANTS[:2], metrics=["fid", "kid"], heatmaps=False,
+        reference_images=str(images), inception=str(inception),
+        budget={"sample_steps": 2, "num_samples": 2, "batch_size": 2, "guidance": 5.0},
+    )  # fmt: skip
+    results = run(path, tmp_path / "out")
+    ref, zero = (e["per_train_seed"]["0"] for e in results["variants"])
+    assert all(np.isfinite(ref[s]["fid"]) and "kid_mean" in ref[s] for s in ref)
+    assert all(ref[s]["fid"] == zero[s]["fid"] for s in ref)  # PAG at 0: the reference's samples
+    (images / "bad.png").write_text("not an image")
+    with pytest.raises(ConfigError, match=r"bad\.png is not a readable image"):
+        run(path, tmp_path / "out2")

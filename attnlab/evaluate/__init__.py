@@ -13,6 +13,10 @@ Quality (Heusel et al., 2017; Binkowski et al., 2018), through torchmetrics:
     16-64 px images upsampled 5-18x to 299 px and knows nothing of audio, so the dataset's own
     evaluator is the default.
 
+Prompt alignment of a pretrained pipeline's images, with a local CLIP (`clip_score`):
+
+    load_clip("/models/clip-vit-b32").score(images, prompts)   # 100 x max(cos, 0) per image
+
 Condition alignment: does each sample show what its prompt asked for?
 
     alignment("shapes", samples, captions_or_requests)   # shape/color/position/count/relation acc, all_correct
@@ -41,6 +45,7 @@ See each module for how every number is measured.
 """
 
 from attnlab.evaluate.alignment import alignment
+from attnlab.evaluate.clip_score import ClipScorer, load_clip
 from attnlab.evaluate.cost import (
     cost,
     count_flops,
@@ -61,6 +66,7 @@ from attnlab.evaluate.score import score_samples
 
 __all__ = [
     "BUILTIN",
+    "ClipScorer",
     "Evaluator",
     "FIDInception",
     "alignment",
@@ -75,6 +81,7 @@ __all__ = [
     "fid_kid",
     "fid_kid_from_features",
     "heatmap_localisation",
+    "load_clip",
     "load_inception",
     "parse_request",
     "peak_memory",

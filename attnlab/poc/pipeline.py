@@ -152,7 +152,11 @@ def load_pipeline_poc_config(path: str | Path, overrides: list[str] = ()) -> Pip
         value = getattr(cfg, key)
         if value and not Path(value).is_absolute() and not Path(value).exists():
             setattr(cfg, key, str(base / value))
-    if isinstance(cfg.prompts, str) and not Path(cfg.prompts).is_absolute() and not Path(cfg.prompts).exists():
+    if (
+        isinstance(cfg.prompts, str)
+        and not Path(cfg.prompts).is_absolute()
+        and not Path(cfg.prompts).exists()
+    ):
         cfg.prompts = str(base / cfg.prompts)
     return cfg
 
@@ -164,7 +168,12 @@ def validate(cfg: PipelinePocConfig) -> None:
     _check(len(set(cfg.seeds)) >= 3, "seeds", cfg.seeds, "at least 3 distinct sampling seeds")
     _check(len(set(cfg.seeds)) == len(cfg.seeds), "seeds", cfg.seeds, "sampling seeds without repeats")
     unknown = [m for m in cfg.metrics if m not in PIPELINE_METRICS]
-    _check(bool(cfg.metrics) and not unknown, "metrics", cfg.metrics, f"a non-empty subset of {', '.join(PIPELINE_METRICS)}")
+    _check(
+        bool(cfg.metrics) and not unknown,
+        "metrics",
+        cfg.metrics,
+        f"a non-empty subset of {', '.join(PIPELINE_METRICS)}",
+    )
     _check(cfg.precision in PRECISIONS, "precision", cfg.precision, " | ".join(PRECISIONS))
     b = cfg.budget
     _check(b.sample_steps >= 1, "budget.sample_steps", b.sample_steps, "a positive integer")
@@ -173,9 +182,19 @@ def validate(cfg: PipelinePocConfig) -> None:
     _check(b.batch_size >= 1, "budget.batch_size", b.batch_size, "a positive integer")
     for key in ("height", "width"):
         v = getattr(b, key)
-        _check(v is None or (v >= 8 and v % 8 == 0), f"budget.{key}", v, "a multiple of 8, or null for the pipeline's")
+        _check(
+            v is None or (v >= 8 and v % 8 == 0),
+            f"budget.{key}",
+            v,
+            "a multiple of 8, or null for the pipeline's",
+        )
     if "clip_score" in cfg.metrics:
-        _check(cfg.clip is not None, "clip", cfg.clip, "a local CLIP folder for clip_score (or drop clip_score from metrics)")
+        _check(
+            cfg.clip is not None,
+            "clip",
+            cfg.clip,
+            "a local CLIP folder for clip_score (or drop clip_score from metrics)",
+        )
     if {"fid", "kid"} & set(cfg.metrics):
         _check(
             cfg.reference_images is not None,
@@ -192,12 +211,24 @@ def validate(cfg: PipelinePocConfig) -> None:
     names = [v.name for v in cfg.variants]
     for i, v in enumerate(cfg.variants):
         key = f"variants[{i}]"
-        _check(bool(_NAME.fullmatch(v.name)), f"{key}.name", v.name, "letters, digits and _ . + - (a directory name)")
+        _check(
+            bool(_NAME.fullmatch(v.name)),
+            f"{key}.name",
+            v.name,
+            "letters, digits and _ . + - (a directory name)",
+        )
         _check(v.name not in names[:i], f"{key}.name", v.name, "a name no other variant has")
-        _check(not v.model and v.base is None, f"{key}.model", v.model, "nothing: a pipeline PoC trains no model")
+        _check(
+            not v.model and v.base is None, f"{key}.model", v.model, "nothing: a pipeline PoC trains no model"
+        )
         for name, opts in v.techniques.items():
             _check_technique(name, opts, f"{key}.techniques.{name}")
-    _check(cfg.reference is None or cfg.reference in names, "reference", cfg.reference, f"one of {', '.join(names)}")
+    _check(
+        cfg.reference is None or cfg.reference in names,
+        "reference",
+        cfg.reference,
+        f"one of {', '.join(names)}",
+    )
 
 
 def _check_technique(name: str, opts, key: str) -> None:
@@ -359,10 +390,10 @@ def run_pipeline_poc(cfg: PipelinePocConfig, out: str | Path, *, progress: bool 
         The results (what results.json holds).
     """
     from attnlab.integrations.diffusers.load import folder_family, read_index, weights_hashes
-    from attnlab.poc.variants import technique
     from attnlab.io import remove_temporaries, write_text
     from attnlab.poc.progress import Progress
     from attnlab.poc.report import write_report
+    from attnlab.poc.variants import technique
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -392,7 +423,20 @@ def run_pipeline_poc(cfg: PipelinePocConfig, out: str | Path, *, progress: bool 
     start = time.perf_counter()
     try:
         real = _real_features(cfg, out, bar) if {"fid", "kid"} & set(cfg.metrics) else None
-        entries = [_variant(cfg, out, v, pipe, weights, prompts, scorer if "clip_score" in cfg.metrics else None, real, bar) for v in cfg.variants]
+        entries = [
+            _variant(
+                cfg,
+                out,
+                v,
+                pipe,
+                weights,
+                prompts,
+                scorer if "clip_score" in cfg.metrics else None,
+                real,
+                bar,
+            )
+            for v in cfg.variants
+        ]
         heat = _heatmaps(cfg, out, pipe, weights, prompts, bar)
         with bar.stage("report", "write report.md, report.html, results.json, results.csv") as st:
             results = write_report(cfg, out, entries, prompts, heat, None, time.perf_counter() - start)
@@ -403,7 +447,7 @@ def run_pipeline_poc(cfg: PipelinePocConfig, out: str | Path, *, progress: bool 
 
 
 def _real_features(cfg: PipelinePocConfig, out: Path, bar):
-    """The FID Inception features of `reference_images`, resized to the samples' size (kept)."""
+    """The FID Inception features of `reference_images` (kept), read at the Inception's input size."""
     from safetensors.torch import load_file, save_file
 
     from attnlab.evaluate.inception import load_inception
@@ -411,7 +455,7 @@ def _real_features(cfg: PipelinePocConfig, out: Path, bar):
     from attnlab.io import atomic_path
 
     path = out / "stages" / "real-features.safetensors"
-    size = (cfg.budget.height or 512, cfg.budget.width or 512)
+    size = (299, 299)  # the FID Inception's input size (it resizes samples to it too)
     fp = fingerprint("pipeline-real", str(cfg.reference_images), size, str(cfg.inception),
                      sorted((p.name, p.stat().st_size) for p in Path(cfg.reference_images).rglob("*") if p.is_file()))  # fmt: skip
 
@@ -452,7 +496,12 @@ def _variant(cfg, out, v: VariantConfig, pipe, weights, prompts: PromptSet, scor
             seconds = time.perf_counter() - t0
             with atomic_path(path) as tmp:
                 save_file({"x": x.contiguous()}, str(tmp), metadata={"fingerprint": fp})
-            return {"file": str(path.relative_to(dirs.root)), "seconds": seconds, "latency_s": seconds / len(x), "n": len(x)}
+            return {
+                "file": str(path.relative_to(dirs.root)),
+                "seconds": seconds,
+                "latency_s": seconds / len(x),
+                "n": len(x),
+            }
 
         with bar.stage(v.name, f"sample seed {seed}") as st:
             rec = run_stage(dirs.marker(f"sampled-{seed}"), fp, draw, files=[path])
@@ -473,8 +522,19 @@ def _variant(cfg, out, v: VariantConfig, pipe, weights, prompts: PromptSet, scor
     cost = {}
     if "cost" in cfg.metrics:
         with bar.stage(v.name, "cost") as st:
-            cfp = fingerprint("pipeline-cost", weights, cfg.precision, spec, b.sample_steps, b.guidance, _size(cfg), prompts.texts[:2])
-            cost = run_stage(dirs.marker("cost"), cfp, lambda: _cost(cfg, pipe.get(), spec, prompts.texts[:2]))
+            cfp = fingerprint(
+                "pipeline-cost",
+                weights,
+                cfg.precision,
+                spec,
+                b.sample_steps,
+                b.guidance,
+                _size(cfg),
+                prompts.texts[:2],
+            )
+            cost = run_stage(
+                dirs.marker("cost"), cfp, lambda: _cost(cfg, pipe.get(), spec, prompts.texts[:2])
+            )
             st.skipped = cost["skipped"]
         cost = {k: val for k, val in cost.items() if k not in ("fingerprint", "skipped")}
     levels = sorted({technique(n).level for n in spec})
@@ -522,7 +582,9 @@ def _cost(cfg: PipelinePocConfig, pipe, spec: dict, texts: list[str]) -> dict:
         out["flops_per_sample"] = count_flops(lambda: _draw(cfg, pipe, spec, texts[:1], [0], 1))
     except RuntimeError as e:  # the FLOP counter refuses autograd inside sampling (Attend-and-Excite)
         out["flops_per_sample_not_counted"] = str(e).splitlines()[0]
-    out["peak_mem_bytes"] = peak_memory(lambda: _draw(cfg, pipe, spec, texts, [0] * len(texts), len(texts)), cfg.device)
+    out["peak_mem_bytes"] = peak_memory(
+        lambda: _draw(cfg, pipe, spec, texts, [0] * len(texts), len(texts)), cfg.device
+    )
     return out
 
 
@@ -540,7 +602,17 @@ def _heatmaps(cfg: PipelinePocConfig, out: Path, pipe, weights, prompts: PromptS
     prompt, seed = prompts.texts[0], cfg.seeds[0] * SEED_STRIDE
     words = prompt_words(prompt)
     b = cfg.budget
-    fp = fingerprint("pipeline-heatmaps", weights, cfg.precision, v.techniques, b.sample_steps, b.guidance, _size(cfg), prompt, seed)
+    fp = fingerprint(
+        "pipeline-heatmaps",
+        weights,
+        cfg.precision,
+        v.techniques,
+        b.sample_steps,
+        b.guidance,
+        _size(cfg),
+        prompt,
+        seed,
+    )
     path = dirs.root / "heatmaps.png"
 
     def work() -> dict:
@@ -555,4 +627,12 @@ def _heatmaps(cfg: PipelinePocConfig, out: Path, pipe, weights, prompts: PromptS
     with bar.stage(v.name, "heat maps") as st:
         rec = run_stage(dirs.marker("heatmaps"), fp, work, files=[path])
         st.skipped = rec["skipped"]
-    return [{"variant": v.name, "prompt": rec["prompt"], "words": rec["words"], "file": rec["file"], "path": str(path)}]
+    return [
+        {
+            "variant": v.name,
+            "prompt": rec["prompt"],
+            "words": rec["words"],
+            "file": rec["file"],
+            "path": str(path),
+        }
+    ]

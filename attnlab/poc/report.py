@@ -194,15 +194,7 @@ def build_document(cfg: PocConfig, results: dict, figs: dict, heat: list[dict]) 
         if pipe
         else "What each design costs to sample and to train (lower is better).",
     }
-    for title, family, lead in (
-        ("Quality", QUALITY, "Sample quality against the eval split (lower is better)."),
-        (
-            "Condition alignment",
-            ALIGNMENT,
-            "How often a sample shows what its prompt asked for (higher is better, except errors).",
-        ),
-        ("Cost", COST, "What each design costs to sample and to train (lower is better)."),
-    ):
+    for title, family in (("Quality", QUALITY), ("Condition alignment", ALIGNMENT), ("Cost", COST)):
         metrics = [m for m in family if any(m.key in e["metrics"] for e in entries)]
         if metrics:
             doc.add(
