@@ -164,11 +164,20 @@ class Summary:
             f"these are not): {listed}."
         )
 
+    @property
+    def pretrained(self) -> bool:
+        """Every variant samples one pretrained pipeline (a pipeline PoC): nothing was trained."""
+        return all(e.get("trained_by") == "pipeline" for e in self.variants.values())
+
+    @property
+    def _more(self) -> str:
+        return "more samples, prompts or seeds" if self.pretrained else "more training steps, samples or seeds"
+
     def replication_sentence(self) -> str | None:
         """With one training seed: which differences are unreplicated and which are sampling noise only."""
         if self.replicated:
             return None
-        if all(e.get("trained_by") == "pipeline" for e in self.variants.values()):
+        if self.pretrained:
             return (
                 "**Sampling seeds only:** nothing was trained (every variant samples the one pretrained "
                 "pipeline), so these verdicts rest on the sampling seeds' spread; more seeds or prompts narrow it."
@@ -210,6 +219,8 @@ class Summary:
             return None
         n = self.train_seeds
         budget = f"{n} training seed{'s' if n > 1 else ''} × {self.sampling_seeds} sampling seeds"
+        if self.pretrained:
+            budget = f"{self.sampling_seeds} sampling seeds of the pretrained pipeline"
         how = {
             1: "√2 times the reference's spread over sampling seeds",
             2: "twice the standard error of a difference over the sampling seeds, per training seed",
@@ -250,8 +261,8 @@ class Summary:
                 head
                 + (
                     f"`{best}`, {level}, scored the best {metric.label}, but within noise of the reference; the evidence "
-                    f"is weak at this budget. Keep the reference, or rerun with a larger budget (more training steps, "
-                    f"samples or seeds) before adopting `{best}`."
+                    f"is weak at this budget. Keep the reference, or rerun with a larger budget ({self._more}) "
+                    f"before adopting `{best}`."
                 )
                 + self._also(family)
             )
