@@ -240,3 +240,77 @@ def test_fid_and_kid_against_reference_images(folder, tmp_path):
     (images / "bad.png").write_text("not an image")
     with pytest.raises(ConfigError, match=r"bad\.png is not a readable image"):
         run(path, tmp_path / "out2")
+
+
+def _masked_folder(root):
+    """Three 32 px images of a coloured square on grey, captioned, each with the square's mask."""
+    import numpy as np
+    from PIL import Image
+
+    folder = root / "masked"
+    (folder / "masks").mkdir(parents=True)
+    rows = []
+    for i, (word, colour) in enumerate(
+        (("car", (200, 30, 30)), ("cat", (30, 30, 200)), ("ball", (30, 200, 30)))
+    ):
+        img = np.full((32, 32, 3), 128, dtype=np.uint8)
+        mask = np.zeros((32, 32), dtype=np.uint8)
+        y, x = 4 + 6 * i, 20 - 6 * i
+        img[y : y + 10, x : x + 10], mask[y : y + 10, x : x + 10] = colour, 255
+        Image.fromarray(img).save(folder / f"{i}.png")
+        Image.fromarray(mask).save(folder / "masks" / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"a red {word}", "masks": {word: f"masks/{i}.png"}})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
+def test_heat_map_localisation_on_masked_reference_images(folder, tmp_path):
+    masked = _masked_folder(tmp_path)
+    path = write_config(
+        folder, name="loc.yaml", variants=VARIANTS[:3], metrics=["localisation"], heatmaps=False,
+        reference_images=str(masked),
+    )  # fmt: skip
+    results = run(path, tmp_path / "out")
+    by = {e["name"]: e["per_train_seed"]["0"] for e in results["variants"]}
+    for s in ("0", "1", "2"):
+        score = by["reference"][s]
+        assert 0 <= score["mask_iou"] <= 1 and 0 < score["mask_area_iou"] < 1
+        assert by["pag0"][s]["mask_iou"] == score["mask_iou"]  # PAG at 0 changes no map
+    assert "heat-map IoU (masked words)" in (tmp_path / "out" / "report.md").read_text()
+    rows = (masked / "metadata.jsonl").read_text().replace('"car": "masks/0.png"', '"truck": "masks/0.png"')
+    (masked / "metadata.jsonl").write_text(rows)
+    with pytest.raises(ConfigError, match=r"mask's word 'truck' is not in 'a red car'"):
+        run(path, tmp_path / "out2")
+
+
+def test_localisation_denoises_the_real_image_noised_to_each_timestep(folder, tmp_path):
+    """The denoiser sees, at step i, the VAE latent of the real image noised to timestep t_i:
+    sqrt(abar) z0 + sqrt(1 - abar) eps (DDIM's schedule), written here from the definition."""
+    from attnlab.integrations.diffusers.load import load_pipeline
+
+    masked = _masked_folder(tmp_path)
+    cfg = pp.load_pipeline_poc_config(
+        write_config(folder, name="l2.yaml", metrics=["localisation"], reference_images=str(masked))
+    )
+    pipe = load_pipeline(cfg.pipeline, "fp32", "cpu")
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(
+            (kw.get("sample", a[0] if a else None), a[1] if len(a) > 1 else kw["timestep"])
+        ),
+        with_kwargs=True,
+    )
+    try:
+        pp.localisation_scores(cfg, pipe, {}, pp.masked_images(masked)[:1], seed=4)
+    finally:
+        hook.remove()
+    x = pp._read_rgb(masked / "0.png", (32, 32))[None]
+    with torch.no_grad():
+        z0 = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(4))
+    ab = pipe.scheduler.alphas_cumprod
+    assert len(seen) == cfg.budget.sample_steps
+    for sample, t in seen:
+        a = ab[int(t)]
+        want = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        assert (sample - want).abs().max() <= 1e-5 * want.abs().max()

@@ -103,6 +103,14 @@ ALIGNMENT = [
         say="CLIP score {value}",
     ),
     Metric(
+        "mask_iou",
+        "heat-map IoU (masked words)",
+        "alignment",
+        False,
+        _num(3),
+        say="heat-map IoU {value} of the masked words with their objects",
+    ),
+    Metric(
         "heatmap_iou",
         "heat-map IoU (shape words)",
         "alignment",

@@ -41,7 +41,7 @@ from attnlab.poc.prompts import PromptSet
 from attnlab.poc.stages import fingerprint, run_stage, seed_dirs
 from attnlab.precision import PRECISIONS
 
-PIPELINE_METRICS = ("clip_score", "fid", "kid", "cost")
+PIPELINE_METRICS = ("clip_score", "fid", "kid", "cost", "localisation")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -208,6 +208,13 @@ def validate(cfg: PipelinePocConfig) -> None:
             cfg.inception,
             "a local FID Inception weights file (pt_inception-2015-12-05-6726825d.pth), for fid / kid",
         )
+    if "localisation" in cfg.metrics:
+        _check(
+            cfg.reference_images is not None,
+            "reference_images",
+            cfg.reference_images,
+            "a folder whose metadata.jsonl rows carry masks {word: file}, for localisation",
+        )
     names = [v.name for v in cfg.variants]
     for i, v in enumerate(cfg.variants):
         key = f"variants[{i}]"
@@ -315,7 +322,14 @@ def reference_images(folder: str | Path, size: tuple[int, int]) -> torch.Tensor:
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"reference_images: {folder} is not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if (folder / "metadata.jsonl").is_file():  # its rows' images (not their masks)
+        files = [
+            folder / json.loads(line)["file_name"]
+            for line in (folder / "metadata.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
+    else:
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(files) < 2:
         raise ConfigError(f"reference_images: {folder} holds {len(files)} image(s); FID/KID need at least 2")
     out = []
@@ -418,11 +432,13 @@ def run_pipeline_poc(cfg: PipelinePocConfig, out: str | Path, *, progress: bool 
         write_text(out / "poc.json", text)
     pipe = _Pipe(cfg)
     weights = weights_hashes(cfg.pipeline)
-    n_stages = len(cfg.variants) * (len(cfg.seeds) * 2 + ("cost" in cfg.metrics)) + 2
+    per_seed = 2 + ("localisation" in cfg.metrics)
+    n_stages = len(cfg.variants) * (len(cfg.seeds) * per_seed + ("cost" in cfg.metrics)) + 2
     bar = Progress(n_stages, enabled=progress, echo=echo)
     start = time.perf_counter()
     try:
         real = _real_features(cfg, out, bar) if {"fid", "kid"} & set(cfg.metrics) else None
+        refs = masked_images(cfg.reference_images) if "localisation" in cfg.metrics else None
         entries = [
             _variant(
                 cfg,
@@ -434,6 +450,7 @@ def run_pipeline_poc(cfg: PipelinePocConfig, out: str | Path, *, progress: bool 
                 scorer if "clip_score" in cfg.metrics else None,
                 real,
                 bar,
+                refs,
             )
             for v in cfg.variants
         ]
@@ -472,7 +489,9 @@ def _real_features(cfg: PipelinePocConfig, out: Path, bar):
     return load_file(str(path))["features"]
 
 
-def _variant(cfg, out, v: VariantConfig, pipe, weights, prompts: PromptSet, scorer, real, bar) -> dict:
+def _variant(
+    cfg, out, v: VariantConfig, pipe, weights, prompts: PromptSet, scorer, real, bar, refs=None
+) -> dict:
     from safetensors.torch import load_file, save_file
 
     from attnlab.io import atomic_path
@@ -518,6 +537,28 @@ def _variant(cfg, out, v: VariantConfig, pipe, weights, prompts: PromptSet, scor
             found = run_stage(dirs.marker(f"evaluated-{seed}"), efp, evaluate)
             st.skipped = found["skipped"]
         scores.update(found["scores"])
+        if refs is not None:
+            with bar.stage(v.name, f"heat-map IoU seed {seed}") as st:
+                listing = [
+                    (r.text, str(r.image), sorted((w, str(m)) for w, m in r.masks.items())) for r in refs
+                ]
+                lfp = fingerprint(
+                    "pipeline-localisation",
+                    weights,
+                    cfg.precision,
+                    spec,
+                    b.sample_steps,
+                    _size(cfg),
+                    listing,
+                    seed,
+                )
+                loc = run_stage(
+                    dirs.marker(f"localised-{seed}"),
+                    lfp,
+                    lambda seed=seed: {"scores": localisation_scores(cfg, pipe.get(), spec, refs, seed)},
+                )
+                st.skipped = loc["skipped"]
+            scores.update(loc["scores"])
         per_seed[seed] = scores
     cost = {}
     if "cost" in cfg.metrics:
@@ -636,3 +677,166 @@ def _heatmaps(cfg: PipelinePocConfig, out: Path, pipe, weights, prompts: PromptS
             "path": str(path),
         }
     ]
+
+
+# Heat-map localisation on the user's own masked images
+
+
+@dataclass
+class MaskedImage:
+    """One reference image with its caption and, per word, the mask of the object it names."""
+
+    image: Path
+    text: str
+    masks: dict[str, Path]
+
+
+def masked_images(folder: str | Path) -> list[MaskedImage]:
+    """The rows of `reference_images/metadata.jsonl` that carry masks:
+    {"file_name": "img/0001.png", "text": "a red car on a street", "masks": {"car": "masks/0001-car.png"}}
+    (paths relative to the folder; a mask is white where the object is).
+
+    Raises:
+        ConfigError: no metadata.jsonl, a bad row, a missing file, or no row with masks (named).
+    """
+    folder = Path(folder)
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        raise ConfigError(
+            f"reference_images: {meta} not found; localisation reads rows with file_name, text and masks"
+        )
+    out = []
+    for i, line in enumerate(meta.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ConfigError(f"reference_images: {meta} line {i} is not JSON") from None
+        masks = row.get("masks") if isinstance(row, dict) else None
+        if not masks:
+            continue
+        if not isinstance(masks, dict) or "file_name" not in row or "text" not in row:
+            raise ConfigError(
+                f"reference_images: {meta} line {i}: expected file_name, text and masks {{word: file}}"
+            )
+        files = {w: folder / m for w, m in masks.items()}
+        for f in [folder / row["file_name"], *files.values()]:
+            if not f.is_file():
+                raise ConfigError(f"reference_images: {meta} line {i}: {f} not found")
+        for w in files:
+            if not re_word(w, row["text"]):
+                raise ConfigError(
+                    f"reference_images: {meta} line {i}: the mask's word {w!r} is not in {row['text']!r}"
+                )
+        out.append(MaskedImage(folder / row["file_name"], str(row["text"]), files))
+    if not out:
+        raise ConfigError(f"reference_images: no row of {meta} has masks, which localisation needs")
+    return out
+
+
+def re_word(word: str, text: str) -> bool:
+    import re
+
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE) is not None
+
+
+def _read_rgb(path: Path, size: tuple[int, int], mask: bool = False) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if mask else "RGB").resize(
+                (size[1], size[0]), Image.NEAREST if mask else Image.BICUBIC
+            )
+            a = np.asarray(im, dtype=np.float32)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ConfigError(f"reference_images: {path} is not a readable image ({e})") from None
+    t = torch.from_numpy(a)
+    return t > 127 if mask else t.permute(2, 0, 1) / 127.5 - 1
+
+
+def _noised(sched, z0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+    """z0 noised to timestep t in the sample space of the scheduler's loop."""
+    t = torch.as_tensor(t).reshape(1)
+    if hasattr(sched, "scale_noise"):  # flow matching: (1 - sigma) z0 + sigma eps
+        return sched.scale_noise(z0, t, eps)
+    return sched.add_noise(z0, eps, t.long() if not t.is_floating_point() else t)
+
+
+def localisation_scores(cfg: PipelinePocConfig, pipe, spec: dict, refs: list[MaskedImage], seed: int) -> dict:
+    """Heat-map IoU of the masked words on the user's real images, with the variant's techniques
+    installed, as the native PoC scores shapes: each image, encoded by the pipeline's VAE, is noised
+    to the sampler's timesteps (one noise per image, from `seed`) and the pipeline's own call
+    denoises it once per timestep under its caption (its scheduler's step is replaced by the next
+    noising of the real image) while DAAM's maps are recorded; each word's map, min-max normalised
+    and cut at 0.4, is compared with its mask. Returns heatmap_iou (mean over words), the pointing
+    game and the IoU of an all-ones map (what a map that says nothing scores)."""
+    from attnlab.control import HeatMaps, normalise
+    from attnlab.control.plan import sampling_plan
+    from attnlab.evaluate.localisation import heatmap_localisation
+    from attnlab.integrations.diffusers.load import call_arguments, denoiser, family
+    from attnlab.integrations.diffusers.words import word_token_indices
+
+    if family(pipe) == "flux":
+        raise ConfigError("metrics: localisation reads latent images; Flux packs its latents as tokens")
+    den, vae, sched = denoiser(pipe), pipe.vae, pipe.scheduler
+    side = den.config.sample_size * pipe.vae_scale_factor
+    size = (cfg.budget.height or side, cfg.budget.width or side)
+    plan = sampling_plan(spec, bind_prompts=True)
+    maps, masks = [], []
+    g = torch.Generator().manual_seed(seed)
+    for ref in refs:
+        x = _read_rgb(ref.image, size)[None].to(vae.device, vae.dtype)
+        with torch.no_grad():
+            z0 = vae.encode(x).latent_dist.mean
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        z0 = ((z0 - shift) * vae.config.scaling_factor).float().cpu()
+        eps = torch.randn(z0.shape, generator=g)
+        sched.set_timesteps(cfg.budget.sample_steps)
+        steps = sched.timesteps.clone()
+        start = _noised(sched, z0, eps, steps[0]) / sched.init_noise_sigma
+        step, seen = sched.step, {"i": 0}
+
+        def renoise(
+            model_output, timestep, sample, *args, step=step, z0=z0, eps=eps, steps=steps, seen=seen, **kw
+        ):
+            out = step(model_output, timestep, sample, *args, **kw)
+            seen["i"] += 1
+            if seen["i"] < len(steps):
+                nxt = _noised(sched, z0, eps, steps[seen["i"]]).to(sample)
+                if isinstance(out, tuple):
+                    out = (nxt, *out[1:])
+                else:
+                    out.prev_sample = nxt
+            return out
+
+        hm = HeatMaps()
+        sched.__dict__["step"] = renoise
+        try:
+            from attnlab.attention import control
+
+            # guidance 1: the cond rows' maps are the same without the uncond pass, which costs a pass
+            kw = call_arguments(pipe, [ref.text], [seed], cfg.budget.sample_steps, 1.0)
+            with control(pipe, [hm, *plan.controls, *plan.guidances], seeds=[seed]):
+                pipe(
+                    **{**kw, "output_type": "latent"},
+                    latents=start.to(den.device, den.dtype),
+                    height=size[0],
+                    width=size[1],
+                )
+        finally:
+            sched.__dict__.pop("step", None)
+        heat = hm.maps(tuple(z0.shape[2:])).cpu()  # (1, L, h, w)
+        for word, mask in ref.masks.items():
+            idx = word_token_indices(pipe, ref.text, word)
+            maps.append(normalise(heat[:1, idx].mean(1))[0])
+            masks.append(_read_rgb(mask, size, mask=True))
+    mk = torch.stack(masks)
+    scores = heatmap_localisation(torch.stack(maps), mk)
+    return {
+        "mask_iou": scores["iou"],
+        "mask_pointing": scores["pointing"],
+        "mask_area_iou": float(mk.flatten(1).float().mean(1).mean()),
+    }

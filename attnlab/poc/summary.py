@@ -171,7 +171,9 @@ class Summary:
 
     @property
     def _more(self) -> str:
-        return "more samples, prompts or seeds" if self.pretrained else "more training steps, samples or seeds"
+        return (
+            "more samples, prompts or seeds" if self.pretrained else "more training steps, samples or seeds"
+        )
 
     def replication_sentence(self) -> str | None:
         """With one training seed: which differences are unreplicated and which are sampling noise only."""
