@@ -193,16 +193,9 @@ def validate(cfg: PocConfig) -> None:
         cfg.sample.precision in PRECISIONS, "sample.precision", cfg.sample.precision, " | ".join(PRECISIONS)
     )
     _validate_lists(cfg)
-    names = [v.name for v in cfg.variants]
+    names = check_variant_names(cfg.variants)
     for i, v in enumerate(cfg.variants):
         key = f"variants[{i}]"
-        _check(
-            bool(_NAME.fullmatch(v.name)),
-            f"{key}.name",
-            v.name,
-            "letters, digits and _ . + - (a directory name)",
-        )
-        _check(v.name not in names[:i], f"{key}.name", v.name, "a name no other variant has")
         _check(
             v.base is None or v.base in names, f"{key}.base", v.base, f"another variant ({', '.join(names)})"
         )
@@ -216,6 +209,17 @@ def validate(cfg: PocConfig) -> None:
         cfg.reference,
         f"one of the variants ({', '.join(names)})",
     )
+
+
+def check_variant_names(variants: list[VariantConfig]) -> list[str]:
+    """The variants' names; raise ConfigError naming the first that is not a directory name or
+    repeats another."""
+    names = [v.name for v in variants]
+    for i, v in enumerate(variants):
+        key = f"variants[{i}].name"
+        _check(bool(_NAME.fullmatch(v.name)), key, v.name, "letters, digits and _ . + - (a directory name)")
+        _check(v.name not in names[:i], key, v.name, "a name no other variant has")
+    return names
 
 
 def _validate_lists(cfg: PocConfig) -> None:

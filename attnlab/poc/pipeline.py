@@ -36,7 +36,7 @@ from omegaconf import MISSING
 
 from attnlab.errors import AttnlabError, ConfigError
 from attnlab.errors import check as _check
-from attnlab.poc.config import _NAME, SEED_STRIDE, VariantConfig
+from attnlab.poc.config import SEED_STRIDE, VariantConfig, check_variant_names
 from attnlab.poc.prompts import PromptSet
 from attnlab.poc.stages import fingerprint, run_stage, seed_dirs
 from attnlab.precision import PRECISIONS
@@ -215,16 +215,9 @@ def validate(cfg: PipelinePocConfig) -> None:
             cfg.reference_images,
             "a folder whose metadata.jsonl rows carry masks {word: file}, for localisation",
         )
-    names = [v.name for v in cfg.variants]
+    names = check_variant_names(cfg.variants)
     for i, v in enumerate(cfg.variants):
         key = f"variants[{i}]"
-        _check(
-            bool(_NAME.fullmatch(v.name)),
-            f"{key}.name",
-            v.name,
-            "letters, digits and _ . + - (a directory name)",
-        )
-        _check(v.name not in names[:i], f"{key}.name", v.name, "a name no other variant has")
         _check(
             not v.model and v.base is None, f"{key}.model", v.model, "nothing: a pipeline PoC trains no model"
         )
