@@ -136,7 +136,11 @@ class RunConfig:
                 section.validate()
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples become lists, as in JSON
+        from attnlab.models.config import native_keys
+
+        d = json.loads(json.dumps(dataclasses.asdict(self)))  # tuples become lists, as in JSON
+        native_keys(d["model"])
+        return d
 
     @staticmethod
     def from_dict(d: dict[str, Any], source: str = "config") -> RunConfig:

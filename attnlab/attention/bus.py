@@ -230,8 +230,10 @@ def control(model, controls, **options):
         with control(pipe, [PAG(scale=3.0, layers="mid_block"), maps]):
             image = pipe("a red car", num_inference_steps=25).images[0]
     """
-    from attnlab.integrations.diffusers.host import hosts
+    from attnlab.integrations.diffusers.host import backbone_of, control_backbone, hosts
 
+    if backbone_of(model) is not None and not options:  # an attnlab model over a diffusers denoiser
+        return control_backbone(model, controls)
     if hosts(model):
         from attnlab.integrations.diffusers.host import control as host_control
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from attnlab.errors import ConfigError, check
 
-BACKBONES = ("unet", "dit")
+BACKBONES = ("unet", "dit", "diffusers")
 CONDS = ("none", "class", "text")
 
 
@@ -39,9 +39,13 @@ class ModelConfig:
         patch: DiT patch side (a patch is patch x patch pixels, or patch samples for audio).
         depth: DiT transformer blocks.
         techniques: architectural techniques by registry name -> options (empty: the base model).
+        diffusers_class: with backbone "diffusers", the diffusers denoiser class to train
+            (UNet2DConditionModel, PixArtTransformer2DModel, DiTTransformer2DModel).
+        diffusers_config: its constructor's arguments; the data's fields (sample size, channels,
+            text width, classes) are filled in (`attnlab.models.diffusers_backbone`).
     """
 
-    backbone: Literal["unet", "dit"] = "unet"
+    backbone: Literal["unet", "dit", "diffusers"] = "unet"
     dims: Literal[1, 2] = 2
     in_channels: int = 3
     size: int = 16
@@ -59,6 +63,8 @@ class ModelConfig:
     patch: int = 2
     depth: int = 6
     techniques: dict[str, dict[str, Any]] = field(default_factory=dict)
+    diffusers_class: str = ""
+    diffusers_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         self.channel_mult = _int_tuple("channel_mult", self.channel_mult)
@@ -91,6 +97,11 @@ class ModelConfig:
                 self.num_classes,
                 "at least 1 when cond=class",
             )
+        if self.backbone == "diffusers":
+            from attnlab.models.diffusers_backbone import check_config
+
+            check_config(self)
+            return
         (self._validate_unet if self.backbone == "unet" else self._validate_dit)()
 
     def _validate_unet(self) -> None:
@@ -142,7 +153,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["channel_mult"], d["attn_resolutions"] = list(self.channel_mult), list(self.attn_resolutions)
-        return d
+        return native_keys(d)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -154,6 +165,16 @@ class ModelConfig:
                 f"model.{unknown[0]} is not a model option; options: {', '.join(sorted(known))}"
             )
         return cls(**d)
+
+
+def native_keys(d: dict[str, Any]) -> dict[str, Any]:
+    """A model dict without the diffusers-backbone keys when the backbone is attnlab's own, so
+    configs, checkpoints and stage fingerprints of every native model read as before the keys
+    existed."""
+    if d.get("backbone") != "diffusers":
+        d.pop("diffusers_class", None)
+        d.pop("diffusers_config", None)
+    return d
 
 
 def _int_tuple(key: str, value) -> tuple[int, ...]:

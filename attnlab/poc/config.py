@@ -138,7 +138,11 @@ class PocConfig:
     def to_dict(self) -> dict[str, Any]:
         import json
 
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+        from attnlab.models.config import native_keys
+
+        d = json.loads(json.dumps(dataclasses.asdict(self), default=str))
+        native_keys(d["model"])
+        return d
 
     @property
     def training_seeds(self) -> list[int]:

@@ -65,6 +65,8 @@ def save_checkpoint(
         save_file(_plain(model.state_dict()), tmp / MODEL)
         if ema is not None:
             save_file(_plain(ema), tmp / EMA_WEIGHTS)
+        if hasattr(model, "export_diffusers"):  # a diffusers backbone: also a diffusers model folder
+            model.export_diffusers(tmp / "diffusers", _plain(ema if ema is not None else model.state_dict()))
         if optimizer_state is not None:
             tensors, groups = _flatten_optimizer(optimizer_state)
             save_file(tensors, tmp / OPTIMIZER, metadata={"param_groups": json.dumps(groups)})

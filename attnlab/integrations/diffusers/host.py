@@ -310,28 +310,76 @@ def control(
     host = Host(pipe, den, seeds, cfg)
     ctrls, host.guidances, host.schedules = _split(items)
     with ExitStack() as stack:
-        den.attnlab_layers = host.layers
         den.bus_state = host.state
-        stack.callback(_drop_attrs, den, ("attnlab_layers", "bus_state"))
-        installed: list[tuple[HostedAttention, Control]] = []
-        stack.callback(_uninstall, installed)
-        for c in ctrls:
-            layers = c.select(den)
-            c.on_install(den, layers)
-            stack.callback(c.on_remove, den)
-            for layer in layers:
-                layer.controls.append(c)
-                installed.append((layer, c))
-        for layer in {id(lay): lay for lay, _ in installed}.values():
-            original = layer.module.processor
-            layer.module.processor = processor_for(layer, original)
-            stack.callback(setattr, layer.module, "processor", original)
-            if any(c.changes_tokens for c in layer.controls):
-                _watch_block_input(stack, den, layer)
+        stack.callback(_drop_attrs, den, ("bus_state",))
+        _install(stack, host, den, den, ctrls)
         _wrap_forward(stack, host)
         if pipe is not None and getattr(pipe, "scheduler", None) is not None:
             _wrap_scheduler(stack, host, pipe.scheduler)
         yield items
+
+
+def _install(stack: ExitStack, host: Host, holder: nn.Module, den: nn.Module, ctrls: list[Control]) -> None:
+    """Adapt `den`'s attention modules, show them to controls on `holder` (what they select on),
+    install the controls and set a bus processor on every module one selected; undone by `stack`."""
+    holder.attnlab_layers = host.layers
+    stack.callback(_drop_attrs, holder, ("attnlab_layers",))
+    installed: list[tuple[HostedAttention, Control]] = []
+    stack.callback(_uninstall, installed)
+    for c in ctrls:
+        layers = c.select(holder)
+        c.on_install(holder, layers)
+        stack.callback(c.on_remove, holder)
+        for layer in layers:
+            layer.controls.append(c)
+            installed.append((layer, c))
+    for layer in {id(lay): lay for lay, _ in installed}.values():
+        original = layer.module.processor
+        layer.module.processor = processor_for(layer, original)
+        stack.callback(setattr, layer.module, "processor", original)
+        if any(c.changes_tokens for c in layer.controls):
+            _watch_block_input(stack, den, layer)
+
+
+def backbone_of(model) -> nn.Module | None:
+    """The diffusers denoiser an attnlab model wraps (`attnlab.models.diffusers_backbone`), or None."""
+    net = getattr(model, "net", None)
+    return net if isinstance(net, nn.Module) and _from_diffusers(net) and hasattr(model, "config") else None
+
+
+@contextmanager
+def control_backbone(model: nn.Module, controls) -> Iterator[list]:
+    """Controls on an attnlab model whose backbone is a diffusers denoiser (`backbone: diffusers`):
+    its attention modules are hosted as on a pipeline, but attnlab's own sampling loop drives the
+    bus (step, batch roles, guidance passes and sample seeds go through the model's bus state), so
+    guidance terms are `sample(guidances=...)` plug-ins there, as for every attnlab model."""
+    from attnlab.attention.bus import bus_state
+
+    ctrls = [controls] if isinstance(controls, Control) else list(controls)
+    for c in ctrls:
+        if not isinstance(c, Control):
+            raise ConfigError(
+                f"{type(c).__name__}: on an attnlab model, guidance terms go to sample(guidances=...), "
+                "controls to control(model, ...)"
+            )
+    den = backbone_of(model)
+    host = Host(None, den, None)
+    host.state = bus_state(model)
+    for layer in host.layers.values():
+        layer.state = host.state
+
+    def note_input(module, args, kwargs):
+        x = args[0] if args else kwargs.get("x")
+        host.spatial = tuple(x.shape[2:]) if isinstance(x, Tensor) and x.dim() == 4 else None
+        cond = args[2] if len(args) > 2 else kwargs.get("cond")
+        tokens = getattr(cond, "tokens", None)
+        host.text_len = tokens.shape[1] if isinstance(tokens, Tensor) else None
+
+    with ExitStack() as stack:
+        _install(stack, host, model, den, ctrls)
+        handle = model.register_forward_pre_hook(note_input, with_kwargs=True)
+        stack.callback(handle.remove)
+        yield ctrls
 
 
 def _watch_block_input(stack: ExitStack, den: nn.Module, layer: HostedAttention) -> None:

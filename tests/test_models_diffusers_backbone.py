@@ -1,0 +1,140 @@
+"""diffusers denoisers as attnlab backbones: trained by attnlab's trainer, resumed bit-identically,
+saved as safetensors (and as a diffusers model folder), sampled with PAG and heat maps, refused
+configs named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models_util import TINY_RUN
+from safetensors.torch import load_file
+
+from attnlab.attention import control
+from attnlab.config import load_config
+from attnlab.control import PAG, HeatMaps
+from attnlab.diffusion import make_scheduler, sample
+from attnlab.errors import ConfigError
+from attnlab.models import ModelConfig, build_model
+from attnlab.train import latest_checkpoint, load_model, train
+
+UNET = [
+    "model.backbone=diffusers",
+    "model.diffusers_class=UNet2DConditionModel",
+    "model.diffusers_config={block_out_channels: [16, 32], layers_per_block: 1, attention_head_dim: 4,"
+    " norm_num_groups: 8, down_block_types: [CrossAttnDownBlock2D, DownBlock2D],"
+    " up_block_types: [UpBlock2D, CrossAttnUpBlock2D]}",
+]
+PIXART = [
+    "model.backbone=diffusers",
+    "model.diffusers_class=PixArtTransformer2DModel",
+    "model.diffusers_config={num_layers: 2, attention_head_dim: 8, num_attention_heads: 2, patch_size: 2,"
+    " cross_attention_dim: 16, norm_type: ada_norm_single, num_embeds_ada_norm: 1000}",
+]
+STEPS = ["train.steps=4", "train.warmup=1", "train.log_every=1", "train.ckpt_every=2"]
+
+
+def run_cfg(backbone, cond):
+    return [*TINY_RUN, f"model.cond={cond}", *backbone, *STEPS]
+
+
+@pytest.mark.parametrize("backbone, cond", [(UNET, "text"), (PIXART, "text"), (UNET, "class")])
+def test_trains_resumes_bit_identically_and_samples_with_pag_and_maps(backbone, cond, tmp_path, monkeypatch):
+    overrides = run_cfg(backbone, cond)
+    full = tmp_path / "full"
+    train(load_config(None, overrides), full)
+    ckpt = latest_checkpoint(full)
+    assert ckpt.name == "step-0000004" and (ckpt / "diffusers" / "config.json").is_file()
+    # the exported folder is a diffusers model: its weights are the checkpoint's EMA weights
+    import diffusers
+
+    cls = getattr(diffusers, load_config(None, overrides).model.diffusers_class)
+    net = cls.from_pretrained(ckpt / "diffusers", use_safetensors=True)
+    ema = load_file(ckpt / "ema.safetensors")
+    assert all(torch.equal(v, ema["net." + k]) for k, v in net.state_dict().items())
+
+    # a run stopped after checkpoint 2 and rerun ends where the uninterrupted run ends
+    import attnlab.train.checkpoint as ck
+
+    real = ck.save_file
+
+    def stop_at_4(tensors, path, *a, **k):
+        if "tmp-step-0000004" in str(path):
+            raise KeyboardInterrupt
+        return real(tensors, path, *a, **k)
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(ck, "save_file", stop_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, overrides), part)
+    monkeypatch.setattr(ck, "save_file", real)
+    assert latest_checkpoint(part).name == "step-0000002"
+    train(load_config(None, overrides), part)
+    a, b = load_file(ckpt / "model.safetensors"), load_file(latest_checkpoint(part) / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    model, cfg = load_model(full)
+    if cond == "text":
+        from attnlab.conditioning import get_text_encoder
+
+        enc = get_text_encoder()
+        tokens, mask = enc.encode(["a red circle", "a blue square"])
+        from attnlab.conditioning import Condition
+
+        c = Condition(tokens=tokens.float(), mask=mask.bool())
+    else:
+        from attnlab.conditioning import Condition
+
+        c = Condition(labels=torch.tensor([0, 1]))
+    layer = "mid_block" if "UNet" in cfg.model.diffusers_class else "transformer_blocks.1"
+
+    def draw(guidances=(), ctrls=()):
+        with control(model, list(ctrls)):
+            return sample(model, (2, *cfg.model.sample_shape()), c, scheduler=make_scheduler("ddim"), steps=3,
+                          guidance=2.0, seeds=[0, 1], guidances=list(guidances))  # fmt: skip
+
+    plain = draw()
+    assert torch.equal(draw([PAG(scale=0.0, layers=layer)]), plain)
+    assert (draw([PAG(scale=2.0, layers=layer)]) - plain).abs().max() > 1e-4
+    if cond == "text":
+        maps = HeatMaps()
+        again = draw(ctrls=[maps])
+        assert (again - plain).abs().max() <= 1e-3  # the explicit softmax: float error, grown over 3 steps
+        m = maps.maps(tuple(cfg.model.sample_shape()[1:]))
+        assert m.shape[0] == 2 and torch.isfinite(m).all() and maps.count > 0
+
+
+def _cfg(**kw):
+    base = dict(backbone="diffusers", cond="text", size=16, in_channels=3, context_dim=24)
+    return ModelConfig(**{**base, **kw})
+
+
+def test_refused_configs_name_the_key():
+    with pytest.raises(ConfigError, match="'UNetNope' is not a diffusers class"):
+        _cfg(diffusers_class="UNetNope")
+    with pytest.raises(ConfigError, match="AutoencoderKL is not a denoiser"):
+        _cfg(diffusers_class="AutoencoderKL")
+    with pytest.raises(
+        ConfigError, match=r"model\.diffusers_config\.wings: UNet2DConditionModel has no such argument"
+    ):
+        _cfg(diffusers_class="UNet2DConditionModel", diffusers_config={"wings": 2})
+    with pytest.raises(ConfigError, match=r"model\.diffusers_config\.sample_size: set by the data"):
+        _cfg(diffusers_class="UNet2DConditionModel", diffusers_config={"sample_size": 8})
+    with pytest.raises(ConfigError, match=r"model\.techniques\.rope: attnlab's architectural techniques"):
+        _cfg(diffusers_class="UNet2DConditionModel", techniques={"rope": {}})
+    with pytest.raises(ConfigError, match="DiTTransformer2DModel takes class"):
+        _cfg(diffusers_class="DiTTransformer2DModel")
+
+
+def test_dit_takes_class_labels_with_the_null_label():
+    cfg = ModelConfig(backbone="diffusers", cond="class", num_classes=4, size=16, in_channels=3,
+                      diffusers_class="DiTTransformer2DModel",
+                      diffusers_config={"num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2})  # fmt: skip
+    from attnlab.conditioning import Condition
+
+    model = build_model(cfg).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
+    with torch.no_grad():
+        null = model(x, t, Condition(labels=torch.tensor([-1, -1])))
+        cls = model(x, t, Condition(labels=torch.tensor([2, 2])))
+        again = model(x, t, Condition(labels=torch.tensor([-1, -1])))
+    assert null.shape == x.shape and torch.equal(null, again) and (null - cls).abs().max() > 1e-6
