@@ -138,3 +138,25 @@ def test_dit_takes_class_labels_with_the_null_label():
         cls = model(x, t, Condition(labels=torch.tensor([2, 2])))
         again = model(x, t, Condition(labels=torch.tensor([-1, -1])))
     assert null.shape == x.shape and torch.equal(null, again) and (null - cls).abs().max() > 1e-6
+
+
+def test_backbones_example_pairs_are_within_ten_percent():
+    """examples/poc-backbones.yaml: attnlab's U-Net and DiT against diffusers' UNet2DConditionModel
+    and PixArtTransformer2DModel with parameters and FLOPs per call within 10%, as it says."""
+    from pathlib import Path
+
+    from attnlab.conditioning import Condition
+    from attnlab.evaluate.cost import count_parameters, denoiser_flops
+    from attnlab.poc import load_poc_config
+    from attnlab.poc.variants import variant_model
+
+    cfg = load_poc_config(Path(__file__).resolve().parents[1] / "examples" / "poc-backbones.yaml")
+    c = Condition(tokens=torch.randn(1, 8, cfg.model.context_dim), mask=torch.ones(1, 8, dtype=torch.bool))
+    size = {}
+    for v in cfg.variants:
+        mc = variant_model(cfg, v)
+        model = build_model(mc).eval()
+        size[v.name] = (count_parameters(model), denoiser_flops(model, mc.sample_shape(), c))
+    for a, b in (("reference", "diffusers-unet"), ("attnlab-dit", "diffusers-pixart")):
+        for i in (0, 1):
+            assert abs(size[b][i] / size[a][i] - 1) < 0.10, (a, b, size[a], size[b])
