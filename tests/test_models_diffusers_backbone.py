@@ -160,3 +160,43 @@ def test_backbones_example_pairs_are_within_ten_percent():
     for a, b in (("reference", "diffusers-unet"), ("attnlab-dit", "diffusers-pixart")):
         for i in (0, 1):
             assert abs(size[b][i] / size[a][i] - 1) < 0.10, (a, b, size[a], size[b])
+
+
+def test_poc_variants_sample_a_diffusers_backbone_with_training_free_techniques(tmp_path):
+    """A PoC variant whose base is a diffusers backbone takes training-free techniques (through
+    the diffusers host); an architectural one on it is refused with the reason."""
+    import yaml
+
+    from attnlab.poc import load_poc_config
+
+    unet = {
+        "backbone": "diffusers",
+        "diffusers_class": "UNet2DConditionModel",
+        "diffusers_config": {"block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 8,
+                             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]},
+    }  # fmt: skip
+    cfg = {
+        "data": {"name": "shapes", "size": 16, "num": 64, "num_eval": 16},
+        "model": {"cond": "text", "width": 16, "channel_mult": [1, 2], "attn_resolutions": [8]},
+        "budget": {"train_steps": 2, "sample_steps": 2, "num_samples": 4, "batch_size": 4},
+        "variants": [
+            {"name": "reference"},
+            {"name": "d-unet", "model": unet, "level": 2},
+            {
+                "name": "d-unet-pag",
+                "base": "d-unet",
+                "techniques": {"pag": {"scale": 2.0, "layers": "mid_block"}},
+            },
+        ],
+        "metrics": ["cost"],
+    }
+    path = tmp_path / "poc.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert [v.name for v in load_poc_config(path).variants] == ["reference", "d-unet", "d-unet-pag"]
+    cfg["variants"].append({"name": "d-unet-rope", "model": unet, "techniques": {"rope": {}}})
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(
+        ConfigError, match=r"variants\[3\]\.techniques\.rope.*a technique of the diffusers backbone"
+    ):
+        load_poc_config(path)

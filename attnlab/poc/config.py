@@ -332,11 +332,14 @@ def _validate_variant(cfg: PocConfig, v: VariantConfig, key: str) -> None:
 
 
 def _check_technique(cfg: PocConfig, v: VariantConfig, tech, opts: dict, key: str) -> None:
+    root = lineage(cfg, v)[-1]  # the variant whose model this one samples
+    backbone = root.model.get("backbone", cfg.model.backbone)
+    hosted = backbone == "diffusers" and tech.training_free  # the diffusers host runs it
     _check(
-        cfg.model.backbone in tech.hosts,
+        hosted or backbone in tech.hosts,
         key,
         opts,
-        f"a technique of the {cfg.model.backbone} backbone ({tech.name} works in {', '.join(tech.hosts)})",
+        f"a technique of the {backbone} backbone ({tech.name} works in {', '.join(tech.hosts)})",
     )
     _check(cfg.model.dims in tech.modalities, key, opts, f"a technique for {cfg.model.dims}D data")
     _check(tech.not_in_poc is None, key, opts, tech.not_in_poc or "")
