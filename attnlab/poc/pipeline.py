@@ -38,7 +38,7 @@ from attnlab.errors import AttnlabError, ConfigError
 from attnlab.errors import check as _check
 from attnlab.poc.config import SEED_STRIDE, VariantConfig, check_variant_names
 from attnlab.poc.prompts import PromptSet
-from attnlab.poc.stages import fingerprint, run_stage, seed_dirs
+from attnlab.poc.stages import done, fingerprint, run_stage, seed_dirs
 from attnlab.precision import PRECISIONS
 
 PIPELINE_METRICS = ("clip_score", "fid", "kid", "cost", "localisation")
@@ -485,10 +485,10 @@ def _real_features(cfg: PipelinePocConfig, out: Path, bar):
 def _variant(
     cfg, out, v: VariantConfig, pipe, weights, prompts: PromptSet, scorer, real, bar, refs=None
 ) -> dict:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from attnlab.io import atomic_path
     from attnlab.poc.results import metric_stats
+    from attnlab.poc.sampling import timed_samples_stage
     from attnlab.poc.variants import technique
 
     dirs = seed_dirs(out, v.name, [0], 0)
@@ -500,23 +500,14 @@ def _variant(
                          _size(cfg), prompts.texts, seed, cfg.excite_words)  # fmt: skip
         path = dirs.samples_file(seed)
 
-        def draw(seed=seed, path=path, fp=fp) -> dict:
-            pipe.get()  # loaded before the clock starts
-            t0 = time.perf_counter()
+        def draw(seed=seed) -> torch.Tensor:
             seeds = [seed * SEED_STRIDE + k for k in range(len(prompts.texts))]
-            x = _draw(cfg, pipe.get(), spec, prompts.texts, seeds, b.batch_size)
-            seconds = time.perf_counter() - t0
-            with atomic_path(path) as tmp:
-                save_file({"x": x.contiguous()}, str(tmp), metadata={"fingerprint": fp})
-            return {
-                "file": str(path.relative_to(dirs.root)),
-                "seconds": seconds,
-                "latency_s": seconds / len(x),
-                "n": len(x),
-            }
+            return _draw(cfg, pipe.get(), spec, prompts.texts, seeds, b.batch_size)
 
         with bar.stage(v.name, f"sample seed {seed}") as st:
-            rec = run_stage(dirs.marker(f"sampled-{seed}"), fp, draw, files=[path])
+            if done(dirs.marker(f"sampled-{seed}"), fp) is None or not path.is_file():
+                pipe.get()  # loaded before the stage's clock starts
+            rec = timed_samples_stage(dirs, seed, fp, draw)
             st.skipped, st.detail = rec["skipped"], f"{rec['latency_s'] * 1000:.0f} ms per sample"
         sampled[seed] = rec
         scores = {"latency_s": rec["latency_s"]}

@@ -104,11 +104,17 @@ def sample_stage(
     sampler: VariantSampler, dirs: VariantDirs, prompts: PromptSet, seed: int, fp: str, batch_size: int
 ) -> dict:
     """Draw (or find) the samples of one seed; records latency_s (wall seconds per sample)."""
+    return timed_samples_stage(dirs, seed, fp, lambda: sampler.draw(items_for(prompts, seed), batch_size))
+
+
+def timed_samples_stage(dirs: VariantDirs, seed: int, fp: str, draw) -> dict:
+    """The sampling stage of one seed: `draw()` timed, its (N, C, ...) samples written whole to
+    the seed's file, and the record (file, seconds, latency_s per sample, n) kept in its marker."""
     path = dirs.samples_file(seed)
 
-    def draw() -> dict:
+    def work() -> dict:
         start = time.perf_counter()
-        x = sampler.draw(items_for(prompts, seed), batch_size)
+        x = draw()
         seconds = time.perf_counter() - start
         with atomic_path(path) as tmp:
             save_file({"x": x.contiguous()}, str(tmp), metadata={"fingerprint": fp})
@@ -119,7 +125,7 @@ def sample_stage(
             "n": len(x),
         }
 
-    return run_stage(dirs.marker(f"sampled-{seed}"), fp, draw, files=[path])
+    return run_stage(dirs.marker(f"sampled-{seed}"), fp, work, files=[path])
 
 
 def load_samples(dirs: VariantDirs, seed: int) -> Tensor:
