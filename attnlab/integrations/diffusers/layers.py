@@ -366,7 +366,7 @@ class JointAttention(HostedAttention):
         attn = self.module
         if self.single:
             return h
-        call_text = self._text_len(h)
+        call_text = self._ctx_len  # the text tokens of the call in progress
         if call_text is None:
             return attn.to_out[1](attn.to_out[0](h))
         img, txt = self.layout(h.shape[1] - call_text, call_text)
@@ -375,9 +375,6 @@ class JointAttention(HostedAttention):
         if not getattr(attn, "context_pre_only", False) and getattr(attn, "to_add_out", None) is not None:
             ht = attn.to_add_out(ht.contiguous())
         return torch.cat([ht, hi], 1) if self.text_first() else torch.cat([hi, ht], 1)
-
-    def _text_len(self, h: Tensor) -> int | None:
-        return self._ctx_len
 
     def _forward_controlled(self, x, context, mask, grid, pre_norm=None, **extra):
         self._ctx_len = None if context is None else context.shape[1]
