@@ -12,11 +12,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import typer  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402
 
-from attnlab.cli import control, cost, datasets, evaluator, poc, sample, techniques, train  # noqa: E402
+from attnlab.cli import control, cost, datasets, evaluator, poc, rate, sample, techniques, train  # noqa: E402
 from attnlab.errors import AttnlabError  # noqa: E402
 
 # Each exposes register(app), which adds its commands.
-COMMAND_MODULES = (datasets, train, sample, control, techniques, poc, evaluator, cost)
+COMMAND_MODULES = (datasets, train, sample, control, techniques, poc, rate, evaluator, cost)
 
 
 class _Group(TyperGroup):

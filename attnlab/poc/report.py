@@ -49,8 +49,13 @@ def write_report(
 ) -> dict:
     """Write figures, results.json, results.csv, report.md and report.html; returns the results
     (with "skipped": True when the report of exactly these results is already there)."""
+    from attnlab.rate.verdict import human_preference, votes_digest
+
     heat = [{k: h[k] for k in ("variant", "prompt", "words", "file", "path")} for h in heat]
+    votes = votes_digest(out)  # a new vote makes the report stale; a PoC without votes keeps its fingerprint
     fp = fingerprint("report", attnlab.__version__, cfg.to_dict(), entries, prompts.shown, heat, floor)
+    if votes:
+        fp = fingerprint(fp, votes)
     marker = out / "stages" / "report.json"
     if done(marker, fp) is not None and all((out / f).is_file() for f in REPORT_FILES):
         return {**json.loads((out / "results.json").read_text()), "skipped": True}
@@ -72,6 +77,12 @@ def write_report(
         "timing": {"wall_seconds_this_run": wall, **_compute(entries)},
         "config": cfg.to_dict(),
     }
+    human = human_preference(out, entries, reference) if votes else None
+    if human is not None:
+        results["human_preference"] = human
+        sentences = results["summary"]["sentences"]
+        if human["sentence"]:  # only when the votes separate variants; the recommendation stays last
+            sentences.insert(len(sentences) - 1, human["sentence"])
     write_results(out, results)
     figs = _figures(cfg, out, entries, prompts)
     doc = build_document(cfg, results, figs, heat)
@@ -213,6 +224,10 @@ def build_document(cfg: PocConfig, results: dict, figs: dict, heat: list[dict]) 
                 ),
                 table,
             )
+    if results.get("human_preference"):
+        from attnlab.rate.verdict import section
+
+        doc.add(*section(results["human_preference"], ref))
     _figure_sections(doc, cfg, figs, heat)
     doc.add(Heading("How this was measured"), Bullets(_method(cfg, results)))
     return doc
