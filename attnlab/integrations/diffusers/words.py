@@ -194,6 +194,16 @@ def edit(
             "p2p: the local blend reads latent images; Flux packs its latents as tokens (drop --blend)"
         )
 
+    bind_p2p(pipe, prompts, p2p)
+    kw = call_arguments(pipe, prompts, [seed] * len(prompts), steps, guidance)  # one noise for every row
+    with control(pipe, [p2p, *controls], seeds=[seed] * len(prompts)):
+        images = pipe(**kw).images
+    return images.float().cpu() * 2 - 1
+
+
+def bind_p2p(pipe, prompts: Sequence[str], p2p) -> None:
+    """Bind Prompt-to-Prompt to the prompts as `pipe` encodes them (row 0 the source)."""
+
     def find(row: int, word: str) -> list[int]:
         try:
             return word_token_indices(pipe, prompts[row], word)
@@ -201,7 +211,3 @@ def edit(
             return []
 
     p2p.bind([text_tokens(pipe, p) for p in prompts], find)
-    kw = call_arguments(pipe, prompts, [seed] * len(prompts), steps, guidance)  # one noise for every row
-    with control(pipe, [p2p, *controls], seeds=[seed] * len(prompts)):
-        images = pipe(**kw).images
-    return images.float().cpu() * 2 - 1
