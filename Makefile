@@ -9,6 +9,8 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_OUT ?= runs/poc-shapes
 # Peer packages of the parity tests (pyproject's `peers` extra), installed one by one.
 PEERS ?= tomesd==0.1.3 tgate==1.0.0
+# The rating page's browser test drives Debian's Chromium (Playwright's own browser download needs the internet).
+CHROMIUM ?= /usr/bin/chromium
 # Idle OpenMP threads sleep rather than spin (spinning threads stall badly on shared cores).
 export OMP_WAIT_POLICY ?= PASSIVE
 
@@ -23,6 +25,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	for peer in $(PEERS); do $(BIN)/pip install -q --no-deps "$$peer" \
 	  || echo "peer $$peer did not install: its parity tests skip"; done
+	test -x $(CHROMIUM) || (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
+	  || echo "chromium did not install: the rating page's browser test skips"
 	touch $(STAMP)
 
 setup: $(STAMP)
