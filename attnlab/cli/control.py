@@ -1,4 +1,5 @@
-"""`attnlab edit` (Prompt-to-Prompt) and `attnlab maps` (per-word heat maps) on a trained text model."""
+"""`attnlab edit` (Prompt-to-Prompt, on samples or real images) and `attnlab maps` (per-word heat
+maps) on a trained text model or a diffusers pipeline."""
 
 from __future__ import annotations
 
@@ -115,8 +116,21 @@ def edit_command(
     pipeline: PipelineDir = None,
     device: Device = "cpu",
     precision: Precision = None,
+    image: Annotated[
+        Path | None,
+        typer.Option("--image", help="Edit this real image (its caption is --prompt): invert it, then edit."),
+    ] = None,
+    inversion: Annotated[
+        str,
+        typer.Option("--inversion", help="With --image: ddim, null-text or ddpm (edit-friendly, exact)."),
+    ] = "ddpm",
+    mask: Annotated[
+        Path | None,
+        typer.Option("--mask", help="With --image: white marks the only region the edit may change."),
+    ] = None,
 ):
-    """Edit a sample with Prompt-to-Prompt: source and edits from the same noise, written side by side."""
+    """Edit a sample with Prompt-to-Prompt: source and edits from the same noise, written side by side.
+    With --image, edit a real image: it is inverted under --prompt first, and edited from that noise."""
     from attnlab.cli.flags import pipeline_or_run
     from attnlab.control import PromptToPrompt
     from attnlab.control.edit import edit as run_edit
@@ -126,6 +140,12 @@ def edit_command(
 
     if mode != "reweight" and (word is not None or factor != 1.0):
         raise ConfigError("--word and --factor apply to --mode reweight only")
+    if image is None and (mask is not None or inversion != "ddpm"):
+        raise ConfigError("--inversion and --mask apply to a real image: give --image PHOTO.png")
+    if image is not None and (num != 1 or sampler not in (None, "ddim")):
+        raise ConfigError(
+            "--image edits one image with the DDIM sampler its inversion is made for (drop --num/--sampler)"
+        )
     on_pipeline = pipeline_or_run(run_dir, pipeline, device, sampler=sampler, ema=ema)
     if on_pipeline:
         from attnlab.cli.sample import output_dir, torch_threads
@@ -173,6 +193,12 @@ def edit_command(
         base_info = {}
     else:
         base_info = {"run_dir": str(run_dir)}
+    if image is not None:
+        from attnlab.cli.real_edit import edit_real
+
+        target = pipe if on_pipeline else (model, cfg, encoder, scheduler, settings)
+        real = dict(image=image, mask=mask, inversion=inversion, seed=seed, out=out)
+        return edit_real(target, prompt, edit, p2p, options, {**base_info, **settings}, **real)
     titles = ["source: " + prompt, *[f"edit {k + 1}: {e}" for k, e in enumerate(edit)]]
     files = []
     for s in range(seed, seed + num):
