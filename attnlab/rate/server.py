@@ -188,8 +188,8 @@ def serve(poc: RatedPoc, host: str = "127.0.0.1", port: int = 8000, question: st
     """Serve the rating page until Ctrl-C (or SIGTERM); says the address first."""
     import uvicorn
 
+    app = create_app(poc, question, per_pair)  # a ratings file that is not one stops here, before binding
     sock = bind(host, port)
-    app = create_app(poc, question, per_pair)
     shown = f"[{host}]" if ":" in host else host
     echo(
         f"rating page: http://{shown}:{sock.getsockname()[1]}/ ({len(poc.variants)} variants, {question}; Ctrl-C stops)"
