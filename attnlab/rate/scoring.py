@@ -18,6 +18,9 @@ from attnlab.rate.store import Vote
 PRIOR = 0.1  # choix's alpha: a weak prior, so a variant that never lost keeps a finite score
 ROUNDS = 400  # bootstrap resamples
 LEVEL = 0.95  # interval coverage
+# Decided votes (wins, ties, losses) each of two variants needs before their intervals may separate
+# them: a percentile bootstrap over a handful of votes is far narrower than the truth.
+MIN_VOTES = 10
 
 
 def wins_matrix(votes: Sequence[Vote], names: Sequence[str], weights: np.ndarray | None = None) -> np.ndarray:

@@ -73,10 +73,16 @@ def _question(q: str, votes: list[Vote], entries: Sequence[dict], reference: str
         },
         "vs_reference": {n: scoring.record(votes, n, reference) for n in names if n != reference},
         "pairs": scoring.pair_counts(votes, names),
-        "separated": [list(p) for p in scoring.separated(draws, names)],
+        "separated": [list(p) for p in scoring.separated(draws, names) if _enough(votes, p)],
         "agreement": scoring.agreement(votes),
         "kendall": _kendall(by_name, entries),
     }
+
+
+def _enough(votes: list[Vote], pair: tuple[str, str]) -> bool:
+    """Whether both variants have the decided votes a separation needs (scoring.MIN_VOTES)."""
+    decided = [scoring.record(votes, n) for n in pair]
+    return all(r["wins"] + r["ties"] + r["losses"] >= scoring.MIN_VOTES for r in decided)
 
 
 def _kendall(scores: dict[str, float], entries: Sequence[dict]) -> dict:
@@ -179,11 +185,14 @@ def _notes(a: dict) -> list[str]:
     if a["separated"]:
         said = ", ".join(f"`{b}` over `{w}`" for b, w in a["separated"])
         notes.append(
-            f"Separated beyond the interval (the bootstrap interval of the score difference excludes 0): {said}."
+            f"Separated beyond the interval (the bootstrap interval of the score difference excludes 0, both with "
+            f"{scoring.MIN_VOTES} or more decided votes): {said}."
         )
     else:
         notes.append(
-            "No two variants are separated: every interval of a score difference includes 0. More votes narrow them."
+            "No two variants are separated: every interval of a score difference includes 0, or one side has fewer "
+            f"than {scoring.MIN_VOTES} decided votes (a bootstrap of a handful of votes is too narrow to trust). "
+            "More votes narrow the intervals."
         )
     ag = a["agreement"]
     if ag["raters"] < 2:
@@ -261,6 +270,7 @@ def redraw_report(out: str | Path) -> dict:
         for h in results.get("heatmaps", [])
     ]
     wall = results.get("timing", {}).get("wall_seconds_this_run", 0.0)
+    (out / "stages" / "report.json").unlink(missing_ok=True)  # asked for: redrawn even when not stale
     found = write_report(cfg, out, results["variants"], prompts, heat, results.get("real_data"), wall)
     found.pop("skipped", None)
     return found
