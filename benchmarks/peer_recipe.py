@@ -358,7 +358,7 @@ def figure(scores: dict, file: Path) -> None:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (row, by_seed) in enumerate(scores.items()):
         c = colours[i % len(colours)]
-        for j, (seed, pts) in enumerate(by_seed.items()):
+        for j, pts in enumerate(by_seed.values()):
             label = row if j == 0 else None
             log = read_log(Path(pts[0]["run_dir"]) / "log.jsonl") if pts and "run_dir" in pts[0] else []
             if log:

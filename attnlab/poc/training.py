@@ -125,7 +125,6 @@ def seconds_per_step(
     machine moves much less)."""
     from attnlab.diffusion import alphas_cumprod, diffusion_loss
     from attnlab.models import build_model
-
     from attnlab.precision import DTYPES, set_precision
 
     torch.manual_seed(rc.train.seed)
