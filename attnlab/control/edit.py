@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from attnlab.conditioning import Condition
-from attnlab.control.inversion import Inversion
+from attnlab.control.inversion import Inversion, StepHook
 from attnlab.control.p2p import PromptToPrompt
 from attnlab.diffusion import sample
 from attnlab.errors import ConfigError
@@ -151,23 +151,12 @@ def check_caption(encoder, caption: str, flag: str = "--prompt") -> None:
 
 
 @dataclass(eq=False)
-class MaskBlend:
+class MaskBlend(StepHook):
     """Restricts the edit rows to a region: after every step x[r] = x[0] + m (x[r] - x[0]), with row
     0 the source (the local blend's formula, with a given mask). The mask (1, 1, *S) is at image
     resolution; on a latent grid a cell is in the region when any of its pixels is (max-pooled)."""
 
     mask: Tensor
-
-    def controls(self) -> list:
-        return []
-
-    def active(self, i: int, steps: int) -> bool:
-        return False
-
-    def correction(self, model, x_in, t, cond, out, ctx) -> Tensor:
-        import torch
-
-        return torch.zeros_like(x_in)
 
     def prepare(self, model, x: Tensor, t: Tensor, cond, ctx: dict) -> Tensor:
         return self.after_step(x, ctx["i"] - 1, ctx["steps"])

@@ -346,11 +346,9 @@ class StepNullCondition(Condition):
         return base if self.nulls is None else with_null(base, self.nulls[self.step].to(base.tokens))
 
 
-@dataclass(eq=False)
-class NullSchedule:
-    """A `sample(guidances=...)` plug-in that tells a `StepNullCondition` the step about to run."""
-
-    cond: StepNullCondition
+class StepHook:
+    """A `sample(guidances=...)` plug-in that adds no guidance term and only acts on the step
+    (`prepare`, before each model call); subclasses override what they need."""
 
     def controls(self) -> list:
         return []
@@ -360,6 +358,16 @@ class NullSchedule:
 
     def correction(self, model, x_in, t, cond, out, ctx) -> Tensor:
         return torch.zeros_like(x_in)
+
+    def prepare(self, model, x: Tensor, t: Tensor, cond, ctx: dict) -> Tensor:
+        return x
+
+
+@dataclass(eq=False)
+class NullSchedule(StepHook):
+    """Tells a `StepNullCondition` the step about to run."""
+
+    cond: StepNullCondition
 
     def prepare(self, model, x: Tensor, t: Tensor, cond, ctx: dict) -> Tensor:
         self.cond.step = ctx["i"]
