@@ -67,7 +67,9 @@ def write_samples(out: Path, x, items: list, base: dict, cfg, grid_rows: int) ->
     for i, (xi, it) in enumerate(zip(x, items)):
         meta = {**base, "prompt": it.prompt, "label": it.label, "seed": it.seed}
         stem = f"{i:03d}-{slug(_describe(it))}-seed{it.seed}"
-        if cfg.model.dims == 1:
+        if cfg.model.backbone == "points":
+            names.extend(save_points(out, stem, xi, meta, _describe(it)))
+        elif cfg.model.dims == 1:
             save_wav(out / f"{stem}.wav", xi, cfg.data.sample_rate, meta)
             names.append(f"{stem}.wav")
         else:
@@ -79,6 +81,16 @@ def write_samples(out: Path, x, items: list, base: dict, cfg, grid_rows: int) ->
             out / "grid.png", grid(x, grid_rows), {**base, "items": [vars(it) for it in items]}, scale
         )
     return names
+
+
+def save_points(out: Path, stem: str, x: Tensor, meta: dict, title: str) -> list[str]:
+    """A point cloud (3, N) as `stem.ply` (provenance in its header) and its two-view `stem.png`
+    preview (provenance in its text chunk); returns the two names."""
+    from attnlab.data.pointfiles import preview, save_ply
+
+    save_ply(out / f"{stem}.ply", x, meta)
+    save_array_png(out / f"{stem}.png", preview(x, title), meta)
+    return [f"{stem}.ply", f"{stem}.png"]
 
 
 def _describe(item) -> str:
@@ -141,10 +153,14 @@ def read_provenance(path: str | Path) -> dict:
         if path.suffix.lower() == ".wav":
             with sf.SoundFile(path) as f:
                 text = f.comment
+        elif path.suffix.lower() == ".ply":
+            from attnlab.data.pointfiles import ply_provenance
+
+            text = ply_provenance(path)
         else:
             with Image.open(path) as img:
                 text = img.info.get(KEY)  # PNG text chunks; other formats carry none
-    except (OSError, RuntimeError, sf.LibsndfileError) as e:
+    except (OSError, RuntimeError, ValueError, sf.LibsndfileError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
     if not text:
         raise DataError(f"{path}: carries no attnlab provenance")

@@ -18,9 +18,10 @@ class DataConfig:
     """What data to train and evaluate on.
 
     Attributes:
-        name: a key of `attnlab.data.DATASETS` ("shapes", "digits", "tones", "folder").
+        name: a key of `attnlab.data.DATASETS` ("shapes", "digits", "tones", "points", "folder").
         size: image side in pixels (shapes: 16/32/64, digits: 16/32, folder images: 8-512) or
-            audio length in samples (tones and folder audio: 1024-8000).
+            audio length in samples (tones and folder audio: 1024-8000) or points per cloud
+            (points and folder point clouds: 64-4096).
         num: train items of procedural data (shapes, tones); digits and folder use all they have.
         num_eval: eval items of procedural data.
         seed: seeds procedural items (item i of a split is the same for every run with this seed)
@@ -30,7 +31,7 @@ class DataConfig:
             instead of stopping at the first.
         eval_fraction: folder only: the share of rows held out for eval when there is no `split`
             column (at least one row).
-        min_objects, max_objects: shapes only: objects per image (1 to 4).
+        min_objects, max_objects: shapes: objects per image (1 to 4); points: solids per cloud (1 or 2).
         positions: shapes only: captions say where each object is ("a red circle at the top
             left"); two-object captions say it anyway ("left of", "above").
         shapes, colors: shapes only: the shape and colour vocabularies (subsets of SHAPES, COLORS).
@@ -68,9 +69,12 @@ class DataConfig:
         check(self.num_eval >= 1, "data.num_eval", self.num_eval, "a positive number of items")
         check(0 < self.eval_fraction < 1, "data.eval_fraction", self.eval_fraction, "a fraction in (0, 1)")
         check(self.sample_rate >= 1000, "data.sample_rate", self.sample_rate, "at least 1000 Hz")
-        {"shapes": self._validate_shapes, "digits": self._validate_image, "tones": self._validate_tones}.get(
-            self.name, self._validate_folder
-        )()
+        {
+            "shapes": self._validate_shapes,
+            "digits": self._validate_image,
+            "tones": self._validate_tones,
+            "points": self._validate_points,
+        }.get(self.name, self._validate_folder)()
 
     def _validate_image(self) -> None:
         allowed = IMAGE_SIZES[self.name]
@@ -95,9 +99,27 @@ class DataConfig:
         check(lo <= self.size <= hi, "data.size", self.size, f"an audio length of {lo} to {hi} samples")
         check(self.max_notes in (1, 2), "data.max_notes", self.max_notes, "1 or 2")
 
+    def _validate_points(self) -> None:
+        from attnlab.data.points import POINT_SIZES
+
+        lo, hi = POINT_SIZES
+        check(lo <= self.size <= hi, "data.size", self.size, f"{lo} to {hi} points per cloud")
+        check(self.max_objects in (1, 2), "data.max_objects", self.max_objects, "1 or 2 solids per cloud")
+        check(
+            1 <= self.min_objects <= self.max_objects,
+            "data.min_objects",
+            self.min_objects,
+            f"1 to max_objects ({self.max_objects})",
+        )
+
     def _validate_folder(self) -> None:
         check(bool(self.root), "data.root", self.root, "the folder holding metadata.jsonl or metadata.csv")
-        check(8 <= self.size <= AUDIO_SIZES[1], "data.size", self.size, "8-512 pixels or 1024-8000 samples")
+        check(
+            8 <= self.size <= AUDIO_SIZES[1],
+            "data.size",
+            self.size,
+            "8-512 pixels, 1024-8000 samples or 64-4096 points",
+        )
 
 
 def _check_subset(key: str, values: tuple[str, ...], allowed: tuple[str, ...]) -> None:

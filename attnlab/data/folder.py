@@ -5,7 +5,9 @@ to the folder), optional `text` (caption), `label` (int, or strings mapped to id
 order) and `split` (train, or eval/test/validation). Without a `split` column a fixed share of
 rows (`eval_fraction`, at least one), drawn with the config's seed, is held out for eval.
 Images are centre-cropped to a square, resized to `size` and made RGB; audio is mixed to mono,
-resampled to `sample_rate` and cut or zero-padded to `size` samples.
+resampled to `sample_rate` and cut or zero-padded to `size` samples; point clouds (`.ply` vertices
+or `.npy` (N, 3) arrays) are centred, scaled to a largest half-extent of 0.9 and `size` of their
+points drawn (seeded); a cloud with fewer points or with NaN coordinates is a bad file.
 
 A bad row or file stops with one DataError naming it; with `skip_bad` it is skipped instead, and
 `dataset.skipped` counts the bad metadata rows plus the bad files of this split (`report_skipped`
@@ -26,6 +28,8 @@ import torch
 
 from attnlab.data.base import Bundle, MemoryDataset, Split
 from attnlab.data.config import AUDIO_SIZES, DataConfig
+from attnlab.data.pointfiles import POINT_EXTS, fit_cloud, read_cloud
+from attnlab.data.points import POINT_SIZES
 from attnlab.errors import ConfigError, DataError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -185,8 +189,9 @@ def assign_splits(rows: list[Row], cfg: DataConfig, problems: Problems) -> list[
 
 
 def modality_of(rows: list[Row], problems: Problems) -> tuple[str, list[Row]]:
-    """'image' or 'audio' from the file extensions; a row of another kind is a bad row."""
+    """'image', 'audio' or 'points' from the file extensions; a row of another kind is a bad row."""
     kinds = {ext: "image" for ext in IMAGE_EXTS} | {ext: "audio" for ext in AUDIO_EXTS}
+    kinds |= {ext: "points" for ext in POINT_EXTS}
     first = next(
         (kinds[e] for r in rows if (e := Path(r.fields["file_name"]).suffix.lower()) in kinds), "image"
     )
@@ -202,7 +207,8 @@ def modality_of(rows: list[Row], problems: Problems) -> tuple[str, list[Row]]:
         else:
             problems(
                 f"{r.where}: {r.fields['file_name']} has an unsupported type {ext or '(none)'!r} "
-                f"(images: {' '.join(IMAGE_EXTS)}; audio: {' '.join(AUDIO_EXTS)})"
+                f"(images: {' '.join(IMAGE_EXTS)}; audio: {' '.join(AUDIO_EXTS)}; "
+                f"point clouds: {' '.join(POINT_EXTS)})"
             )
     return first, keep
 
@@ -240,8 +246,8 @@ def load_audio(path: Path, size: int, sample_rate: int) -> np.ndarray:
 
 
 class FolderDataset(MemoryDataset):
-    """The user's images or audio: 'x' (3, size, size) or (1, size), 'text', and 'label' when the
-    metadata has labels. Text falls back to the class name, then to ""."""
+    """The user's images, audio or point clouds: 'x' (3, size, size), (1, size) or (3, size), 'text',
+    and 'label' when the metadata has labels. Text falls back to the class name, then to ""."""
 
     def __init__(self, cfg: DataConfig, split: Split, report: bool = True):
         super().__init__(cfg, split)
@@ -265,9 +271,9 @@ class FolderDataset(MemoryDataset):
         return len(self.problems.messages)
 
     def _check_size(self) -> None:
-        lo, hi = IMAGE_SIZES if self.modality == "image" else AUDIO_SIZES
+        lo, hi = {"image": IMAGE_SIZES, "audio": AUDIO_SIZES, "points": POINT_SIZES}[self.modality]
         if not lo <= self.cfg.size <= hi:
-            unit = "pixels" if self.modality == "image" else "samples"
+            unit = {"image": "pixels", "audio": "samples", "points": "points"}[self.modality]
             raise ConfigError(
                 f"data.size={self.cfg.size} is not allowed for this {self.modality} folder: expected {lo} to {hi} {unit}"
             )
@@ -300,6 +306,8 @@ class FolderDataset(MemoryDataset):
         try:
             if self.modality == "image":
                 return load_image(path, self.cfg.size)
+            if self.modality == "points":  # (3, size): too few points or NaN coordinates are bad files
+                return fit_cloud(read_cloud(path), self.cfg.size, self.cfg.seed).T.copy()
             return load_audio(path, self.cfg.size, self.cfg.sample_rate)
         except Exception as e:  # PIL and soundfile raise many types for corrupt files
             self.problems(f"{row.where}: cannot read {self.modality} {name}: {e}")

@@ -6,6 +6,7 @@ from attnlab.data.base import MemoryDataset, Split
 from attnlab.data.config import DataConfig
 from attnlab.data.digits import DigitsDataset
 from attnlab.data.folder import FolderDataset, report_skipped
+from attnlab.data.points import PointsDataset
 from attnlab.data.shapes import ShapesDataset
 from attnlab.data.tones import TonesDataset
 
@@ -24,9 +25,15 @@ DATASETS: dict[str, tuple[type[MemoryDataset], str]] = {
         "8 kHz audio clips of 1-2 notes (C4-C6; sine, square, saw, triangle); caption, label, "
         "ground-truth pitches",
     ),
+    "points": (
+        PointsDataset,
+        "3D point clouds (64-4096 points) of 1-2 solids (sphere, cube, torus, cone, cylinder, "
+        "pyramid; size, aspect, turn; left of / right of / above / below); caption, label, "
+        "per-point object ids and attributes",
+    ),
     "folder": (
         FolderDataset,
-        "your images or WAV files listed in metadata.jsonl/.csv (file_name, text, label, split)",
+        "your images, WAV files or point clouds (.ply, .npy) listed in metadata.jsonl/.csv (file_name, text, label, split)",
     ),
 }
 
@@ -67,7 +74,9 @@ def describe_datasets() -> list[dict]:
         rows.append(
             {
                 "name": name,
-                "modality": {"tones": "audio", "folder": "image or audio"}.get(name, "image"),
+                "modality": {"tones": "audio", "points": "points", "folder": "image, audio or points"}.get(
+                    name, "image"
+                ),
                 "sizes": _SIZES[name],
                 "classes": _classes(cls),
                 "description": description,
@@ -80,7 +89,8 @@ _SIZES = {
     "shapes": "16, 32, 64 px",
     "digits": "16, 32 px",
     "tones": "1024-8000 samples",
-    "folder": "8-512 px or 1024-8000 samples",
+    "points": "64-4096 points",
+    "folder": "8-512 px, 1024-8000 samples or 64-4096 points",
 }
 
 

@@ -11,10 +11,16 @@ from attnlab.models.config import PRESETS, ModelConfig, preset
 from attnlab.models.diffusers_backbone import DiffusersBackbone
 from attnlab.models.dit import DiT
 from attnlab.models.plan import ModelPlan, resolve
+from attnlab.models.points import PointTransformer
 from attnlab.models.specs import AttnSpec
 from attnlab.models.unet import UNet
 
-BACKBONE_CLASSES: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT, "diffusers": DiffusersBackbone}
+BACKBONE_CLASSES: dict[str, type[nn.Module]] = {
+    "unet": UNet,
+    "dit": DiT,
+    "diffusers": DiffusersBackbone,
+    "points": PointTransformer,
+}
 
 
 def build_model(cfg: ModelConfig | Mapping) -> nn.Module:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from attnlab.errors import ConfigError, check
 
-BACKBONES = ("unet", "dit", "diffusers")
+BACKBONES = ("unet", "dit", "diffusers", "points")
 CONDS = ("none", "class", "text")
 
 
@@ -19,7 +19,8 @@ class ModelConfig:
 
     Attributes:
         backbone: "unet" (convolutional U-Net with attention at chosen resolutions) or "dit"
-            (a transformer over patches, Peebles & Xie 2023).
+            (a transformer over patches, Peebles & Xie 2023); "points" (a point transformer over
+            farthest-point groups of a 3D point cloud, `attnlab.models.points`).
         dims: 2 for images (B, C, H, W), 1 for audio (B, C, T).
         in_channels: data channels (3 for RGB, 1 for audio); the output has as many.
         size: image side H = W, or audio length T.
@@ -43,9 +44,12 @@ class ModelConfig:
             (UNet2DConditionModel, PixArtTransformer2DModel, DiTTransformer2DModel).
         diffusers_config: its constructor's arguments; the data's fields (sample size, channels,
             text width, classes) are filled in (`attnlab.models.diffusers_backbone`).
+        groups: with backbone "points" (dims 1, size = points per cloud, in_channels 3), the
+            farthest-point centres, one token each; 0 = 2 * size // patch. There `patch` is the
+            neighbours pooled into each group token (`attnlab.models.points`).
     """
 
-    backbone: Literal["unet", "dit", "diffusers"] = "unet"
+    backbone: Literal["unet", "dit", "diffusers", "points"] = "unet"
     dims: Literal[1, 2] = 2
     in_channels: int = 3
     size: int = 16
@@ -65,6 +69,7 @@ class ModelConfig:
     techniques: dict[str, dict[str, Any]] = field(default_factory=dict)
     diffusers_class: str = ""
     diffusers_config: dict[str, Any] = field(default_factory=dict)
+    groups: int = 0
 
     def __post_init__(self):
         self.channel_mult = _int_tuple("channel_mult", self.channel_mult)
@@ -102,6 +107,9 @@ class ModelConfig:
 
             check_config(self)
             return
+        if self.backbone == "points":
+            self._validate_points()
+            return
         (self._validate_unet if self.backbone == "unet" else self._validate_dit)()
 
     def _validate_unet(self) -> None:
@@ -137,7 +145,29 @@ class ModelConfig:
             self.width % step == 0, "model.width", self.width, f"a multiple of {step} for a {self.dims}D DiT"
         )
 
+    def _validate_points(self) -> None:
+        check(self.dims == 1, "model.dims", self.dims, "1 for point clouds (B, 3, N)")
+        check(self.in_channels == 3, "model.in_channels", self.in_channels, "3 (x, y, z) for point clouds")
+        check(_is_int(self.depth, 1), "model.depth", self.depth, "a positive integer")
+        check(
+            _is_int(self.patch, 1) and self.patch <= self.size,
+            "model.patch",
+            self.patch,
+            f"the neighbours per group, 1 to size={self.size}",
+        )
+        ok = isinstance(self.groups, int) and 0 <= self.groups <= self.size
+        check(ok, "model.groups", self.groups, f"0 (2 * size // patch) or 1 to size={self.size} centres")
+
     # Derived values
+
+    @property
+    def modality(self) -> int | str:
+        """What the techniques' `modalities` name: "points" on the points backbone, else dims."""
+        return "points" if self.backbone == "points" else self.dims
+
+    def point_groups(self) -> int:
+        """The points backbone's group tokens."""
+        return self.groups or max(1, min(self.size, 2 * self.size // self.patch))
 
     def feature_sizes(self) -> list[int]:
         """U-Net feature-map size (H, or T for audio) at each level, top to bottom."""
@@ -146,7 +176,7 @@ class ModelConfig:
     def block_mlp_ratio(self) -> float:
         if self.mlp_ratio is not None:
             return float(self.mlp_ratio)
-        return 4.0 if self.backbone == "dit" else 0.0
+        return 4.0 if self.backbone in ("dit", "points") else 0.0
 
     # (De)serialisation
 
@@ -174,6 +204,8 @@ def native_keys(d: dict[str, Any]) -> dict[str, Any]:
     if d.get("backbone") != "diffusers":
         d.pop("diffusers_class", None)
         d.pop("diffusers_config", None)
+    if d.get("backbone") != "points":
+        d.pop("groups", None)
     return d
 
 
@@ -216,6 +248,9 @@ PRESETS: dict[str, Callable[..., ModelConfig]] = {
     ),
     "dit-tiny": _preset(backbone="dit", width=96, depth=4, heads=3, patch=2),
     "dit-small": _preset(backbone="dit", width=192, depth=8, heads=6, patch=2),
+    "points-tiny": _preset(
+        backbone="points", dims=1, in_channels=3, size=512, width=96, depth=4, heads=4, patch=16
+    ),
 }
 
 

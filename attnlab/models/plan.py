@@ -20,7 +20,15 @@ from attnlab.models.blocks import ResBlock
 from attnlab.models.config import ModelConfig
 from attnlab.models.embeddings import sincos_pos_embed
 from attnlab.models.specs import AttnSpec, Where
-from attnlab.techniques.registry import SINGLE_SLOT, Technique, get, techniques
+from attnlab.techniques.registry import (
+    SINGLE_SLOT,
+    Technique,
+    fits,
+    get,
+    modality_names,
+    refusal_note,
+    techniques,
+)
 
 
 @dataclass
@@ -169,15 +177,15 @@ def _architectural(name: str, cfg: ModelConfig) -> Technique:
         tech = get(name)
     except KeyError:
         tech = None
-    if tech is None or not tech.architectural or cfg.backbone not in tech.hosts:
-        known = [t.name for t in techniques() if t.architectural and cfg.backbone in t.hosts]
+    if tech is None or not tech.architectural or not fits(tech, cfg.backbone):
+        known = [t.name for t in techniques() if t.architectural and fits(t, cfg.backbone)]
         raise ConfigError(
             f"model.techniques.{name} is not an architectural technique of the {cfg.backbone} backbone; "
-            f"available: {', '.join(known) or 'none'}"
+            f"available: {', '.join(known) or 'none'}{refusal_note(tech, cfg.modality)}"
         )
-    if cfg.dims not in tech.modalities:
+    if cfg.modality not in tech.modalities:
         raise ConfigError(
-            f"model.techniques.{name} works on {'/'.join(f'{m}D' for m in tech.modalities)} data, "
-            f"not {cfg.dims}D"
+            f"model.techniques.{name} works on {modality_names(tech.modalities)} data, "
+            f"not {modality_names((cfg.modality,))}{refusal_note(tech, cfg.modality)}"
         )
     return tech

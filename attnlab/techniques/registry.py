@@ -7,7 +7,9 @@ A technique is a dataclass of its options, registered with `@register`. Its decl
 - `training_free`: whether it acts on a trained model at sampling time (else it changes the
   architecture, and a model is trained with it; token merging is both);
 - `hosts` and `modalities`: the backbones ("unet", "dit") and data dimensionalities (1 = audio,
-  2 = images) it works in; anything else is refused from this declaration; `pipelines`: the
+  2 = images) it works in; anything else is refused from this declaration. "points" (3D point
+  clouds, on the points backbone) is a modality a technique opts into explicitly, and one that does
+  not says why in `modality_notes` ({"points": "why not"}), which refusals print; `pipelines`: the
   diffusers pipeline families (PIPELINES) a training-free technique runs on through the diffusers
   host (all of them unless it says otherwise, with `pipelines_note` saying why);
 - `provides`: the hook points it fills, each a method of the options class (see HOOKS). The
@@ -59,6 +61,8 @@ LEVELS = {
 
 HOSTS = ("unet", "dit")
 MODALITIES = (1, 2)
+# Modalities a technique declares explicitly (never by default), each with the backbone it runs on.
+EXPLICIT_MODALITIES = {"points": "points"}
 # The diffusers pipeline families the diffusers host runs training-free techniques on
 # (`attnlab.integrations.diffusers`).
 PIPELINES = ("sd", "sdxl", "pixart", "sd3", "flux")
@@ -121,6 +125,7 @@ class Technique:
     pipelines: tuple[str, ...] = ()
     pipelines_note: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
+    modality_notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def architectural(self) -> bool:
@@ -162,6 +167,7 @@ def register(
     not_in_poc: str | None = None,
     pipelines: tuple[str, ...] | None = None,
     pipelines_note: str | None = None,
+    modality_notes: dict[str, str] | None = None,
 ):
     """Class decorator that declares a technique; the class's dataclass fields are its options.
 
@@ -171,7 +177,13 @@ def register(
     """
     _require(level in LEVELS, name, f"level must be one of {sorted(LEVELS)}, got {level}")
     _require(set(hosts) <= set(HOSTS), name, f"hosts must be among {HOSTS}, got {hosts}")
-    _require(set(modalities) <= set(MODALITIES), name, f"modalities must be among {MODALITIES}")
+    known = (*MODALITIES, *EXPLICIT_MODALITIES)
+    _require(set(modalities) <= set(known), name, f"modalities must be among {known}")
+    notes = dict(modality_notes or {})
+    _require(
+        set(notes) <= set(EXPLICIT_MODALITIES), name, f"modality_notes are for {tuple(EXPLICIT_MODALITIES)}"
+    )
+    _require(not set(notes) & set(modalities), name, "a modality it declares needs no note why not")
     unknown = set(provides) - HOOKS.keys()
     _require(not unknown, name, f"unknown hook point(s) {sorted(unknown)}; known: {', '.join(HOOKS)}")
     _require(bool(provides), name, "provides no hook point")
@@ -201,10 +213,31 @@ def register(
             pipelines,
             pipelines_note,
             defaults=_defaults(cls),
+            modality_notes=notes,
         )
         return cls
 
     return deco
+
+
+def fits(tech: Technique, backbone: str) -> bool:
+    """Whether the technique runs in `backbone`: a declared host, or the backbone of a modality it
+    declares explicitly (the points backbone for "points")."""
+    explicit = [m for m in tech.modalities if m in EXPLICIT_MODALITIES]
+    if backbone in EXPLICIT_MODALITIES.values():
+        return any(EXPLICIT_MODALITIES[m] == backbone for m in explicit)
+    return backbone in tech.hosts
+
+
+def modality_names(modalities) -> str:
+    """ "1D/2D", "2D/points": how tables and messages name modalities."""
+    return "/".join(m if isinstance(m, str) else f"{m}D" for m in modalities)
+
+
+def refusal_note(tech: Technique, modality) -> str:
+    """ " (on points: why not)" when the technique says why it does not take `modality`, else ""."""
+    note = tech.modality_notes.get(modality) if isinstance(modality, str) else None
+    return f" (on {modality}: {note})" if note else ""
 
 
 def get(name: str) -> Technique:
