@@ -13,6 +13,7 @@ from attnlab.models.dit import DiT
 from attnlab.models.plan import ModelPlan, resolve
 from attnlab.models.points import PointTransformer
 from attnlab.models.specs import AttnSpec
+from attnlab.models.tokens import TokenTransformer
 from attnlab.models.unet import UNet
 
 BACKBONE_CLASSES: dict[str, type[nn.Module]] = {
@@ -20,6 +21,7 @@ BACKBONE_CLASSES: dict[str, type[nn.Module]] = {
     "dit": DiT,
     "diffusers": DiffusersBackbone,
     "points": PointTransformer,
+    "tokens": TokenTransformer,
 }
 
 

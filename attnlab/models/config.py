@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from attnlab.errors import ConfigError, check
 
-BACKBONES = ("unet", "dit", "diffusers", "points")
+BACKBONES = ("unet", "dit", "diffusers", "points", "tokens")
 CONDS = ("none", "class", "text")
 
 
@@ -47,9 +47,12 @@ class ModelConfig:
         groups: with backbone "points" (dims 1, size = points per cloud, in_channels 3), the
             farthest-point centres, one token each; 0 = 2 * size // patch. There `patch` is the
             neighbours pooled into each group token (`attnlab.models.points`).
+        With backbone "tokens" (a bidirectional transformer over token ids, `attnlab.models.tokens`):
+            dims 1, size = sequence length, in_channels = vocabulary size (the logits per position),
+            cond "text" = a sequence of condition token ids, context_dim = their vocabulary size.
     """
 
-    backbone: Literal["unet", "dit", "diffusers", "points"] = "unet"
+    backbone: Literal["unet", "dit", "diffusers", "points", "tokens"] = "unet"
     dims: Literal[1, 2] = 2
     in_channels: int = 3
     size: int = 16
@@ -78,7 +81,10 @@ class ModelConfig:
         self.validate()
 
     def sample_shape(self, *batch: int) -> tuple[int, ...]:
-        """(C, *spatial) of one sample of the config's data; `sample_shape(n)` is (n, C, *spatial)."""
+        """(C, *spatial) of one sample of the config's data; `sample_shape(n)` is (n, C, *spatial);
+        on the tokens backbone a sample is `size` token ids: (n, size)."""
+        if self.backbone == "tokens":
+            return (*batch, self.size)
         return (*batch, self.in_channels, *([self.size] * self.dims))
 
     # Validation
@@ -109,6 +115,9 @@ class ModelConfig:
             return
         if self.backbone == "points":
             self._validate_points()
+            return
+        if self.backbone == "tokens":
+            self._validate_tokens()
             return
         (self._validate_unet if self.backbone == "unet" else self._validate_dit)()
 
@@ -158,12 +167,19 @@ class ModelConfig:
         ok = isinstance(self.groups, int) and 0 <= self.groups <= self.size
         check(ok, "model.groups", self.groups, f"0 (2 * size // patch) or 1 to size={self.size} centres")
 
+    def _validate_tokens(self) -> None:
+        check(self.dims == 1, "model.dims", self.dims, "1 for token sequences (B, L)")
+        check(_is_int(self.depth, 1), "model.depth", self.depth, "a positive integer")
+        check(self.in_channels >= 3, "model.in_channels", self.in_channels, "the vocabulary size (>= 3)")
+        check(self.cond in ("none", "text"), "model.cond", self.cond, "none or text for the tokens backbone")
+        check(self.width % 2 == 0, "model.width", self.width, "an even width (sin-cos positions)")
+
     # Derived values
 
     @property
     def modality(self) -> int | str:
-        """What the techniques' `modalities` name: "points" on the points backbone, else dims."""
-        return "points" if self.backbone == "points" else self.dims
+        """What the techniques' `modalities` name: "points" / "tokens" on those backbones, else dims."""
+        return self.backbone if self.backbone in ("points", "tokens") else self.dims
 
     def point_groups(self) -> int:
         """The points backbone's group tokens."""
@@ -176,7 +192,7 @@ class ModelConfig:
     def block_mlp_ratio(self) -> float:
         if self.mlp_ratio is not None:
             return float(self.mlp_ratio)
-        return 4.0 if self.backbone in ("dit", "points") else 0.0
+        return 4.0 if self.backbone in ("dit", "points", "tokens") else 0.0
 
     # (De)serialisation
 

@@ -9,7 +9,8 @@ A technique is a dataclass of its options, registered with `@register`. Its decl
 - `hosts` and `modalities`: the backbones ("unet", "dit") and data dimensionalities (1 = audio,
   2 = images) it works in; anything else is refused from this declaration. "points" (3D point
   clouds, on the points backbone) is a modality a technique opts into explicitly, and one that does
-  not says why in `modality_notes` ({"points": "why not"}), which refusals print; `pipelines`: the
+  not says why in `modality_notes` ({"points": "why not"}), which refusals print; "tokens" (text,
+  on the tokens backbone, `attnlab.models.tokens`) likewise; `pipelines`: the
   diffusers pipeline families (PIPELINES) a training-free technique runs on through the diffusers
   host (all of them unless it says otherwise, with `pipelines_note` saying why);
 - `provides`: the hook points it fills, each a method of the options class (see HOOKS). The
@@ -62,7 +63,7 @@ LEVELS = {
 HOSTS = ("unet", "dit")
 MODALITIES = (1, 2)
 # Modalities a technique declares explicitly (never by default), each with the backbone it runs on.
-EXPLICIT_MODALITIES = {"points": "points"}
+EXPLICIT_MODALITIES = {"points": "points", "tokens": "tokens"}
 # The diffusers pipeline families the diffusers host runs training-free techniques on
 # (`attnlab.integrations.diffusers`).
 PIPELINES = ("sd", "sdxl", "pixart", "sd3", "flux")

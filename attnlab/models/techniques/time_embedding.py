@@ -18,6 +18,7 @@ from attnlab.models.specs import AttnSpec, Where
 from attnlab.techniques import register
 
 MODES = {"unet": ("scale_shift", "add", "adaln_zero"), "dit": ("adaln_zero", "add", "token")}
+MODES["tokens"] = ("adaln_zero", "add", "token", "none")  # "none": no time input (MDLM, LLaDA)
 
 
 class AdditiveResBlock(ResBlock):
@@ -43,6 +44,8 @@ class TimeInput(nn.Module):
         dim: token width.
     """
 
+    reads_time = True  # the backbone embeds the timestep for it
+
     def __init__(self, mode: str, dim: int):
         super().__init__()
         self.mode = mode
@@ -54,6 +57,16 @@ class TimeInput(nn.Module):
         return h + e if self.mode == "add" else torch.cat([h, e], dim=1)
 
 
+class NoTime(nn.Module):
+    """The token backbone without a time input: masked diffusion reads the noise level off the share
+    of masked tokens (MDLM Sec. 3.2.3, LLaDA), so the tokens pass unchanged and no timestep is embedded."""
+
+    reads_time = False
+
+    def forward(self, h: Tensor, c: Tensor | None) -> Tensor:
+        return h
+
+
 @register(
     "time_embedding",
     level=3,
@@ -62,8 +75,10 @@ class TimeInput(nn.Module):
     provides=("check", "edit_spec", "res_block", "time_input"),
     summary=(
         "how the timestep enters: U-Net add or adaln_zero (base: scale_shift); DiT add or token "
-        "(base: adaln_zero); token/add drop adaLN's 6 dim^2 parameters per block"
+        "(base: adaln_zero); token/add drop adaLN's 6 dim^2 parameters per block; tokens: also none"
     ),
+    hosts=("unet", "dit"),
+    modalities=(1, 2, "tokens"),
 )
 @dataclass
 class TimeEmbedding:
@@ -74,6 +89,7 @@ class TimeEmbedding:
             per-channel bias in every residual block), "adaln_zero" (scale_shift, and the attention
             blocks get adaLN-Zero too). DiT: "adaln_zero" (base), "add" (added to every patch token
             once, before the blocks), "token" (one extra token, read only through attention).
+            Tokens: the DiT's three, and "none" (no time input at all).
     """
 
     mode: str = "add"
@@ -89,7 +105,7 @@ class TimeEmbedding:
     def edit_spec(self, spec: AttnSpec, where: Where) -> AttnSpec:
         if self.mode == "adaln_zero":
             return dataclasses.replace(spec, modulation="adaln_zero")
-        if where.side == "block" and self.mode in ("add", "token"):
+        if where.side == "block" and self.mode in ("add", "token", "none"):
             return dataclasses.replace(spec, modulation="none")
         return spec
 
@@ -101,4 +117,6 @@ class TimeEmbedding:
 
     def time_input(self, dim: int) -> TimeInput | None:
         """DiT: the module that puts the conditioning vector into the tokens, or None (adaLN-Zero)."""
+        if self.mode == "none":
+            return NoTime()
         return TimeInput(self.mode, dim) if self.mode in ("add", "token") else None
