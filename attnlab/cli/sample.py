@@ -106,7 +106,7 @@ def sample_command(
 ):
     """Draw samples: PNG files and a grid (images) or WAV files (audio), and request.json."""
     from attnlab.cli.flags import cli_spec, pipeline_or_run, technique_options
-    from attnlab.control.plan import sampling_plan
+    from attnlab.control.plan import check_modality, sampling_plan
     from attnlab.generate import generate, plan, text_encoder_for
     from attnlab.precision import resolve as resolve_precision
     from attnlab.precision import set_precision
@@ -124,6 +124,7 @@ def sample_command(
             pipeline, prompt or [], num, seed, steps, guidance, precision, device, batch_size, techniques, out
         )
     model, cfg = load_model(run_dir, ema=ema)
+    check_modality(techniques.spec, cfg.model)
     s = cfg.sample
     precision = resolve_precision(precision or s.precision, "cpu", "--precision")
     set_precision(model, precision)

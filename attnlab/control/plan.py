@@ -15,6 +15,7 @@ from torch import nn
 from attnlab.attention import Control, control
 from attnlab.errors import ConfigError
 from attnlab.techniques import get
+from attnlab.techniques.registry import refusal_note
 
 
 @dataclass
@@ -89,6 +90,24 @@ def sampling_plan(spec: Mapping[str, Mapping | None] | None, bind_prompts: bool 
         elif tech.offers("guidance"):
             plan.guidances.append(obj)
     return plan
+
+
+def check_modality(spec: Mapping[str, Mapping | None] | None, model_cfg) -> None:
+    """Refuse a technique of `spec` that does not declare the model's named modality ("points": the
+    points backbone); image and audio models take every technique's defaults, as before.
+
+    Raises:
+        ConfigError: naming the technique and, where it gives one, why it does not take that data.
+    """
+    modality = model_cfg.modality
+    if not isinstance(modality, str):
+        return
+    for name in spec or {}:
+        tech = get(name)
+        if modality not in tech.modalities:
+            raise ConfigError(
+                f"technique {name!r} does not take {modality} data{refusal_note(tech, modality)}"
+            )
 
 
 def _training_free(name: str, bind_prompts: bool):

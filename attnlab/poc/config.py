@@ -19,6 +19,7 @@ from attnlab.errors import check as _check
 from attnlab.models.config import ModelConfig
 from attnlab.poc.variants import lineage, technique, variant_model
 from attnlab.precision import PRECISIONS, Precision
+from attnlab.techniques.registry import EXPLICIT_MODALITIES, fits, modality_names, refusal_note
 
 SEED_STRIDE = 100_000  # sample k of sampling seed s draws its noise from seed s * SEED_STRIDE + k
 
@@ -336,12 +337,19 @@ def _check_technique(cfg: PocConfig, v: VariantConfig, tech, opts: dict, key: st
     backbone = root.model.get("backbone", cfg.model.backbone)
     hosted = backbone == "diffusers" and tech.training_free  # the diffusers host runs it
     _check(
-        hosted or backbone in tech.hosts,
+        hosted or fits(tech, backbone),
         key,
         opts,
-        f"a technique of the {backbone} backbone ({tech.name} works in {', '.join(tech.hosts)})",
+        f"a technique of the {backbone} backbone ({tech.name} works in {', '.join(tech.hosts)})"
+        + refusal_note(tech, backbone),
     )
-    _check(cfg.model.dims in tech.modalities, key, opts, f"a technique for {cfg.model.dims}D data")
+    modality = backbone if backbone in EXPLICIT_MODALITIES.values() else cfg.model.dims
+    _check(
+        modality in tech.modalities,
+        key,
+        opts,
+        f"a technique for {modality_names((modality,))} data{refusal_note(tech, modality)}",
+    )
     _check(tech.not_in_poc is None, key, opts, tech.not_in_poc or "")
     if not tech.training_free:
         _check(

@@ -49,6 +49,9 @@ def position_table(kind: str, grid: tuple[int, ...], dim: int) -> Tensor:
     paper="Transformer sin-cos (Vaswani et al., 2017, arXiv:1706.03762); learned: ViT (Dosovitskiy et al., 2021, arXiv:2010.11929)",
     training_free=False,
     provides=("check", "unet_positions", "dit_positions"),
+    modality_notes={
+        "points": "a table indexed by token order; point tokens take Fourier features of their coordinates, and an index would break equivariance to the input order"
+    },
     summary=(
         "absolute positions added to the tokens: DiT's table made learned, or a table for each U-Net "
         "attention block; N x width parameters (learned), one addition per block"

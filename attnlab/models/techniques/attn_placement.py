@@ -20,6 +20,7 @@ from attnlab.techniques import register
     paper="ADM ablations of attention placement (Dhariwal & Nichol, 2021, arXiv:2105.05233)",
     training_free=False,
     provides=("check", "edit_spec"),
+    modalities=(1, 2, "points"),
     summary=(
         "self-attention only in chosen DiT blocks or U-Net sides: fewer O(N^2) layers, less "
         "long-range mixing (a DiT block without it treats each patch alone)"

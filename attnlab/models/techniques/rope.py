@@ -74,6 +74,9 @@ class Rotary(nn.Module):
     paper="RoFormer (Su et al., 2021, arXiv:2104.09864); 2D axial: RoPE-ViT (Heo et al., 2024, arXiv:2403.13298)",
     training_free=False,
     provides=("check", "edit_spec", "dit_positions"),
+    modality_notes={
+        "points": "rotates by token index; point tokens have no index order (their positions are Fourier features of the coordinates)"
+    },
     summary=(
         "relative positions inside every self-attention (q, k rotated by position); DiT drops its "
         "absolute table; no parameters, a few elementwise ops per layer"

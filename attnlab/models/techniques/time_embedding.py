@@ -18,6 +18,7 @@ from attnlab.models.specs import AttnSpec, Where
 from attnlab.techniques import register
 
 MODES = {"unet": ("scale_shift", "add", "adaln_zero"), "dit": ("adaln_zero", "add", "token")}
+MODES["points"] = MODES["dit"]
 MODES["tokens"] = ("adaln_zero", "add", "token", "none")  # "none": no time input (MDLM, LLaDA)
 
 
@@ -78,7 +79,7 @@ class NoTime(nn.Module):
         "(base: adaln_zero); token/add drop adaLN's 6 dim^2 parameters per block; tokens: also none"
     ),
     hosts=("unet", "dit"),
-    modalities=(1, 2, "tokens"),
+    modalities=(1, 2, "tokens", "points"),
 )
 @dataclass
 class TimeEmbedding:

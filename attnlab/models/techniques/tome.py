@@ -223,6 +223,7 @@ def joint_parts(call: AttnCall, out: Tensor) -> tuple[Tensor, Tensor, bool]:
     paper="ToMe (Bolya et al., 2023, arXiv:2210.09461); ToMe for SD (Bolya & Hoffman, 2023, arXiv:2303.17604)",
     training_free=True,
     provides=("controls", "check", "attach"),
+    modalities=(1, 2, "points"),
     pipelines=("sd", "sdxl", "pixart", "sd3"),
     pipelines_note="Flux rotates every token by its position (RoPE); a merged token stands for several",
     summary=(

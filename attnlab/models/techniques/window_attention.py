@@ -129,6 +129,9 @@ class WindowKernel:
     paper="Swin Transformer (Liu et al., 2021, arXiv:2103.14030)",
     training_free=False,
     provides=("check", "edit_spec"),
+    modality_notes={
+        "points": "windows of consecutive grid tokens; point tokens in farthest-point order are not neighbours in space (the kNN groups are the points' neighbourhoods)"
+    },
     summary=(
         "self-attention inside w x w windows (shifted every other DiT block): cost linear in tokens; "
         "long-range mixing only through depth, convolutions or shifts"
