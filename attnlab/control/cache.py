@@ -61,8 +61,8 @@ class StepCache:
     paper="DeepCache (Ma et al., 2024, arXiv:2312.00858); PAB (Zhao et al., 2024, arXiv:2408.12588)",
     training_free=True,
     provides=("controls",),
-    modalities=(1, 2, "points"),
     summary="reuse each selected attention output for k-1 steps: fewer attention calls, small drift",
+    modalities=(1, 2, "tokens", "points"),
 )
 @dataclass(eq=False)
 class AttnCache(Control):

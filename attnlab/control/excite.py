@@ -93,13 +93,14 @@ class DifferentiableCrossMaps(Control):
     paper="Attend-and-Excite (Chefer et al., SIGGRAPH 2023, arXiv:2301.13826)",
     training_free=True,
     provides=("guidance", "bind_prompts"),
-    modality_notes={
-        "points": "smooths cross-attention maps over the grid and sums them over steps; the points backbone regroups its tokens at every step, so a token is not one place across steps"
-    },
     needs_prompts="attnlab.control.AttendExcite.bind",
     needs_text=True,
     summary="latent updates at early steps so every named object gets attention, each latent refined on "
     "its own as the reference code: fewer missing objects, slower",
+    modality_notes={
+        "points": "smooths cross-attention maps over the grid and sums them over steps; the points backbone regroups its tokens at every step, so a token is not one place across steps",
+        "tokens": "steps the continuous latent along a gradient of cross-attention; token ids take no gradient step",
+    },
 )
 @dataclass(eq=False)
 class AttendExcite:

@@ -39,12 +39,13 @@ from attnlab.techniques import register
     paper="DAAM (Tang et al., ACL 2023, arXiv:2210.04885)",
     training_free=True,
     provides=("controls",),
-    modality_notes={
-        "points": "sums each token's maps over steps; the points backbone regroups its tokens at every step, so a token is not one place across steps"
-    },
     needs_prompts="attnlab maps",
     needs_text=True,
     summary="per-word heat maps from cross-attention (the image-to-text block of joint attention), aggregated as DAAM's code (per layer and head, summed over steps, coarsest maps left out): explains a sample; maps only the selected layers",
+    modality_notes={
+        "points": "sums each token's maps over steps; the points backbone regroups its tokens at every step, so a token is not one place across steps",
+        "tokens": "binds a prompt's words to an image or audio grid (attnlab maps); a text run's heat maps are generated tokens on condition tokens, in its PoC report",
+    },
 )
 @dataclass(eq=False)
 class HeatMaps(Control):

@@ -236,13 +236,14 @@ class BlendMaps(Control):
     paper="Prompt-to-Prompt (Hertz et al., ICLR 2023, arXiv:2208.01626)",
     training_free=True,
     provides=("guidance",),
-    modality_notes={
-        "points": "swaps maps token by token between prompts; the source and edited clouds are grouped apart at every step, so token i is not one place in both"
-    },
     needs_prompts="attnlab edit",
     needs_text=True,
     not_in_poc="a sampling technique: p2p edits one prompt into another; use `attnlab edit`",
     summary="edit a sample by swapping, refining (global token alignment) or reweighting words while keeping its layout, as the reference code",
+    modality_notes={
+        "points": "swaps maps token by token between prompts; the source and edited clouds are grouped apart at every step, so token i is not one place in both",
+        "tokens": "edits a prompt's cross-attention maps of an image; a text run has no prompt to edit",
+    },
 )
 @dataclass(eq=False)
 class PromptToPrompt:

@@ -105,9 +105,9 @@ class IdentitySelfAttention(Control):
     paper="PAG (Ahn et al., 2024, arXiv:2403.17377)",
     training_free=True,
     provides=("guidance",),
-    modalities=(1, 2, "points"),
     summary="guide away from a pass with identity self-attention (U-Net mid block, DiT blocks.1, as "
     "diffusers): sharper structure, one extra forward per step",
+    modalities=(1, 2, "tokens", "points"),
 )
 @dataclass(eq=False)
 class PAG:

@@ -155,11 +155,12 @@ class AttentionMassRecorder(Control):
     paper="SAG (Hong et al., ICCV 2023, arXiv:2210.00939)",
     training_free=True,
     provides=("guidance",),
-    modality_notes={
-        "points": "blurs the sample on its grid where self-attention is high; a point cloud has no grid to blur"
-    },
     summary="guide away from an unconditional pass blurred where the middle self-attention map "
     "attends (as diffusers): finer detail, one extra forward per step",
+    modality_notes={
+        "points": "blurs the sample on its grid where self-attention is high; a point cloud has no grid to blur",
+        "tokens": "blurs the continuous latent where self-attention is high; token ids have no latent to blur",
+    },
 )
 @dataclass(eq=False)
 class SAG:

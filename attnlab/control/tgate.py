@@ -34,11 +34,11 @@ MEAN = None  # key of the averaged entry in a layer's cache (rows shared by ever
     paper="T-GATE (Zhang et al., 2024, arXiv:2404.02747)",
     training_free=True,
     provides=("controls", "cfg_schedule"),
-    modalities=(1, 2, "points"),
     pipelines=("sd", "sdxl", "pixart"),
     pipelines_note="joint attention (SD3, Flux) puts image and text in one softmax: no cross-attention output to freeze",
     summary="as the T-GATE code: cross-attention frozen after a gate step, self-attention cached every "
     "few steps, CFG dropped after the gate (drop_cfg=False keeps it, a variant): faster late steps",
+    modalities=(1, 2, "tokens", "points"),
 )
 @dataclass(eq=False)
 class TGate(Control):

@@ -56,6 +56,7 @@ def position_table(kind: str, grid: tuple[int, ...], dim: int) -> Tensor:
         "absolute positions added to the tokens: DiT's table made learned, or a table for each U-Net "
         "attention block; N x width parameters (learned), one addition per block"
     ),
+    modalities=(1, 2, "tokens"),
 )
 @dataclass
 class AbsolutePositions:
@@ -76,13 +77,13 @@ class AbsolutePositions:
 
     def check(self, cfg) -> None:
         step = 2 * cfg.dims  # a sin-cos table spends sin/cos pairs on each axis
-        widths = [cfg.width] if cfg.backbone == "dit" else [cfg.width * m for m in cfg.channel_mult]
+        widths = [cfg.width] if cfg.backbone != "unet" else [cfg.width * m for m in cfg.channel_mult]
         bad = [w for w in widths if w % step]
         if bad:
             raise ConfigError(
                 f"model.techniques.abs_pos needs token widths divisible by {step} for {cfg.dims}D data; got {bad[0]}"
             )
-        if "rope" in cfg.techniques and cfg.backbone == "dit":
+        if "rope" in cfg.techniques and cfg.backbone != "unet":
             raise ConfigError(
                 "model.techniques: abs_pos and rope both set the DiT's positions; use rope.absolute=true "
                 "to keep the sin-cos table with rope"

@@ -50,14 +50,15 @@ class AttentionGate(nn.Module):
     paper="Attention U-Net (Oktay et al., 2018, arXiv:1804.03999)",
     training_free=False,
     provides=("check", "skip_gate"),
-    modality_notes={
-        "points": "gates a U-Net's skip maps; the points backbone has no U-Net (long_skips are its skips)"
-    },
     hosts=("unet",),
     summary=(
         "decoder features gate the encoder skip maps position by position: suppresses irrelevant "
         "skip detail; three 1x1 convolutions per gated skip"
     ),
+    modality_notes={
+        "points": "gates a U-Net's skip maps; the points backbone has no U-Net (long_skips are its skips)",
+        "tokens": "gates a U-Net's skip maps; the tokens backbone has no U-Net (long_skips are its skips)",
+    },
 )
 @dataclass
 class AttentionGateTechnique:

@@ -20,11 +20,11 @@ from attnlab.techniques import register
     paper="ADM ablations of attention placement (Dhariwal & Nichol, 2021, arXiv:2105.05233)",
     training_free=False,
     provides=("check", "edit_spec"),
-    modalities=(1, 2, "points"),
     summary=(
         "self-attention only in chosen DiT blocks or U-Net sides: fewer O(N^2) layers, less "
         "long-range mixing (a DiT block without it treats each patch alone)"
     ),
+    modalities=(1, 2, "tokens", "points"),
 )
 @dataclass
 class AttnPlacement:
@@ -52,7 +52,7 @@ class AttnPlacement:
 
     def check(self, cfg) -> None:
         self.scope.check(cfg)
-        if cfg.backbone == "dit" and (False in (self.down, self.mid, self.up)):
+        if cfg.backbone != "unet" and (False in (self.down, self.mid, self.up)):
             raise ConfigError(
                 "model.techniques.attn_placement: down/mid/up are U-Net options; a DiT uses blocks"
             )

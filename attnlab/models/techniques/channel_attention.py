@@ -59,11 +59,11 @@ class ChannelAttention(nn.Module):
     paper="XCiT: cross-covariance attention (El-Nouby et al., 2021, arXiv:2106.09681)",
     training_free=False,
     provides=("check", "edit_spec"),
-    modalities=(1, 2, "points"),
     summary=(
         "an extra sub-layer attending across channels (d x d map per head) after self-attention: "
         "global feature recalibration at O(N d^2); adds 4 dim^2 parameters per block"
     ),
+    modalities=(1, 2, "tokens", "points"),
 )
 @dataclass
 class ChannelAttentionTechnique:

@@ -19,11 +19,11 @@ from attnlab.techniques import register
     paper="Latent Diffusion cross-attention conditioning (Rombach et al., 2022, arXiv:2112.10752)",
     training_free=False,
     provides=("check", "edit_spec"),
-    modalities=(1, 2, "points"),
     summary=(
         "choose which blocks cross-attend to the text tokens (or none: pooled text only); each layer "
         "costs O(N L) and 4 dim^2 parameters"
     ),
+    modalities=(1, 2, "tokens", "points"),
 )
 @dataclass
 class CrossAttention:

@@ -53,14 +53,15 @@ class CrossScaleAttention(nn.Module):
     paper="multi-scale cross-attention (CrossViT, Chen et al., 2021, arXiv:2103.14899) in a U-Net decoder",
     training_free=False,
     provides=("check", "cross_scale"),
-    modality_notes={
-        "points": "reads U-Net encoder maps of other resolutions; the points backbone has one set of group tokens"
-    },
     hosts=("unet",),
     summary=(
         "decoder tokens attend to encoder tokens of the next finer (or coarser) resolution: "
         "long-range detail transfer; O(N_dec N_enc) per layer"
     ),
+    modality_notes={
+        "points": "reads U-Net encoder maps of other resolutions; the points backbone has one set of group tokens",
+        "tokens": "reads encoder maps of other resolutions; a token sequence has one resolution",
+    },
 )
 @dataclass
 class CrossScale:

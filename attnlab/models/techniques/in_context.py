@@ -28,12 +28,12 @@ NO_KEY_MASK = ("linear_attention", "window_attention", "channel_attention")
     paper="DiT in-context conditioning (Peebles & Xie, 2023, arXiv:2212.09748); U-ViT (Bao et al., 2023, arXiv:2209.12152)",
     training_free=False,
     provides=("check", "edit_spec", "condition_tokens"),
-    modalities=(1, 2, "points"),
     summary=(
         "condition tokens join the patch sequence and are dropped after the blocks: no cross-attention, "
         "no adaLN condition; self-attention pays for (N + L)^2 scores"
     ),
     hosts=("dit",),
+    modalities=(1, 2, "tokens", "points"),
 )
 @dataclass
 class InContext:

@@ -56,11 +56,11 @@ class LinearKernel:
     paper="Transformers are RNNs (Katharopoulos et al., 2020, arXiv:2006.16236)",
     training_free=False,
     provides=("check", "edit_spec"),
-    modalities=(1, 2, "points"),
     summary=(
         "self-attention in O(N d^2) with a positive feature map instead of softmax: saves compute "
         "only when tokens outnumber the head width; blurrier attention (no sharp peaks)"
     ),
+    modalities=(1, 2, "tokens", "points"),
 )
 @dataclass
 class LinearAttention:

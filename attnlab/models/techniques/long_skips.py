@@ -47,12 +47,12 @@ class LongSkips(nn.Module):
     paper="U-ViT long skip connections (Bao et al., 2023, arXiv:2209.12152)",
     training_free=False,
     provides=("check", "run_blocks"),
-    modalities=(1, 2, "points"),
     hosts=("dit",),
     summary=(
         "U-Net-like skips between mirrored DiT blocks: low-level features reach the output blocks, "
         "faster convergence in U-ViT; one 2 dim x dim linear per skip"
     ),
+    modalities=(1, 2, "tokens", "points"),
 )
 @dataclass
 class LongSkipsTechnique:

@@ -119,13 +119,14 @@ class MaskInput(nn.Module):
     paper="SD inpainting input channels (Rombach et al., 2022, arXiv:2112.10752); mask tokens (MAE, He et al., 2022, arXiv:2111.06377)",
     training_free=False,
     provides=("input_layer", "training_condition"),
-    modality_notes={
-        "points": "inpaints a box of pixels or a span of samples; a point cloud has no grid to mask"
-    },
     summary=(
         "inpainting: the known data and the region to fill enter the stem (U-Net) or every patch "
         "token (DiT), so attention tells context from holes; one small convolution"
     ),
+    modality_notes={
+        "points": "inpaints a box of pixels or a span of samples; a point cloud has no grid to mask",
+        "tokens": "inpaints a region of pixels or samples; on tokens the samplers keep given tokens themselves (x_T)",
+    },
 )
 @dataclass
 class MaskConditioning:

@@ -81,6 +81,7 @@ class Rotary(nn.Module):
         "relative positions inside every self-attention (q, k rotated by position); DiT drops its "
         "absolute table; no parameters, a few elementwise ops per layer"
     ),
+    modalities=(1, 2, "tokens"),
 )
 @dataclass
 class RoPE:
@@ -101,7 +102,7 @@ class RoPE:
     def check(self, cfg) -> None:
         """Every self-attention head must hold whole rotation pairs on every axis."""
         step = 2 * cfg.dims
-        widths = [cfg.width] if cfg.backbone == "dit" else [cfg.width * m for m in cfg.channel_mult]
+        widths = [cfg.width] if cfg.backbone != "unet" else [cfg.width * m for m in cfg.channel_mult]
         for w in widths:
             if (w // cfg.heads) % step:
                 raise ConfigError(

@@ -49,11 +49,11 @@ class TimeGate(nn.Module):
     paper="gated residuals of adaLN-Zero (DiT, Peebles & Xie, 2023, arXiv:2212.09748), on attention alone",
     training_free=False,
     provides=("check", "edit_spec"),
-    modalities=(1, 2, "points"),
     summary=(
         "attention residuals scaled by a learned function of the timestep (1 at init): lets blocks "
         "switch attention by noise level; one emb_dim x dim linear per attention sub-layer"
     ),
+    modalities=(1, 2, "tokens", "points"),
 )
 @dataclass
 class TimeGatedAttention:

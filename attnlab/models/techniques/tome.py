@@ -231,6 +231,9 @@ def joint_parts(call: AttnCall, out: Tensor) -> tuple[Tensor, Tensor, bool]:
         "N^2 scores at the price of a matching step and some detail; tomesd's defaults; also a "
         "model option (model.techniques.tome) to train with it"
     ),
+    modality_notes={
+        "tokens": "merges similar tokens of an image or audio grid; every token of a sentence is predicted, so none can be merged away"
+    },
 )
 @dataclass(eq=False)
 class TokenMerging(Control):

@@ -136,6 +136,7 @@ class WindowKernel:
         "self-attention inside w x w windows (shifted every other DiT block): cost linear in tokens; "
         "long-range mixing only through depth, convolutions or shifts"
     ),
+    modalities=(1, 2, "tokens"),
 )
 @dataclass
 class WindowAttention:
@@ -172,7 +173,9 @@ class WindowAttention:
                 f"model.techniques.window_attention cannot be combined with {extra[0]}: windows need "
                 "exactly the grid's tokens (no merged or extra tokens)"
             )
-        if cfg.backbone == "dit":
+        if cfg.backbone == "tokens":  # one window grid: the sequence
+            sizes = [cfg.size]
+        elif cfg.backbone == "dit":
             sizes = [cfg.size // cfg.patch]
         else:
             sizes = [s for s in cfg.feature_sizes() if s in cfg.attn_resolutions]
