@@ -191,7 +191,7 @@ def alignment(pred: Tensor, asked: Tensor) -> dict[str, float]:
     return {
         "layout_acc": layout.float().mean().item(),
         "shape_acc": torch.cat([a, b[pair]]).float().mean().item(),
-        "all_right": (layout & a & (b | ~pair)).float().mean().item(),
+        "all_correct": (layout & a & (b | ~pair)).float().mean().item(),
     }
 
 
@@ -259,6 +259,48 @@ def load_point_evaluator(name: str = "points") -> PointEvaluator:
     model.load_state_dict(load_file(str(WEIGHTS / f"{name}.safetensors")))
     model.info = info
     return model.eval()
+
+
+class PointsEvaluator:
+    """The point evaluator as the PoC reads an evaluator (`name`, `net`, `feature_net()`), holding
+    the reference clouds MMD, COV and 1-NNA compare against (PointFlow: as many as are generated)."""
+
+    def __init__(self, net: PointEvaluator, reference: Tensor):
+        self.net, self.reference = net.eval(), reference
+        self.info = getattr(net, "info", {})
+        self.name = self.info.get("name", "points")
+
+    def feature_net(self) -> FeatureNet:
+        return FeatureNet(self.net).eval()
+
+
+def score_points(
+    fake: Tensor,
+    requests: list[dict] | None,
+    ev: PointsEvaluator,
+    real_features: Tensor | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """What a PoC reports of generated clouds (n, 3, N): FPD ("fid", Frechet distance of the point
+    evaluator's features against `real_features`), MMD-CD, COV-CD and 1-NNA-CD against the first n
+    reference clouds, and alignment with the requests (`canonical` frames) when given."""
+    from attnlab.evaluate.quality import extract_features, fid_kid_from_features
+
+    out: dict[str, float] = {}
+    if real_features is not None:
+        q = fid_kid_from_features(real_features, extract_features(fake, ev.feature_net()), seed=seed)
+        out.update({k: q[k] for k in ("fid", "kid_mean", "kid_std")})
+    out.update(pointflow_metrics(fake, ev.reference[: len(fake)]))
+    if requests is not None:
+        asked = torch.tensor([[r["layout"], r["shape_a"], r["shape_b"]] for r in requests])
+        out.update(alignment(ev.net.predict(fake), asked))
+    return out
+
+
+def request_of(caption: str) -> dict:
+    """The request a points caption makes, in the canonical frame."""
+    layout, a, b = canonical(caption)
+    return {"layout": layout, "shape_a": a, "shape_b": b}
 
 
 def evaluate_clouds(

@@ -98,6 +98,10 @@ def request_from_item(dataset: str, item: dict) -> dict:
             if "position" in said:
                 obj["position"] = true["position"]
         return {"objects": objects, "count": len(objects), "relation": asked["relation"]}
+    if dataset == "points":
+        from attnlab.evaluate.pointcloud import request_of
+
+        return request_of(item["text"])
     if dataset == "tones":
         # Timing stays out: a generated clip is cut into notes by its own loudness, as any clip is.
         return {"notes": [{k: n[k] for k in ("waveform", "note", "pitch")} for n in item["notes"]]}

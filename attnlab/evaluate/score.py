@@ -42,6 +42,10 @@ def score_samples(
         {"fid", "kid_mean", "kid_std"} when real data is given, plus the alignment keys when
         requests are given and the evaluator predicts labels.
     """
+    if dataset == "points":  # point clouds: the PointFlow metrics and the point evaluator
+        from attnlab.evaluate.pointcloud import score_points
+
+        return score_points(fake, requests, evaluator, real_features, seed)
     ev = evaluator if isinstance(evaluator, Evaluator) else Evaluator.load(evaluator or dataset)
     fake = ev.resample(fake, sample_rate)
     out: dict = {}

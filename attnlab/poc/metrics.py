@@ -75,6 +75,10 @@ def _bytes(v: float) -> str:
 QUALITY = [
     Metric("fid", "FID", "quality", True, _num(2)),
     Metric("kid_mean", "KID", "quality", True, _sig),
+    # point clouds (PointFlow's protocol under the Chamfer distance; 1-NNA: 50% is best)
+    Metric("mmd_cd", "MMD-CD", "quality", True, _sig),
+    Metric("cov_cd", "COV-CD", "quality", False, _pct),
+    Metric("nna_cd", "1-NNA-CD", "quality", True, _pct),
 ]
 ALIGNMENT = [
     Metric(
@@ -87,6 +91,7 @@ ALIGNMENT = [
     ),
     Metric("class_acc", "class accuracy", "alignment", False, _pct, say="{value} class accuracy"),
     Metric("shape_acc", "shape", "alignment", False, _pct),
+    Metric("layout_acc", "layout", "alignment", False, _pct),
     Metric("color_acc", "colour", "alignment", False, _pct),
     Metric("position_acc", "position", "alignment", False, _pct),
     Metric("count_acc", "count", "alignment", False, _pct),

@@ -103,7 +103,7 @@ def title_of(cfg: PocConfig) -> str:
     if _on_pipeline(cfg):
         return f"Training-free attention designs on the pipeline {Path(cfg.pipeline).name}"
     m = cfg.model
-    unit = "px" if m.dims == 2 else "samples"
+    unit = "px" if m.dims == 2 else "points" if m.backbone == "points" else "samples"
     return f"Attention designs on {cfg.data.name} ({m.size} {unit}, {m.backbone}, {m.cond}-conditioned)"
 
 
@@ -142,15 +142,27 @@ def _figures(cfg: PocConfig, out: Path, entries: list[dict], prompts: PromptSet)
     samples = {
         e["name"]: load_samples(seed_dirs(out, e["name"], cfg.training_seeds, first), seed) for e in entries
     }
+    if cfg.model.backbone == "points":  # clouds are shown as their two-view previews
+        samples = {n: _previews(x[:32], prompts.shown) for n, x in samples.items()}
     made["side_by_side"] = figures.side_by_side(
         fig_dir / "samples_side_by_side.png", samples, prompts.shown, sample_rate=sr
     )
     made["grids"] = {
         n: figures.sample_grid(fig_dir / f"grid-{n}.png", x[:32], sample_rate=sr) for n, x in samples.items()
     }
-    if cfg.model.dims == 1:
+    if cfg.model.dims == 1 and cfg.model.backbone != "points":
         made["audio"] = {n: _wav(fig_dir / f"audio-{n}.wav", x[0], sr) for n, x in samples.items()}
     return made
+
+
+def _previews(x, titles):
+    """(n, 3, N) clouds -> (n, 3, H, 2H) images in [-1, 1]: each cloud's two-view preview."""
+    import torch
+
+    from attnlab.data.pointfiles import preview
+
+    imgs = [torch.from_numpy(preview(c, t, px=120)).permute(2, 0, 1) for c, t in zip(x, titles)]
+    return torch.stack(imgs).float() / 127.5 - 1
 
 
 def _first(entries: list[dict], family: Sequence[Metric]) -> Metric | None:
@@ -427,7 +439,13 @@ def _figure_sections(doc: Document, cfg: PocConfig, figs: dict, heat: list[dict]
             ),
         )
     doc.add(Heading("Samples"))
-    what = "spectrograms" if cfg.model.dims == 1 else "samples"
+    what = (
+        "two-view previews"
+        if cfg.model.backbone == "points"
+        else "spectrograms"
+        if cfg.model.dims == 1
+        else "samples"
+    )
     doc.add(
         Figure(
             figs["side_by_side"],

@@ -94,6 +94,11 @@ class Resources:
     def evaluator(self):
         from attnlab.evaluate import Evaluator
 
+        if self.cfg.data.name == "points":  # MMD, COV and 1-NNA compare with as many eval clouds
+            from attnlab.evaluate.pointcloud import PointsEvaluator, load_point_evaluator
+
+            reference = self.eval_ds.tensors()[: self.cfg.budget.num_samples]
+            return PointsEvaluator(load_point_evaluator(self.cfg.evaluator or "points"), reference)
         return Evaluator.load(self.cfg.evaluator or self.cfg.data.name)
 
     @cached_property
