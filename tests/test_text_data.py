@@ -158,7 +158,10 @@ def test_text_folder_reads_text_splits_and_conditions(tmp_path):
         ('{"text": ""}', r"metadata.jsonl line 2: no 'text'"),
         ('{"caption": "x"}', r"metadata.jsonl line 2: no 'text'"),
         ("[1, 2]", r"metadata.jsonl line 2: expected a JSON object"),
-        ('{"text": "x", "split": "later", "mood": "calm"}', r"metadata.jsonl line 2: split 'later' is not one of"),
+        (
+            '{"text": "x", "split": "later", "mood": "calm"}',
+            r"metadata.jsonl line 2: split 'later' is not one of",
+        ),
         ('{"text": "x", "split": "train"}', r"metadata.jsonl line 2: no value in condition column 'mood'"),
         ("{oops", r"metadata.jsonl line 2: not valid JSON"),
     ],

@@ -29,7 +29,14 @@ def poc_command(
     on that pretrained pipeline instead (examples/poc-pipeline.yaml)."""
     from attnlab.poc import load_poc_config, run_poc
     from attnlab.poc.pipeline import is_pipeline_config, load_pipeline_poc_config, run_pipeline_poc
+    from attnlab.train.text import is_text_config
 
+    if is_text_config(config):  # `modality: tokens`: the text PoC (masked diffusion on text)
+        from attnlab.poc.text import run_text_poc
+
+        if not dry_run:
+            run_text_poc(config, out, overrides or [], log=typer.echo)
+        return None
     on_pipeline = is_pipeline_config(config)
     if on_pipeline:
         cfg = load_pipeline_poc_config(config, overrides or [])

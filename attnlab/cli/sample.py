@@ -112,6 +112,7 @@ def sample_command(
     from attnlab.precision import set_precision
     from attnlab.samples import model_techniques, provenance_base, write_samples
     from attnlab.train.checkpoint import load_model, model_dir, weights_file
+    from attnlab.train.text import is_text_run
 
     spec = cli_spec(pag, pag_layers, sag, sag_layers, tgate, tgate_keep_cfg, cache_every)
     for name, opts in technique_options(technique or ()).items():
@@ -119,6 +120,21 @@ def sample_command(
     techniques = sampling_plan(spec)
 
     torch_threads(threads)
+    if run_dir is not None and is_text_run(run_dir):  # a text run (`modality: tokens`): JSONL samples
+        from attnlab.cli.text import sample_text_command
+
+        return sample_text_command(
+            run_dir,
+            num=num,
+            seed=seed,
+            steps=steps,
+            sampler=sampler,
+            guidance=guidance,
+            spec=spec,
+            out=out,
+            ema=ema,
+            batch_size=batch_size,
+        )
     if pipeline_or_run(run_dir, pipeline, device, label=label, sampler=sampler, ema=ema):
         return sample_pipeline(
             pipeline, prompt or [], num, seed, steps, guidance, precision, device, batch_size, techniques, out
@@ -173,7 +189,7 @@ def sample_command(
     }
     write_json(out / "request.json", request)
     typer.echo(
-        f"wrote {len(files)} samples to {out}"
+        f"wrote {len(items)} samples to {out}"
         + (f" (grid: {out / 'grid.png'})" if cfg.model.dims == 2 else "")
     )
 

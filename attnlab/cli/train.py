@@ -23,8 +23,13 @@ def train_command(
 ):
     """Train a diffusion model; rerunning the same command resumes from the last checkpoint."""
     from attnlab.config import load_config
+    from attnlab.train.text import is_text_config
     from attnlab.train.trainer import Trainer
 
+    if is_text_config(config):  # `modality: tokens`: masked diffusion on text
+        from attnlab.cli.text import train_text_command
+
+        return train_text_command(config, overrides or [], out, dry_run)
     trainer = Trainer(load_config(config, overrides or []), out)
     if dry_run:
         return _dry_run(trainer, out)

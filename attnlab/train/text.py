@@ -135,9 +135,11 @@ def _token_model() -> ModelConfig:
 
 @dataclass
 class TextRunConfig:
-    """Everything that defines a text run; `config.json` in a text run directory is one of these."""
+    """Everything that defines a text run; `config.json` in a text run directory is one of these.
+    `reference_lm_steps`: training steps of the reference LM of the generative perplexity."""
 
     modality: Literal["tokens"] = "tokens"
+    reference_lm_steps: int = 600
     data: TextDataConfig = field(default_factory=TextDataConfig)
     model: ModelConfig = field(default_factory=_token_model)
     diffusion: MaskedDiffusionConfig = field(default_factory=MaskedDiffusionConfig)
@@ -257,13 +259,17 @@ def fit_model(cfg: TextRunConfig, data: TokenData) -> TextRunConfig:
 # Training
 
 
-def train_text(cfg: TextRunConfig, out: str | Path, dry_run: bool = False, log=print) -> Path:
+def train_text(
+    cfg: TextRunConfig, out: str | Path, dry_run: bool = False, log=print, reference_lm: Path | None = None
+) -> Path:
     """Train a text run into `out` (skipped when it is already trained to cfg.train.steps).
 
+    Args:
+        reference_lm: a folder holding the reference LM of this data, to copy instead of training
+            one (a PoC trains it once for all its runs).
     Returns:
         The run directory.
     """
-    from attnlab.evaluate.text_lm import save_lm, train_reference_lm
     from attnlab.models import build_model
 
     out = Path(out)
@@ -288,12 +294,32 @@ def train_text(cfg: TextRunConfig, out: str | Path, dry_run: bool = False, log=p
     )
     if dry_run:
         return out
-    wall = _train_loop(cfg, model, data, out)
-    lm = train_reference_lm(
-        data.ids["ref"], data.tokenizer.vocab_size, data.tokenizer.bos_id, data.tokenizer.pad_id
-    )
-    save_lm(lm, out)
+    wall, cpu = _train_loop(cfg, model, data, out)
+    reference_language_model(data, out, reference_lm, cfg.reference_lm_steps)
+    write_json(out / "state.json", {"step": t.steps, "wall_s": wall, "cpu_s": cpu})  # the run is complete
     log(f"trained {t.steps} steps in {wall:.0f} s; run directory: {out}")
+    return out
+
+
+def reference_language_model(
+    data: TokenData, out: Path, source: Path | None = None, steps: int = 600
+) -> Path:
+    """The reference LM of the generative perplexity in `out`: copied from `source` when it has
+    one, else trained on the ref split (and saved to `source` too)."""
+    import shutil
+
+    from attnlab.evaluate.text_lm import CONFIG as LM_CONFIG
+    from attnlab.evaluate.text_lm import WEIGHTS as LM_WEIGHTS
+    from attnlab.evaluate.text_lm import save_lm, train_reference_lm
+
+    if source is not None and (source / LM_CONFIG).is_file() and (source / LM_WEIGHTS).is_file():
+        for name in (LM_WEIGHTS, LM_CONFIG):
+            write_atomic(out / name, lambda p, name=name: shutil.copyfile(source / name, p))
+        return out
+    tok = data.tokenizer
+    lm = train_reference_lm(data.ids["ref"], tok.vocab_size, tok.bos_id, tok.pad_id, steps=steps)
+    for folder in (out, source) if source is not None else (out,):
+        save_lm(lm, folder)
     return out
 
 
@@ -304,7 +330,8 @@ def _trained_to(out: Path) -> int:
     return int(json.loads(state.read_text()).get("step", 0))
 
 
-def _train_loop(cfg: TextRunConfig, model, data: TokenData, out: Path) -> float:
+def _train_loop(cfg: TextRunConfig, model, data: TokenData, out: Path) -> tuple[float, float]:
+    """The MDLM steps; returns their wall and CPU seconds."""
     t = cfg.train
     ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
@@ -332,11 +359,10 @@ def _train_loop(cfg: TextRunConfig, model, data: TokenData, out: Path) -> float:
                 {"step": step + 1, "loss": sum(window) / len(window), "wall": time.perf_counter() - wall0}
             )
             window = []
-    wall = time.perf_counter() - wall0
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     _save_weights(out / MODEL, model.state_dict())
     _save_weights(out / EMA_FILE, ema.state_dict() if ema else model.state_dict())
-    write_json(out / "state.json", {"step": t.steps, "wall_s": wall, "cpu_s": time.process_time() - cpu0})
-    return wall
+    return wall, cpu
 
 
 def _save_weights(path: Path, state: dict[str, Tensor]) -> None:
@@ -453,18 +479,26 @@ def draw_text(
                         "seconds": per,
                     }
                 )
-    return [
-        {
-            **r,
-            "sampler": sampler,
-            "steps": steps,
-            "guidance": guidance,
-            "techniques": spec,
-            "model": str(run.path),
-            "weights": run.weights,
-        }
-        for r in rows
-    ]
+    return [{**provenance(run, sampler, steps, guidance, spec), **r} for r in rows]
+
+
+def provenance(run: TextRun, sampler: str, steps: int, guidance: float, spec: dict) -> dict:
+    """What every sample line of one draw records, to draw it again: attnlab's version, the run and
+    its weights (with their hash), the sampler, steps, CFG scale, techniques and temperature."""
+    import attnlab
+    from attnlab.train.checkpoint import file_sha256
+
+    return {
+        "attnlab": attnlab.__version__,
+        "model_dir": str(run.path.resolve()),
+        "weights": run.weights,
+        "weights_sha256": file_sha256(run.path / run.weights),
+        "sampler": sampler,
+        "steps": steps,
+        "guidance": guidance,
+        "temperature": run.cfg.sample.temperature,
+        "techniques": {**run.cfg.model.techniques, "sampling": spec},
+    }
 
 
 def score_samples(run: TextRun, rows: list[dict], split: str = "eval") -> dict[str, float]:
