@@ -181,3 +181,8 @@ def test_a_technique_without_tokens_is_refused_with_its_reason(tech):
         with pytest.raises(ConfigError, match="not tokens") as e:
             check_token_techniques({tech.name: {}})
     assert tech.modality_notes["tokens"] in str(e.value)
+
+
+def test_a_time_gate_without_a_time_input_is_refused():
+    with pytest.raises(ConfigError, match="time_gated_attention gates by the timestep"):
+        tiny({"time_gated_attention": {}, "time_embedding": {"mode": "none"}})

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from attnlab.errors import ConfigError
 from attnlab.models.specs import AttnSpec, Where
 from attnlab.models.techniques.scope import Scope
 from attnlab.techniques import register
@@ -72,6 +73,11 @@ class TimeGatedAttention:
 
     def check(self, cfg) -> None:
         self.scope.check(cfg)
+        if cfg.techniques.get("time_embedding", {}).get("mode") == "none":
+            raise ConfigError(
+                "model.techniques.time_gated_attention gates by the timestep, which "
+                "time_embedding mode=none takes out of the model; drop one of them"
+            )
 
     def edit_spec(self, spec: AttnSpec, where: Where) -> AttnSpec:
         return dataclasses.replace(spec, time_gate=TimeGate) if self.scope.contains(where) else spec
