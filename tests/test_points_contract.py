@@ -177,3 +177,16 @@ def test_the_registry_table_names_points():
 
     row = next(r for r in markdown_table().splitlines() if "`linear_attention`" in r)
     assert "1D/2D" in row and "points" in row
+
+
+def test_the_points_backbone_names_no_technique():
+    """It finds techniques only through the model plan: no registry name as a string, no `hasattr`."""
+    import ast
+    import inspect
+
+    import attnlab.models.points
+
+    tree = ast.parse(inspect.getsource(attnlab.models.points))
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert not strings & {t.name for t in techniques()} and "hasattr" not in calls

@@ -143,7 +143,7 @@ def _figures(cfg: PocConfig, out: Path, entries: list[dict], prompts: PromptSet)
         e["name"]: load_samples(seed_dirs(out, e["name"], cfg.training_seeds, first), seed) for e in entries
     }
     if cfg.model.backbone == "points":  # clouds are shown as their two-view previews
-        samples = {n: _previews(x[:32], prompts.shown) for n, x in samples.items()}
+        samples = {n: _previews(x[:32]) for n, x in samples.items()}
     made["side_by_side"] = figures.side_by_side(
         fig_dir / "samples_side_by_side.png", samples, prompts.shown, sample_rate=sr
     )
@@ -155,13 +155,13 @@ def _figures(cfg: PocConfig, out: Path, entries: list[dict], prompts: PromptSet)
     return made
 
 
-def _previews(x, titles):
+def _previews(x):
     """(n, 3, N) clouds -> (n, 3, H, 2H) images in [-1, 1]: each cloud's two-view preview."""
     import torch
 
     from attnlab.data.pointfiles import preview
 
-    imgs = [torch.from_numpy(preview(c, t, px=120)).permute(2, 0, 1) for c, t in zip(x, titles)]
+    imgs = [torch.from_numpy(preview(c, px=160)).permute(2, 0, 1) for c in x]
     return torch.stack(imgs).float() / 127.5 - 1
 
 
