@@ -29,6 +29,7 @@ from attnlab.conditioning import Condition, get_text_encoder
 from attnlab.control.plan import sampling_plan
 from attnlab.data import build_dataset
 from attnlab.diffusion import sample, scheduler_for
+from attnlab.errors import AttnlabError
 from attnlab.io import write_json, write_text
 from attnlab.techniques import REGISTRY, techniques
 from attnlab.train.checkpoint import load_model
@@ -95,6 +96,10 @@ class Counter:
         for layer in attention_layers(model).values():
             proj = layer.to_kv if layer.kind == "cross" else layer.to_qkv
             self.handles.append(proj.register_forward_hook(self._hook(layer.kind)))
+        for m in model.modules():  # a diffusers denoiser's own attention modules: their key projection
+            if hasattr(m, "is_cross_attention") and isinstance(getattr(m, "to_k", None), torch.nn.Module):
+                kind = "cross" if m.is_cross_attention else "self"
+                self.handles.append(m.to_k.register_forward_hook(self._hook(kind)))
 
     def _hook(self, key):
         def hook(module, inp, out):
@@ -175,13 +180,21 @@ def main() -> None:
     todo = {k: v for k, v in variants().items() if k == "baseline" or not a.only or k in a.only}
 
     samples, rows = {}, {}
+    refused = {}
     for name, spec in todo.items():  # quality: every prompt once
         counter = Counter(model)
-        samples[name] = draw(model, cfg, conds, seeds, spec, a)[0]
-        counter.remove()
+        try:
+            samples[name] = draw(model, cfg, conds, seeds, spec, a)[0]
+        except AttnlabError as e:  # a control this backbone does not take: reported, not run
+            refused[name] = str(e)
+            print(f"refused {name}: {e}", flush=True)
+            continue
+        finally:
+            counter.remove()
         rows[name] = {k: v / a.num for k, v in counter.rows.items()}
         print(f"drew {name}", flush=True)
 
+    todo = {k: v for k, v in todo.items() if k not in refused}
     wall, cpu = {k: [] for k in todo}, {k: [] for k in todo}
     n_time = len(seeds[0])
     for r in range(a.rounds):  # speed: one batch per variant per round, order rotating
@@ -211,8 +224,10 @@ def main() -> None:
         "threads": a.threads, "rounds": a.rounds, "size": cfg.model.size,
         "load_average": os.getloadavg(),
     }  # fmt: skip
-    write_json(out / "sampling_controls.json", {"setup": setup, "results": results})
+    write_json(out / "sampling_controls.json", {"setup": setup, "results": results, "refused": refused})
     md = f"setup: {setup}\n\n{table(results)}\n"
+    if refused:
+        md += "\nRefused on this backbone:\n\n" + "".join(f"- {k}: {v}\n" for k, v in refused.items())
     write_text(out / "sampling_controls.md", md)
     print(md)
 
