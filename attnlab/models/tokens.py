@@ -129,7 +129,8 @@ class TokenTransformer(nn.Module):
         if self.time_input is not None:
             h = self.time_input(h, c)  # (B, L or L + 1, width)
         if self.in_context is not None and ctx is not None:
-            vec = ctx[0].mean(1)  # the condition's pooled token leads its tokens (DiT in-context)
+            w = ctx[1].unsqueeze(-1).to(ctx[0].dtype)  # (B, Lc, 1): padding pools nothing
+            vec = (ctx[0] * w).sum(1) / w.sum(1).clamp(min=1)  # the pooled token leads (DiT in-context)
             (h, key_mask), ctx = self.in_context.join(h, self.in_context.condition_tokens(vec, *ctx)), None
         h = self.run_blocks(h, c, ctx, key_mask)[:, :n]  # condition / time tokens dropped
         return self.final(h, c)
