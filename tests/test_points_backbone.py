@@ -142,3 +142,10 @@ def test_groups_stay_out_of_other_backbones_configs():
 
     assert "groups" not in preset("dit-tiny").to_dict()
     assert points_config(groups=10).to_dict()["groups"] == 10
+
+
+def test_a_grid_backbone_is_refused_on_point_clouds():
+    from attnlab.config import load_config
+
+    with pytest.raises(ConfigError, match="model.backbone.*points for the points dataset"):
+        load_config(None, ["data.name=points", "data.size=128", "model.backbone=dit", "model.patch=4"])
