@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from attnlab.cli.main import app
@@ -152,3 +153,25 @@ def test_text_folder_run_trains_on_the_users_text(tmp_path):
     assert result.exit_code == 0, result.output
     first = json.loads((tmp_path / "s" / "samples.jsonl").read_text().splitlines()[0])
     assert first["condition"][0].startswith("mood=") and "valid" not in first  # no grammar for user text
+
+
+def test_a_resumed_text_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    from safetensors.torch import load_file
+
+    from attnlab.errors import ConfigError
+    from attnlab.train.text import load_text_config, train_text
+
+    def cfg(*extra):
+        return load_text_config(EXAMPLE, [*TINY, "train.ckpt_every=3", *extra])
+
+    quiet = lambda *a: None  # noqa: E731
+    train_text(cfg("train.steps=6"), tmp_path / "straight", log=quiet)
+    train_text(cfg("train.steps=3"), tmp_path / "resumed", log=quiet)  # stopped after its checkpoint
+    train_text(cfg("train.steps=6"), tmp_path / "resumed", log=quiet)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [3, 6]
+    with pytest.raises(ConfigError, match="different config .*model.width"):
+        train_text(cfg("train.steps=9", "model.width=16"), tmp_path / "resumed", log=quiet)

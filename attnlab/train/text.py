@@ -30,6 +30,7 @@ from attnlab.diffusion.masked import EPS, SAMPLERS, mdlm_loss, sample_tokens
 from attnlab.errors import CheckpointError, ConfigError, DataError, check
 from attnlab.io import write_atomic, write_json, write_text
 from attnlab.models.config import ModelConfig
+from attnlab.train import checkpoint as ckpt
 from attnlab.train.ema import EMA
 from attnlab.train.log import LossLog
 from attnlab.train.trainer import drop_condition, lr_at, step_generator
@@ -331,15 +332,18 @@ def _trained_to(out: Path) -> int:
 
 
 def _train_loop(cfg: TextRunConfig, model, data: TokenData, out: Path) -> tuple[float, float]:
-    """The MDLM steps; returns their wall and CPU seconds."""
+    """The MDLM steps, checkpointed every `train.ckpt_every` steps (a killed run resumes from its
+    last checkpoint and, since every step draws from a generator of (seed, step), ends with the
+    weights an uninterrupted run has); returns the wall and CPU seconds of all its steps."""
     t = cfg.train
     ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    log = LossLog(out / LOG, keep_bytes=0)
+    state = _resume(cfg, out, model, ema, opt)
+    log = LossLog(out / LOG, keep_bytes=state["log_bytes"])
     x, mask_id, n = data.ids["train"], data.tokenizer.mask_id, len(data.splits["train"])
-    wall0, window, cpu0 = time.perf_counter(), [], time.process_time()
+    wall0, window, cpu0 = time.perf_counter() - state["wall"], [], time.process_time() - state["cpu"]
     model.train()
-    for step in range(t.steps):
+    for step in range(state["step"], t.steps):
         g = step_generator(t.seed, step, 0)
         idx = torch.randint(0, n, (t.batch_size,), generator=g)
         cond = drop_condition(data.condition("train", idx), cfg.diffusion.cond_drop, g)
@@ -354,15 +358,59 @@ def _train_loop(cfg: TextRunConfig, model, data: TokenData, out: Path) -> tuple[
         if ema is not None:
             ema.update(model, step)
         window.append(loss.item())
-        if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-            log.append(
-                {"step": step + 1, "loss": sum(window) / len(window), "wall": time.perf_counter() - wall0}
-            )
+        done = step + 1
+        if done % t.log_every == 0 or done == t.steps:
+            log.append({"step": done, "loss": sum(window) / len(window), "wall": time.perf_counter() - wall0})
             window = []
+        if done % t.ckpt_every == 0 or done == t.steps:
+            timing = {"wall": time.perf_counter() - wall0, "cpu": time.process_time() - cpu0}
+            ckpt.save_checkpoint(
+                out,
+                done,
+                cfg,
+                model,
+                ema.state_dict() if ema else None,
+                opt.state_dict(),
+                {"log_bytes": log.size(), **timing},
+                keep=t.keep_checkpoints,
+            )
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     _save_weights(out / MODEL, model.state_dict())
     _save_weights(out / EMA_FILE, ema.state_dict() if ema else model.state_dict())
     return wall, cpu
+
+
+# Keys a resumed text run may change; anything else must match its checkpoint's config.
+RESUMABLE = {"steps", "log_every", "ckpt_every", "keep_checkpoints", "threads", "progress"}
+
+
+def _resume(cfg: TextRunConfig, out: Path, model, ema, opt) -> dict:
+    """Restore model, EMA and optimizer from the run's last checkpoint; the step to start at."""
+    found = ckpt.latest_checkpoint(out)
+    if found is None:
+        return {"step": 0, "log_bytes": 0, "wall": 0.0, "cpu": 0.0}
+    old, new = json.loads((found / ckpt.CONFIG).read_text()), cfg.to_dict()
+    for d in (old, new):
+        for k in RESUMABLE:
+            d["train"].pop(k, None)
+    diff = [
+        f"{s}.{k}"
+        for s in new
+        if isinstance(new[s], dict)
+        for k in new[s]
+        if old.get(s, {}).get(k) != new[s][k]
+    ]
+    diff += [k for k in new if not isinstance(new[k], dict) and old.get(k) != new[k]]
+    if diff:
+        raise ConfigError(
+            f"{out} holds a text run with a different config ({', '.join(diff[:4])} differ from "
+            f"{found / ckpt.CONFIG}); resume with the same config or train into a new --out"
+        )
+    model.load_state_dict(ckpt.read_tensors(found / ckpt.MODEL))
+    if ema is not None:
+        ema.load_state_dict(ckpt.read_tensors(found / ckpt.EMA_WEIGHTS))
+    opt.load_state_dict(ckpt.read_optimizer_state(found / ckpt.OPTIMIZER))
+    return ckpt.read_trainer_state(found)
 
 
 def _save_weights(path: Path, state: dict[str, Tensor]) -> None:
