@@ -141,13 +141,6 @@ class RunConfig:
             self.model.backbone,
             "points for the points dataset (point clouds have no grid)",
         )
-        # a grid backbone would read the point order as positions: not equivariant to it
-        check(
-            self.data.name != "points" or self.model.backbone == "points",
-            "model.backbone",
-            self.model.backbone,
-            "points for the points dataset (point clouds have no grid)",
-        )
 
     def to_dict(self) -> dict[str, Any]:
         from attnlab.models.config import native_keys
