@@ -175,3 +175,18 @@ def test_a_resumed_text_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_pa
     assert [json.loads(line)["step"] for line in log] == [3, 6]
     with pytest.raises(ConfigError, match="different config .*model.width"):
         train_text(cfg("train.steps=9", "model.width=16"), tmp_path / "resumed", log=quiet)
+
+
+def test_a_folder_eval_text_longer_than_any_train_text_and_an_eval_only_condition_fit(tmp_path):
+    from attnlab.train.text import TextDataConfig, build_token_data
+
+    rows = [
+        {"text": "a cat", "split": "train", "mood": "glad"},
+        {"text": "the cat sat down", "split": "eval", "mood": "new"},
+        {"text": "a dog", "split": "ref", "mood": "glad"},
+    ]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = build_token_data(TextDataConfig(name="folder", root=str(tmp_path), condition_columns=["mood"]))
+    assert data.tokenizer.length == 4 and data.ids["eval"].shape == (1, 4)
+    assert data.conditions == ["[null]", "mood=glad", "mood=new"]
+    assert data.tokenizer.decode(data.ids["eval"][0]) == ("cat", False)  # unknown words are [UNK]

@@ -232,11 +232,18 @@ def encode_conditions(conds: list[list[str]], vocab: list[str], where: str) -> t
 
 
 def build_token_data(cfg: TextDataConfig, tokenizer: TextTokenizer | None = None, vocab=None) -> TokenData:
-    """Every split tokenized, with a tokenizer trained on the train split unless one is given."""
+    """Every split tokenized, with a tokenizer trained on the train split unless one is given.
+    With `length` 0 the sequences are as long as the longest text of any split (only lengths are
+    read off eval and ref), and a folder's condition vocabulary holds every split's values (a value
+    that only eval has gets an untrained embedding rather than stopping the run)."""
     splits = text_splits(cfg)
-    tok = tokenizer or train_tokenizer(splits["train"].texts, cfg.tokenizer, cfg.vocab_size, cfg.length)
+    tok = tokenizer
+    if tok is None:
+        tok = train_tokenizer(splits["train"].texts, cfg.tokenizer, cfg.vocab_size, cfg.length)
+        if not cfg.length:
+            tok.length = max(len(e.ids) for sp in splits.values() for e in tok.tok.encode_batch(sp.texts))
     if vocab is None:
-        seen = sorted({w for c in splits["train"].conditions for w in c})
+        seen = sorted({w for sp in splits.values() for c in sp.conditions for w in c})
         vocab = condition_vocab(cfg.scenes()) if cfg.name == "scenes" else ["[null]", *seen]
     ids = {s: tok.encode(sp.texts, f"data {s} split") for s, sp in splits.items()}
     conds = {s: encode_conditions(sp.conditions, vocab, f"data {s} split") for s, sp in splits.items()}
