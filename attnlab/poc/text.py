@@ -193,16 +193,25 @@ def _score(cfg: TextPocConfig, v: TextVariant, seed: int, out: Path, log) -> dic
 
 
 def _floors(cfg: TextPocConfig, out: Path) -> dict:
-    """The metrics of the real eval text against itself (the floors a model is read against)."""
-    from attnlab.evaluate.text import diversity
+    """The metrics of the real eval text against itself (the floors a model is read against): the
+    same samples' worth of eval descriptions, parsed and checked against their own scenes."""
+    from attnlab.evaluate.text import agreement, attribute_accuracy, diversity, validity
     from attnlab.evaluate.text_lm import load_lm, perplexity
     from attnlab.train.text import load_text_run
 
     run = load_text_run(_run_dir(cfg, cfg.variants[0], cfg.train_seeds[0], out))
-    texts = run.data.splits["eval"].texts[: cfg.num_samples]
+    split, sc = run.data.splits["eval"], cfg.base.data.scenes()
+    texts, scenes = split.texts[: cfg.num_samples], split.scenes[: cfg.num_samples]
     tok = run.data.tokenizer
-    ppl = perplexity(load_lm(run.path), tok.encode(texts), tok.bos_id, tok.pad_id)
-    return {"valid": 1.0, "agree": 1.0, "attribute_accuracy": 1.0, **diversity(texts), "gen_ppl": ppl}
+    ids = tok.encode(texts)
+    valid = validity(texts, [tok.decode(row)[1] for row in ids], sc)
+    return {
+        "valid": sum(valid) / len(texts),
+        "agree": sum(agreement(texts, valid, scenes, sc)) / len(texts),
+        "attribute_accuracy": attribute_accuracy(texts, valid, scenes, sc),
+        **diversity(texts),
+        "gen_ppl": perplexity(load_lm(run.path), ids, tok.bos_id, tok.pad_id),
+    }
 
 
 # Heat maps: generated tokens on condition tokens
