@@ -200,3 +200,59 @@ def test_poc_variants_sample_a_diffusers_backbone_with_training_free_techniques(
         ConfigError, match=r"variants\[3\]\.techniques\.rope.*a technique of the diffusers backbone"
     ):
         load_poc_config(path)
+
+
+@pytest.mark.parametrize("cls, cond", [("UNet2DConditionModel", "text"), ("PixArtTransformer2DModel", "text"),
+                                       ("UNet2DConditionModel", "class")])  # fmt: skip
+def test_a_missing_condition_is_the_null_condition(cls, cond):
+    """model(x, t, None) is the unconditional pass, as on attnlab's own backbones: one all-zero text
+    token (Condition.null_like) or the null label; the grid probe of token merging makes that call."""
+    from attnlab.conditioning import Condition
+
+    configs = {
+        "UNet2DConditionModel": {"block_out_channels": [16, 32], "layers_per_block": 1, "attention_head_dim": 4,
+                                 "norm_num_groups": 8, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                                 "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]},
+        "PixArtTransformer2DModel": {"num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2,
+                                     "patch_size": 2, "cross_attention_dim": 16, "norm_type": "ada_norm_single",
+                                     "num_embeds_ada_norm": 1000},
+    }  # fmt: skip
+    extra = {"num_classes": 4} if cond == "class" else {}
+    model = build_model(_cfg(cond=cond, diffusers_class=cls, diffusers_config=configs[cls], **extra)).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
+    if cond == "text":
+        real = Condition(tokens=torch.randn(2, 5, 24), mask=torch.ones(2, 5, dtype=torch.bool))
+    else:
+        real = Condition(labels=torch.tensor([1, 3]))
+    null = real.null_like()
+    if cond == "text":  # one zero token: the null condition's first token, without its padding
+        null = Condition(tokens=null.tokens[:, :1], mask=null.mask[:, :1])
+    with torch.no_grad():
+        assert torch.allclose(model(x, t, None), model(x, t, null), atol=1e-6)
+        assert (model(x, t, None) - model(x, t, real)).abs().max() > 1e-5
+
+
+def test_token_merging_samples_a_diffusers_unet_backbone():
+    """ToMe on a trained diffusers U-Net backbone (its grid probe runs the model unconditioned);
+    ratio 0 leaves the samples as they are."""
+    from attnlab.conditioning import Condition
+    from attnlab.control.plan import sampling_plan
+
+    unet = {"block_out_channels": [16, 32], "layers_per_block": 1, "attention_head_dim": 4, "norm_num_groups": 8,
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}  # fmt: skip
+    cfg = _cfg(diffusers_class="UNet2DConditionModel", diffusers_config=unet)
+    model = build_model(cfg).eval()
+    c = Condition(tokens=torch.randn(2, 5, 24), mask=torch.ones(2, 5, dtype=torch.bool))
+
+    def draw(spec):
+        plan = sampling_plan(spec)
+        with plan.installed(model):
+            return sample(
+                model, cfg.sample_shape(2), c, scheduler=make_scheduler("ddim"), steps=2, seeds=[0, 1]
+            )
+
+    plain = draw({})
+    assert torch.equal(draw({"tome": {"ratio": 0.0}}), plain)
+    merged = draw({"tome": {"ratio": 0.5, "max_downsample": None}})
+    assert merged.shape == plain.shape and (merged - plain).abs().max() > 1e-6

@@ -136,6 +136,7 @@ class DiffusersBackbone(nn.Module):
     def forward(self, x: Tensor, t: Tensor, cond: Condition | None = None) -> Tensor:
         name, c = self.config.diffusers_class, self.config.in_channels
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        cond = self._or_null(cond, x)
         with autocast(self.precision, x.device):
             if name == "UNet2DConditionModel":
                 out = self._unet(x, t, cond)
@@ -167,6 +168,17 @@ class DiffusersBackbone(nn.Module):
             class_labels=self._labels(cond, self.config.num_classes),
             return_dict=False,
         )[0]
+
+    def _or_null(self, cond: Condition | None, x: Tensor) -> Condition:
+        """`cond`, or the null condition where it is missing (as attnlab's own backbones read it):
+        one all-zero text token, or the null label."""
+        b = x.shape[0]
+        if self.config.cond == "text" and (cond is None or cond.tokens is None):
+            tokens = x.new_zeros(b, 1, self.config.context_dim)
+            return Condition(tokens=tokens, mask=torch.ones(b, 1, dtype=torch.bool, device=x.device))
+        if self.config.cond == "class" and (cond is None or cond.labels is None):
+            return Condition(labels=torch.full((b,), -1, dtype=torch.long, device=x.device))
+        return cond
 
     @staticmethod
     def _labels(cond: Condition, null: int) -> Tensor:
