@@ -327,7 +327,8 @@ def _setup(cfg: TextPocConfig, results: dict) -> str:
         f"Training seeds {cfg.train_seeds}; {cfg.num_samples} samples per model, sample k on eval condition k "
         f"with seed k. Each cell is the mean over training seeds; in brackets, a design's mean paired "
         f"difference from {cfg.variants[0].name} and its 95% t interval over the training seeds. Designs: {designs}. "
-        f"Wall time of this run: {results['wall_s'] / 60:.1f} min."
+        f"Wall time of this invocation (runs and scores a previous one finished are reused): "
+        f"{results['wall_s'] / 60:.1f} min."
     )
 
 
