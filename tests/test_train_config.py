@@ -64,5 +64,7 @@ def test_class_conditioning_takes_the_number_of_classes_from_the_data():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_every_example_config_loads(path):
-    cfg = load_config(path)
+    from attnlab.train.text import is_text_config, load_text_config
+
+    cfg = load_text_config(path) if is_text_config(path) else load_config(path)
     assert cfg.train.steps > 0
