@@ -3,6 +3,7 @@ permuting the input points, training one step and sampling, and the config's ref
 
 import pytest
 import torch
+from models_util import perturbed as perturbed_train
 
 from attnlab.conditioning import Condition
 from attnlab.diffusion import diffusion_loss, make_scheduler, sample
@@ -13,6 +14,10 @@ from attnlab.models.points import farthest_point_sample, knn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CTX = 12
+
+
+def perturbed(cfg, seed=0):
+    return perturbed_train(cfg, seed).eval()
 
 
 def points_config(**kw) -> ModelConfig:
@@ -29,15 +34,6 @@ def points_config(**kw) -> ModelConfig:
         context_dim=CTX,
     )
     return ModelConfig(**{**base, **kw})
-
-
-def perturbed(cfg, seed=0):
-    torch.manual_seed(seed)
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
 
 
 def text(batch: int) -> Condition:

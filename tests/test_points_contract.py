@@ -6,6 +6,7 @@ is refused on points, with the reason its declaration gives."""
 import pytest
 import torch
 from control_toy import WordTokenizer
+from models_util import perturbed as perturbed_train
 
 from attnlab.conditioning import Condition
 from attnlab.control.plan import check_modality, sampling_plan
@@ -32,6 +33,10 @@ ACTIVE = {
 UNREAD = {"cross_attention": {"cond_embed.proj.weight", "cond_embed.proj.bias"}}
 
 
+def perturbed(cfg, seed=0):
+    return perturbed_train(cfg, seed).eval()
+
+
 def points_config(**kw) -> ModelConfig:
     base = dict(
         backbone="points",
@@ -46,15 +51,6 @@ def points_config(**kw) -> ModelConfig:
         context_dim=ENC.dim,
     )
     return ModelConfig(**{**base, **kw})
-
-
-def perturbed(cfg, seed=0):
-    torch.manual_seed(seed)
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
 
 
 def cond(n: int) -> Condition:

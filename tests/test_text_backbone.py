@@ -4,33 +4,16 @@ learned token, and the layers carry the bus names and the sequence grid."""
 
 import pytest
 import torch
+from tokens_util import tiny_tokens
 
 from attnlab.attention import Control, attention_grids, attention_layers, control
 from attnlab.conditioning import Condition
-from attnlab.models import ModelConfig, build_model
 
 V, L = 12, 8
 
 
 def model(techniques=None, seed=0):
-    cfg = ModelConfig(
-        backbone="tokens",
-        dims=1,
-        in_channels=V,
-        size=L,
-        width=32,
-        depth=2,
-        heads=2,
-        cond="text",
-        context_dim=6,
-        techniques=techniques or {},
-    )
-    torch.manual_seed(seed)
-    m = build_model(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return m.eval()
+    return tiny_tokens(V, L, techniques=techniques, seed=seed, noise=0.2).eval()
 
 
 def inputs():

@@ -6,13 +6,13 @@ Every other technique is refused on tokens with the reason it declares."""
 
 import pytest
 import torch
+from tokens_util import tiny_tokens
 
 from attnlab.attention import attention_layers
 from attnlab.conditioning import Condition
 from attnlab.control.plan import sampling_plan
 from attnlab.diffusion.masked import mdlm_loss, sample_tokens
 from attnlab.errors import ConfigError
-from attnlab.models import ModelConfig, build_model
 from attnlab.techniques import techniques
 from attnlab.train.text import check_token_techniques
 
@@ -40,25 +40,7 @@ REPLACED = {
 
 
 def tiny(techniques=None, cond="text", seed=0, noise=0.0):
-    cfg = ModelConfig(
-        backbone="tokens",
-        dims=1,
-        in_channels=V,
-        size=L,
-        width=32,
-        depth=2,
-        heads=2,
-        cond=cond,
-        context_dim=6,
-        techniques=techniques or {},
-    )
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    if noise:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(noise * torch.randn_like(p))
-    return model
+    return tiny_tokens(V, L, cond=cond, techniques=techniques, seed=seed, noise=noise)
 
 
 def batch(b=4, seed=1):

@@ -6,35 +6,18 @@ import json
 
 import pytest
 import torch
+from tokens_util import tiny_tokens
 
 from attnlab.attention import control
 from attnlab.conditioning import Condition
 from attnlab.control.token_maps import TokenMaps
 from attnlab.diffusion.masked import sample_tokens
-from attnlab.models import ModelConfig, build_model
 
 MASK, V, L = 1, 12, 8
 
 
 def model(techniques=None):
-    cfg = ModelConfig(
-        backbone="tokens",
-        dims=1,
-        in_channels=V,
-        size=L,
-        width=32,
-        depth=2,
-        heads=2,
-        cond="text",
-        context_dim=6,
-        techniques=techniques or {},
-    )
-    torch.manual_seed(0)
-    m = build_model(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return m.eval()
+    return tiny_tokens(V, L, techniques=techniques, noise=0.2).eval()
 
 
 COND = Condition(

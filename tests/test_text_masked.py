@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from tokens_util import tiny_tokens
 
 from attnlab.conditioning import Condition
 from attnlab.diffusion.masked import (
@@ -17,31 +18,14 @@ from attnlab.diffusion.masked import (
     subs_log_probs,
     unmask_counts,
 )
-from attnlab.models import ModelConfig, build_model
 
 MASK = 1
 V, L = 12, 6
 
 
 def tiny(cond="text", seed=0, **kw):
-    cfg = ModelConfig(
-        backbone="tokens",
-        dims=1,
-        in_channels=V,
-        size=L,
-        width=32,
-        depth=2,
-        heads=2,
-        cond=cond,
-        context_dim=5,
-        **kw,
-    )
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    with torch.no_grad():  # the zero output layer would make every logit equal
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return model.eval()
+    # the zero output layer would make every logit equal: perturbed
+    return tiny_tokens(V, L, context_dim=5, cond=cond, seed=seed, noise=0.3, **kw).eval()
 
 
 def condition(b=3):
