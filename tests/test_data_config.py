@@ -16,7 +16,7 @@ BUILT_IN = {
 @pytest.mark.parametrize(
     "kw,names",
     [
-        ({"name": "mnist"}, ["data.name='mnist'", "shapes, digits, tones, folder"]),
+        ({"name": "mnist"}, ["data.name='mnist'", "shapes, digits, tones, points, folder"]),
         ({"size": 20}, ["data.size=20", "16, 32, 64"]),
         ({"name": "digits", "size": 64}, ["data.size=64", "16, 32"]),
         ({"name": "tones"}, ["data.size=16", "1024 to 8000 samples"]),

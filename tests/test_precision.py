@@ -259,7 +259,10 @@ def test_every_training_free_control_samples_in_bf16_as_in_fp32(name):
     base32, base16, ref, low = draw({}, "fp32"), draw({}, "bf16"), draw(spec, "fp32"), draw(spec, "bf16")
     rounding = rel(base16, base32)
     assert torch.isfinite(low).all() and 0 < rounding < 0.05
-    assert rel(low, ref) < 3 * rounding, name
+    # SAG thresholds the attention mass at its mean: bf16 rounding flips pixels near the threshold
+    # in or out of the blurred region, each flip a whole blur's difference (measured up to 3.4x)
+    factor = 5 if name == "sag" else 3
+    assert rel(low, ref) < factor * rounding, name
     effect32, effect16 = ref - base32, low - base16
     if effect32.norm() > 5 * rounding * base32.norm():  # the control changes samples (not heat maps)
         assert (effect16 - effect32).norm() < 0.5 * effect32.norm(), name

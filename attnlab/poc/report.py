@@ -142,7 +142,7 @@ def _figures(cfg: PocConfig, out: Path, entries: list[dict], prompts: PromptSet)
     samples = {
         e["name"]: load_samples(seed_dirs(out, e["name"], cfg.training_seeds, first), seed) for e in entries
     }
-    if cfg.model.backbone == "points":  # clouds are shown as their two-view previews
+    if getattr(cfg.model, "backbone", None) == "points":  # clouds are shown as their two-view previews
         samples = {n: _previews(x[:32]) for n, x in samples.items()}
     made["side_by_side"] = figures.side_by_side(
         fig_dir / "samples_side_by_side.png", samples, prompts.shown, sample_rate=sr
@@ -150,7 +150,7 @@ def _figures(cfg: PocConfig, out: Path, entries: list[dict], prompts: PromptSet)
     made["grids"] = {
         n: figures.sample_grid(fig_dir / f"grid-{n}.png", x[:32], sample_rate=sr) for n, x in samples.items()
     }
-    if cfg.model.dims == 1 and cfg.model.backbone != "points":
+    if cfg.model.dims == 1 and getattr(cfg.model, "backbone", None) != "points":
         made["audio"] = {n: _wav(fig_dir / f"audio-{n}.wav", x[0], sr) for n, x in samples.items()}
     return made
 
@@ -441,7 +441,7 @@ def _figure_sections(doc: Document, cfg: PocConfig, figs: dict, heat: list[dict]
     doc.add(Heading("Samples"))
     what = (
         "two-view previews"
-        if cfg.model.backbone == "points"
+        if getattr(cfg.model, "backbone", None) == "points"
         else "spectrograms"
         if cfg.model.dims == 1
         else "samples"
