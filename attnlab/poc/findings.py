@@ -8,7 +8,7 @@ config that tests it, the metric, and per variant what the claim predicts agains
     - id: tgate-keeps-fid
       claim: caching cross-attention after the gate step keeps FID
       source: T-GATE (Zhang et al. 2024), Table 1
-      config: tgate.yaml
+      config: shapes32-unet.yaml
       metric: fid
       expect: {L3-tgate: same}
       tolerance: 0.10
