@@ -4,6 +4,7 @@
     .venv/bin/python scripts/findings.py run                     # every unfinished PoC, one at a time
     .venv/bin/python scripts/findings.py run --only tgate-keeps-fid
     .venv/bin/python scripts/findings.py report                  # docs/findings.md (numbers = the reports')
+                                                                 # and the reports under docs/findings/
 
 A killed `run` resumes where it stopped (each PoC resumes itself); a finished PoC is not rerun.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from attnlab.errors import AttnlabError
 from attnlab.io import write_text
-from attnlab.poc.findings import command, findings_markdown, load_claims, read_results, run_name
+from attnlab.poc.findings import command, findings_markdown, load_claims, publish_reports, read_results, run_name
 
 
 def parse_args() -> argparse.Namespace:
@@ -27,6 +28,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--claims", type=Path, default=Path("examples/findings/claims.yaml"))
     p.add_argument("--runs", type=Path, default=Path("runs/findings"), help="where the PoCs write their runs")
     p.add_argument("--out", type=Path, default=Path("docs/findings.md"))
+    p.add_argument(
+        "--reports", type=Path, default=Path("findings"), help="where the reports are copied, relative to --out's folder"
+    )
     p.add_argument("--only", nargs="*", help="claim ids (run: only their PoCs)")
     return p.parse_args()
 
@@ -46,7 +50,9 @@ def main() -> int:
         elif a.action == "run":
             run_all(picked, a)
         else:
-            print(f"wrote {write_text(a.out, findings_markdown(claims, a.claims, a.runs))}")
+            copied = publish_reports(claims, a.runs, a.out.parent / a.reports)
+            print(f"copied {len(copied)} report file(s) to {a.out.parent / a.reports}")
+            print(f"wrote {write_text(a.out, findings_markdown(claims, a.claims, a.runs, a.reports))}")
     except AttnlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -170,7 +170,14 @@ def test_findings_document_from_a_finished_tiny_poc(tmp_path):
     script = [sys.executable, str(ROOT / "scripts" / "findings.py"), "report", "--claims", str(claims)]
     subprocess.run([*script, "--runs", str(runs), "--out", str(out)], check=True, cwd=tmp_path)
     text = out.read_text()
-    assert text == findings_markdown(load_claims(claims), claims, runs)
+    assert text == findings_markdown(load_claims(claims), claims, runs, Path("findings"))
+    published = tmp_path / "findings" / "poc"
+    for name in ("results.json", "report.md"):  # the linked report is the run's
+        assert (published / name).read_bytes() == (runs / "poc" / name).read_bytes()
+    assert sorted(p.name for p in (published / "figures").iterdir()) == sorted(
+        p.name for p in (runs / "poc" / "figures").glob("*.png")
+    )
+    assert "(findings/poc/report.md)" in text
     assert f"{row.diff:+.4g}" in text and f"**{overall([row])}**" in text
     assert f"{pag['mean']:.4g} ± {pag['std']:.4g}" in text  # the sweep table: the report's numbers
     assert f"--out {runs / 'poc'}" in text

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from attnlab.errors import ConfigError, DataError
+from attnlab.io import write_atomic
 from attnlab.poc.metrics import ALL, Stat, difference
 
 REPLICATED, NOT_REPLICATED, INCONCLUSIVE, NOT_RUN = "replicated", "not replicated", "inconclusive", "not run"
@@ -217,8 +219,29 @@ def read_results(folder: Path) -> dict | None:
         raise DataError(f"{path}: not a PoC's results.json ({e}); rerun the PoC to rewrite it") from None
 
 
-def findings_markdown(claims: list[Claim], claims_path: Path, runs: Path) -> str:
-    """docs/findings.md: the summary table, then one section per claim with its rows and command."""
+REPORT_FILES = ("report.md", "results.json")  # with figures/: what a published report carries
+
+
+def publish_reports(claims: list[Claim], runs: Path, dest: Path) -> list[Path]:
+    """Copy each finished PoC's report.md, results.json and figures into `dest`/<run name>/ (each
+    file written whole), so the findings document links reports that live beside it."""
+    made = []
+    for name in dict.fromkeys(run_name(c) for c in claims):
+        src = runs / name
+        if read_results(src) is None:
+            continue
+        files = [src / f for f in REPORT_FILES] + sorted((src / "figures").glob("*.png"))
+        for f in files:
+            if f.is_file():
+                target = dest / name / f.relative_to(src)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                made.append(write_atomic(target, lambda tmp, f=f: shutil.copyfile(f, tmp)))
+    return made
+
+
+def findings_markdown(claims: list[Claim], claims_path: Path, runs: Path, reports: Path | None = None) -> str:
+    """docs/findings.md: the summary table, then one section per claim with its rows and command;
+    `reports` (relative to the document) links each claim's published report (see publish_reports)."""
     claims_dir = claims_path.parent
     judged = [(c, read_results(runs / run_name(c))) for c in claims]
     lines = [
@@ -246,14 +269,17 @@ def findings_markdown(claims: list[Claim], claims_path: Path, runs: Path) -> str
             lines.append(
                 f"- training seeds: {res.get('train_seeds') or [0]}, sampling seeds: {res.get('seeds')}"
             )
+            if reports is not None:
+                lines.append(f"- report: [{reports / run_name(c)}/report.md]({reports / run_name(c)}/report.md)")
         lines += [
             "",
             "| variant | predicted | reference | variant | difference | 95% interval | rule | verdict | why |",
         ]
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for r in judge(c, res):
-            cells = [r.variant, r.expect, _num(r.reference), _num(r.value), _num(r.diff, sign=True)]
-            cells += [_interval(r.interval), r.rule or "-", r.verdict, r.reason]
+            m = ALL[c.metric]
+            cells = [r.variant, r.expect, _num(r.reference, m=m), _num(r.value, m=m), _num(r.diff, True, m)]
+            cells += [_interval(r.interval, m), r.rule or "-", r.verdict, r.reason]
             lines.append("| " + " | ".join(cells) + " |")
         if c.sweep and res is not None:
             lines += ["", *_sweep(c, res)]
@@ -263,13 +289,13 @@ def findings_markdown(claims: list[Claim], claims_path: Path, runs: Path) -> str
 
 
 def _results_cell(c: Claim, rows: list[Row]) -> str:
-    parts = []
+    parts, m = [], ALL[c.metric]
     for r in rows:
         if r.value is None:
             parts.append(f"{r.variant}: -")
         else:
-            iv = f" [{_num(r.interval[0], True)}, {_num(r.interval[1], True)}]" if r.interval else ""
-            parts.append(f"{r.variant}: {_num(r.diff, sign=True)}{iv}")
+            iv = f" {_interval(r.interval, m)}" if r.interval else ""
+            parts.append(f"{r.variant}: {_num(r.diff, True, m)}{iv}")
     return "; ".join(parts)
 
 
@@ -281,16 +307,19 @@ def _sweep(c: Claim, res: dict) -> list[str]:
     out += ["| variant | " + ALL[c.metric].label + " |", "|---|---|"]
     for v in res["variants"]:
         s = v["metrics"].get(c.metric)
-        value = "-" if s is None else f"{_num(s['mean'])} ± {_num(s['std'])}"
+        value = "-" if s is None else f"{_num(s['mean'], m=ALL[c.metric])} ± {_num(s['std'], m=ALL[c.metric])}"
         out.append(f"| {v['name']} | {value} |")
     return out
 
 
-def _num(v: float | None, sign: bool = False) -> str:
+def _num(v: float | None, sign: bool = False, m=None) -> str:
+    """4 significant digits; a share (accuracy, coverage) in percent, a difference of shares in points."""
     if v is None or not math.isfinite(v):
         return "-"
+    if m is not None and m.fmt(0.5).endswith("%"):
+        return f"{100 * v:+.1f}%" if sign else f"{100 * v:.1f}%"
     return f"{v:+.4g}" if sign else f"{v:.4g}"
 
 
-def _interval(iv) -> str:
-    return "-" if iv is None else f"[{_num(iv[0], True)}, {_num(iv[1], True)}]"
+def _interval(iv, m=None) -> str:
+    return "-" if iv is None else f"[{_num(iv[0], True, m)}, {_num(iv[1], True, m)}]"
