@@ -77,6 +77,7 @@ def test_sample_writes_jsonl_with_provenance_per_line(run, tmp_path):
         assert r["steps"] == 3 and r["sampler"] == "ancestral" and isinstance(r["valid"], bool)
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"valid", "agree", "distinct_2", "self_bleu_4", "gen_ppl"} <= set(metrics)
+    assert metrics["gen_ppl_lm"].startswith("shipped")  # the built-in scenes set's shipped LM
     again = tmp_path / "again"  # the same command draws the same samples, in a smaller batch too
     runner.invoke(
         app,
@@ -153,6 +154,8 @@ def test_text_folder_run_trains_on_the_users_text(tmp_path):
     assert result.exit_code == 0, result.output
     first = json.loads((tmp_path / "s" / "samples.jsonl").read_text().splitlines()[0])
     assert first["condition"][0].startswith("mood=") and "valid" not in first  # no grammar for user text
+    metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert metrics["gen_ppl_lm"].startswith("trained on this run's ref split")  # user text: its own LM
 
 
 def test_a_resumed_text_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):

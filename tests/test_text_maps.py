@@ -73,6 +73,7 @@ def test_the_text_poc_runs_resumes_and_reports(tmp_path):
     report = (out / "report.md").read_text()
     assert "| reference |" in report and "*eval text (floors)*" in report and "Samples side by side" in report
     assert "from cross-attention" in report and "in-context" in report
+    assert "reference LM: shipped scenes LM" in report  # the built-in set is scored by the shipped LM
     lines = (out / "samples" / "pag-seed1.jsonl").read_text().splitlines()
     assert len(lines) == 6 and json.loads(lines[0])["techniques"]["sampling"] == {"pag": {"scale": 1.0}}
     before = (out / "runs" / "reference-seed0" / "model.safetensors").stat().st_mtime_ns

@@ -100,6 +100,8 @@ def load_text_poc(path: str | Path, overrides: list[str] = ()) -> TextPocConfig:
 
 def run_text_poc(path: str | Path, out: str | Path, overrides: list[str] = (), log=print) -> dict:
     """Run (or resume) the PoC of config `path` into `out`; returns the results."""
+    from attnlab.evaluate.text_lm import lm_info
+
     cfg = load_text_poc(path, overrides)
     out = Path(out)
     torch.set_num_threads(cfg.threads)
@@ -113,6 +115,7 @@ def run_text_poc(path: str | Path, out: str | Path, overrides: list[str] = (), l
         "variants": [dataclasses.asdict(v) for v in cfg.variants],
         "per_seed": scored,
         "floors": _floors(cfg, out),
+        "reference_lm": lm_info(out / "reference_lm"),
         "wall_s": time.perf_counter() - t0,
     }
     results["heatmaps"] = _heatmaps(cfg, out)
@@ -132,7 +135,9 @@ def _train_all(cfg: TextPocConfig, out: Path, log) -> None:
 
     lm = out / "reference_lm"
     if not (lm / "reference_lm.json").is_file():
-        reference_language_model(build_token_data(cfg.base.data), lm, steps=cfg.base.reference_lm_steps)
+        data = build_token_data(cfg.base.data)
+        source = reference_language_model(cfg.base.data, data, lm, steps=cfg.base.reference_lm_steps)
+        log(f"reference LM: {source}")
     jobs = {}
     for v in cfg.variants:
         for seed in cfg.train_seeds:
@@ -316,7 +321,7 @@ def _signed(fmt: str, x: float) -> str:
 
 
 def _setup(cfg: TextPocConfig, results: dict) -> str:
-    b = cfg.base
+    b, lm = cfg.base, results.get("reference_lm", {})
     designs = "; ".join(
         f"{v.name} ({v.level}): {json.dumps(v.model or v.sampling)}" for v in cfg.variants[1:]
     )
@@ -327,6 +332,7 @@ def _setup(cfg: TextPocConfig, results: dict) -> str:
         f"Training seeds {cfg.train_seeds}; {cfg.num_samples} samples per model, sample k on eval condition k "
         f"with seed k. Each cell is the mean over training seeds; in brackets, a design's mean paired "
         f"difference from {cfg.variants[0].name} and its 95% t interval over the training seeds. Designs: {designs}. "
+        f"Generative perplexity under the reference LM: {lm.get('source', 'trained on the ref split')}. "
         f"Wall time of this invocation (runs and scores a previous one finished are reused): "
         f"{results['wall_s'] / 60:.1f} min."
     )

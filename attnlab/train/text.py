@@ -3,8 +3,9 @@ backbone (`attnlab.models.tokens`) and masked diffusion (`attnlab.diffusion.mask
 
 A run directory holds config.json (the resolved config), tokenizer.json (`tokenizers`' JSON),
 conditions.json (the condition vocabulary), model.safetensors and ema.safetensors, log.jsonl, and
-the reference LM of the generative perplexity (reference_lm.safetensors + .json), trained on the
-ref split. Every file is written whole; a finished run is skipped when trained again.
+the reference LM of the generative perplexity (reference_lm.safetensors + .json): the shipped scenes
+LM where the run's data and tokenizer are the built-in ones, else one trained on the ref split.
+Every file is written whole; a finished run is skipped when trained again.
 """
 
 from __future__ import annotations
@@ -303,32 +304,48 @@ def train_text(
     if dry_run:
         return out
     wall, cpu = _train_loop(cfg, model, data, out)
-    reference_language_model(data, out, reference_lm, cfg.reference_lm_steps)
+    lm_source = reference_language_model(cfg.data, data, out, reference_lm, cfg.reference_lm_steps)
+    log(f"reference LM of the generative perplexity: {lm_source}")
     write_json(out / "state.json", {"step": t.steps, "wall_s": wall, "cpu_s": cpu})  # the run is complete
     log(f"trained {t.steps} steps in {wall:.0f} s; run directory: {out}")
     return out
 
 
 def reference_language_model(
-    data: TokenData, out: Path, source: Path | None = None, steps: int = 600
-) -> Path:
+    cfg: TextDataConfig, data: TokenData, out: Path, source: Path | None = None, steps: int = 600
+) -> str:
     """The reference LM of the generative perplexity in `out`: copied from `source` when it has
-    one, else trained on the ref split (and saved to `source` too)."""
+    one; else the shipped scenes LM when the data is the built-in scenes set with the word tokenizer
+    and the run's tokenizer holds exactly its vocabulary (`text_lm.scenes_lm_for`); else one trained
+    on the ref split. Its JSON's `info` says which, why, and its perplexity on the eval and ref
+    splits; it is saved to `source` too when that is empty.
+
+    Returns:
+        Where the LM came from, in words.
+    """
     import shutil
 
     from attnlab.evaluate.text_lm import CONFIG as LM_CONFIG
     from attnlab.evaluate.text_lm import WEIGHTS as LM_WEIGHTS
-    from attnlab.evaluate.text_lm import save_lm, train_reference_lm
+    from attnlab.evaluate.text_lm import lm_info, perplexity, save_lm, scenes_lm_for, train_reference_lm
 
     if source is not None and (source / LM_CONFIG).is_file() and (source / LM_WEIGHTS).is_file():
         for name in (LM_WEIGHTS, LM_CONFIG):
             write_atomic(out / name, lambda p, name=name: shutil.copyfile(source / name, p))
-        return out
+        return lm_info(out).get("source", f"copied from {source}")
     tok = data.tokenizer
-    lm = train_reference_lm(data.ids["ref"], tok.vocab_size, tok.bos_id, tok.pad_id, steps=steps)
+    lm, why = None, "user text (a folder) has no shipped LM"
+    if cfg.name == "scenes":
+        lm, why = scenes_lm_for(tok) if cfg.tokenizer == "word" else (None, "the tokenizer is BPE, not word")
+    if lm is not None:
+        info = {"source": "shipped scenes LM (attnlab/evaluate/weights/scenes_lm.*), in this run's ids"}
+    else:
+        lm = train_reference_lm(data.ids["ref"], tok.vocab_size, tok.bos_id, tok.pad_id, steps=steps)
+        info = {"source": f"trained on this run's ref split ({steps} steps)", "not_shipped_because": why}
+    info["perplexity"] = {s: perplexity(lm, data.ids[s], tok.bos_id, tok.pad_id) for s in ("eval", "ref")}
     for folder in (out, source) if source is not None else (out,):
-        save_lm(lm, folder)
-    return out
+        save_lm(lm, folder, info)
+    return info["source"]
 
 
 def _trained_to(out: Path) -> int:
@@ -556,14 +573,18 @@ def provenance(run: TextRun, sampler: str, steps: int, guidance: float, spec: di
     }
 
 
-def score_samples(run: TextRun, rows: list[dict], split: str = "eval") -> dict[str, float]:
-    """Validity, agreement, attribute accuracy (scenes), diversity and generative perplexity."""
+def score_samples(run: TextRun, rows: list[dict], split: str = "eval") -> dict[str, float | str]:
+    """Validity, agreement, attribute accuracy (scenes), diversity and generative perplexity (with
+    `gen_ppl_lm`, where its reference LM came from)."""
     from attnlab.evaluate.text import agreement, attribute_accuracy, diversity, validity
-    from attnlab.evaluate.text_lm import load_lm, perplexity
+    from attnlab.evaluate.text_lm import lm_info, load_lm, perplexity
 
     texts = [r["text"] for r in rows]
     tok = run.data.tokenizer
-    out: dict[str, float] = {"n": len(rows), "well_formed": sum(r["well_formed"] for r in rows) / len(rows)}
+    out: dict[str, float | str] = {
+        "n": len(rows),
+        "well_formed": sum(r["well_formed"] for r in rows) / len(rows),
+    }
     if run.cfg.data.name == "scenes":
         sc = run.cfg.data.scenes()
         valid = validity(texts, [r["well_formed"] for r in rows], sc)
@@ -577,6 +598,7 @@ def score_samples(run: TextRun, rows: list[dict], split: str = "eval") -> dict[s
     if (run.path / "reference_lm.json").is_file():
         ids = torch.tensor([r["ids"] for r in rows])
         out["gen_ppl"] = perplexity(load_lm(run.path), ids, tok.bos_id, tok.pad_id)
+        out["gen_ppl_lm"] = lm_info(run.path).get("source", "trained on this run's ref split")
     out["seconds_per_sample"] = sum(r["seconds"] for r in rows) / len(rows)
     return out
 
