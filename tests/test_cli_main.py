@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from attnlab.cli import main as cli_main
 from attnlab.cli.main import app
-from attnlab.data import DATASETS
+from attnlab.data import DATASETS, TEXT_SETS
 
 runner = CliRunner()
 
@@ -18,8 +18,18 @@ runner = CliRunner()
 def test_datasets_lists_every_dataset():
     result = runner.invoke(app, ["datasets"])
     assert result.exit_code == 0
-    for name in DATASETS:
+    for name in (*DATASETS, *TEXT_SETS):
         assert any(line.startswith(name) for line in result.output.splitlines())
+
+
+def test_datasets_lists_the_scenes_text_set_with_its_splits():
+    from attnlab.data.scenes import ScenesConfig
+
+    result = runner.invoke(app, ["datasets"])
+    c = ScenesConfig()
+    line = next(line for line in result.output.splitlines() if line.startswith("scenes"))
+    assert "text" in line and f"train {c.num}, eval {c.num_eval}, ref {c.num_ref}" in line
+    assert "modality: tokens" in result.output
 
 
 def test_dry_run_writes_the_resolved_config(tmp_path):

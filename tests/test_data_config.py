@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from attnlab.data import DATASETS, DataConfig, build_dataset, describe_datasets
+from attnlab.data import DATASETS, TEXT_SETS, DataConfig, build_dataset, describe_datasets
 from attnlab.errors import ConfigError
 
 BUILT_IN = {
@@ -73,6 +73,12 @@ def test_every_built_in_keeps_the_contract(name, split):
 
 def test_registry_describes_every_dataset():
     rows = describe_datasets()
-    assert [r["name"] for r in rows] == list(DATASETS)
+    assert [r["name"] for r in rows] == [*DATASETS, *TEXT_SETS]
     assert all(r["description"] and r["modality"] and r["sizes"] for r in rows)
-    assert all(r["description"] == DATASETS[r["name"]][1] for r in rows)
+    described = {name: d for name, (_, d) in DATASETS.items()} | TEXT_SETS
+    assert all(r["description"] == described[r["name"]] for r in rows)
+
+
+def test_a_text_set_in_an_image_run_config_points_to_text_runs():
+    with pytest.raises(ConfigError, match="scenes is a text set: a text run config has modality: tokens"):
+        DataConfig(name="scenes")

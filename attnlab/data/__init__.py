@@ -2,10 +2,11 @@
 
 from attnlab.data.base import Bundle, MemoryDataset
 from attnlab.data.config import DataConfig
-from attnlab.data.registry import DATASETS, build_dataset, build_splits, describe_datasets
+from attnlab.data.registry import DATASETS, TEXT_SETS, build_dataset, build_splits, describe_datasets
 
 __all__ = [
     "DATASETS",
+    "TEXT_SETS",
     "Bundle",
     "DataConfig",
     "MemoryDataset",

@@ -62,9 +62,11 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first key whose value is not allowed."""
-        from attnlab.data.registry import DATASETS
+        from attnlab.data.registry import DATASETS, TEXT_SETS
 
-        check(self.name in DATASETS, "data.name", self.name, f"one of {', '.join(DATASETS)}")
+        text = f" ({self.name} is a text set: a text run config has modality: tokens)"
+        where = text if self.name in TEXT_SETS else ""
+        check(self.name in DATASETS, "data.name", self.name, f"one of {', '.join(DATASETS)}{where}")
         check(self.num >= 1, "data.num", self.num, "a positive number of items")
         check(self.num_eval >= 1, "data.num_eval", self.num_eval, "a positive number of items")
         check(0 < self.eval_fraction < 1, "data.eval_fraction", self.eval_fraction, "a fraction in (0, 1)")

@@ -1,4 +1,5 @@
-"""The dataset registry: every built-in dataset by name, with what it yields."""
+"""The dataset registry: every built-in dataset by name, with what it yields, and the built-in text
+sets a text run (`modality: tokens`, `attnlab.train.text`) reads."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from attnlab.data.config import DataConfig
 from attnlab.data.digits import DigitsDataset
 from attnlab.data.folder import FolderDataset, report_skipped
 from attnlab.data.points import PointsDataset
+from attnlab.data.scenes import TEXT_SPLITS, ScenesConfig
 from attnlab.data.shapes import ShapesDataset
 from attnlab.data.tones import TonesDataset
 
@@ -33,8 +35,17 @@ DATASETS: dict[str, tuple[type[MemoryDataset], str]] = {
     ),
     "folder": (
         FolderDataset,
-        "your images, WAV files or point clouds (.ply, .npy) listed in metadata.jsonl/.csv (file_name, text, label, split)",
+        "your images, WAV files or point clouds (.ply, .npy) listed in metadata.jsonl/.csv (file_name, text, label, split); "
+        "or your text alone (a text column) in a text run config (modality: tokens)",
     ),
+}
+
+# Text sets: not items of tensors but descriptions with condition tokens, for a text run config.
+TEXT_SETS: dict[str, str] = {
+    "scenes": 'descriptions of `shapes` scenes from a small grammar ("one large blue square above a small '
+    "green triangle\"), conditioned on the scene's attributes as tokens (n, layout, place, size, color, "
+    "shape), parsed back and checked exactly; word tokenizer; shipped reference LM for the generative "
+    "perplexity. A text run config (modality: tokens), e.g. examples/text-mdlm.yaml",
 }
 
 
@@ -74,15 +85,30 @@ def describe_datasets() -> list[dict]:
         rows.append(
             {
                 "name": name,
-                "modality": {"tones": "audio", "points": "points", "folder": "image, audio or points"}.get(
-                    name, "image"
-                ),
+                "modality": {
+                    "tones": "audio",
+                    "points": "points",
+                    "folder": "image, audio, points or text",
+                }.get(name, "image"),
                 "sizes": _SIZES[name],
                 "classes": _classes(cls),
                 "description": description,
             }
         )
-    return rows
+    return rows + [_text_row(name, description) for name, description in TEXT_SETS.items()]
+
+
+def _text_row(name: str, description: str) -> dict:
+    c = ScenesConfig()
+    splits = ", ".join(f"{s} {n}" for s, n in zip(TEXT_SPLITS, (c.num, c.num_eval, c.num_ref)))
+    return {
+        "name": name,
+        "modality": "text",
+        "sizes": f"splits {splits} descriptions by default (data.num, num_eval, num_ref), "
+        f"up to 10 words (14 with max_objects=3)",
+        "classes": "none: condition tokens",
+        "description": description,
+    }
 
 
 _SIZES = {
