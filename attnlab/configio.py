@@ -38,11 +38,7 @@ def load_structured(
     Raises:
         ConfigError: naming the file or override, the key and what was expected.
     """
-    layers = [_read_yaml(Path(path))] if path is not None else []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.width=64)")
-        layers.append(_dotlist(item))
+    layers = config_layers(path, overrides)
     source = str(path) if path is not None else "overrides"
     for layer in layers:
         for key, why in (refused or {}).items():
@@ -70,7 +66,19 @@ def build_structured(schema: type[T], layers: list, source: str, fill_from_data:
     return cfg
 
 
-def _read_yaml(path: Path):
+def config_layers(path: str | Path | None, overrides: Sequence[str] = ()) -> list:
+    """The OmegaConf layers of a YAML file (none for None) and its `key=value` overrides, in the
+    order `build_structured` merges them.
+
+    Raises:
+        ConfigError: a missing or malformed file, or an override not of the form key=value.
+    """
+    layers = [read_yaml(Path(path))] if path is not None else []
+    return layers + [read_override(item) for item in overrides]
+
+
+def read_yaml(path: Path):
+    """A YAML file holding a mapping, as an OmegaConf node (ConfigError names the file)."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -84,7 +92,10 @@ def _read_yaml(path: Path):
     return OmegaConf.create(data)
 
 
-def _dotlist(item: str):
+def read_override(item: str):
+    """One dotted `key=value` override as an OmegaConf node (ConfigError names the override)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.width=64)")
     try:
         return OmegaConf.from_dotlist([item])
     except OmegaConfBaseException as e:

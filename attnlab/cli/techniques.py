@@ -14,7 +14,7 @@ def techniques_cmd(
     from rich.table import Table
 
     from attnlab.techniques.registry import LEVELS, techniques
-    from attnlab.techniques.table import HEADER, _row, readme_block
+    from attnlab.techniques.table import HEADER, readme_block, row
 
     if markdown:
         typer.echo(readme_block())
@@ -22,8 +22,8 @@ def techniques_cmd(
     keep = (0, 1, 2, 3, 4, 5, 7)  # the paper and options are in `--markdown` and the README
     table = Table(*[HEADER[i] for i in keep], title="attnlab techniques")
     for t in techniques(level):
-        row = _row(t)
-        table.add_row(*[row[i].replace("`", "") for i in keep])
+        cells = row(t)
+        table.add_row(*[cells[i].replace("`", "") for i in keep])
     Console().print(table)
     for k, v in LEVELS.items():
         if level in (None, k):

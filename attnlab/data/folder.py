@@ -88,7 +88,7 @@ def read_rows(path: Path, problems: Problems) -> list[Row]:
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path}: {e}") from None
     rows = (
-        _jsonl_rows(str(path), text, problems) if path.suffix == ".jsonl" else _csv_rows(path, text, problems)
+        jsonl_rows(str(path), text, problems) if path.suffix == ".jsonl" else _csv_rows(path, text, problems)
     )
     good = []
     for row in rows:
@@ -100,7 +100,9 @@ def read_rows(path: Path, problems: Problems) -> list[Row]:
     return good
 
 
-def _jsonl_rows(name: str, text: str, problems: Problems) -> list[Row]:
+def jsonl_rows(name: str, text: str, problems: Problems) -> list[Row]:
+    """The JSON-object lines of a metadata.jsonl's `text` (named `name` in messages); a blank line is
+    skipped, a bad one reported to `problems`."""
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():

@@ -11,7 +11,7 @@ import csv
 import warnings
 from pathlib import Path
 
-from attnlab.data.folder import SPLIT_NAMES, Problems, _jsonl_rows, metadata_file
+from attnlab.data.folder import SPLIT_NAMES, Problems, jsonl_rows, metadata_file
 from attnlab.data.folder import Row as Row
 from attnlab.data.scenes import TextSplit, split_of
 
@@ -48,7 +48,7 @@ def read_text_folder(
             text = path.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"cannot read {path}: {e}") from None
-        rows = _jsonl_rows(str(path), text, problems)
+        rows = jsonl_rows(str(path), text, problems)
     else:
         rows = _csv_rows(path, problems)
     texts, conds = [], []

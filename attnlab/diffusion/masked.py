@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from attnlab.attention import control, sample_seeds, sampling_step
 from attnlab.conditioning import Condition
 from attnlab.diffusion.guidance import Guidance
-from attnlab.diffusion.sampling import _model_outputs, noise_generators
+from attnlab.diffusion.sampling import model_outputs, noise_generators
 
 EPS = 1e-3  # MDLM's schedule epsilon: alpha(1) = eps, so the all-masked state has a finite weight
 SAMPLERS = ("ancestral", "confidence")
@@ -136,7 +136,7 @@ def guided_logits(
     Salimans 2022, on logits as LLaDA does), plus the active guidance terms. A per-position constant
     does not change a softmax, so CFG on logits equals CFG on log-probabilities."""
     cfg = cond is not None and w != 1.0
-    out = _model_outputs(model, z, t, cond, i, steps, cfg)
+    out = model_outputs(model, z, t, cond, i, steps, cfg)
     guided = out["uncond"] + w * (out["cond"] - out["uncond"]) if cfg else out["cond"]
     ctx = {"i": i, "steps": steps, "guidance": w, "prediction_type": "logits"}
     for g in guidances:

@@ -84,7 +84,7 @@ def sample(
                         x = g.prepare(model, x, tb, cond, ctx)
                 x_in = scheduler.scale_model_input(x, t)
                 cfg = cond is not None and w != 1.0
-                out = _model_outputs(model, x_in, tb, cond, i, steps, cfg)
+                out = model_outputs(model, x_in, tb, cond, i, steps, cfg)
                 guided = out["uncond"] + w * (out["cond"] - out["uncond"]) if cfg else out["cond"]
                 for g in guidances:
                     if g.active(i, steps):
@@ -99,7 +99,7 @@ def sample(
     return x
 
 
-def _model_outputs(model, x_in, tb, cond, i, steps, cfg) -> dict[str, Tensor]:
+def model_outputs(model, x_in, tb, cond, i, steps, cfg) -> dict[str, Tensor]:
     """One model call; with CFG the batch is [uncond rows; cond rows] (Ho & Salimans 2022, Eq. 6)."""
     if not cfg:
         with sampling_step(model, i, steps, tb, roles=("cond",)):

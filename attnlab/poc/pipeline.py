@@ -143,9 +143,9 @@ def load_pipeline_poc_config(path: str | Path, overrides: list[str] = ()) -> Pip
     Raises:
         ConfigError: naming the file or override, the key and what was expected.
     """
-    from attnlab.configio import _dotlist, _read_yaml, build_structured
+    from attnlab.configio import build_structured, config_layers
 
-    layers = [_read_yaml(Path(path)), *(_dotlist(o) for o in overrides)]
+    layers = config_layers(path, overrides)
     cfg = build_structured(PipelinePocConfig, layers, str(path), fill_from_data=False)
     base = Path(path).resolve().parent
     for key in ("pipeline", "clip", "reference_images", "inception"):  # relative to the config file

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnlab.configio import _dotlist, _read_yaml, build_structured
+from attnlab.configio import build_structured, config_layers
 from attnlab.errors import check
 from attnlab.io import write_json, write_text
 from attnlab.train.text import TextRunConfig
@@ -91,8 +91,7 @@ class TextPocConfig:
 
 def load_text_poc(path: str | Path, overrides: list[str] = ()) -> TextPocConfig:
     """The config of a YAML file with key=value overrides (ConfigError names the key)."""
-    layers = [_read_yaml(Path(path)), *(_dotlist(o) for o in overrides)]
-    return build_structured(TextPocConfig, layers, str(path), fill_from_data=False)
+    return build_structured(TextPocConfig, config_layers(path, overrides), str(path), fill_from_data=False)
 
 
 # Running
@@ -131,7 +130,7 @@ def _train_all(cfg: TextPocConfig, out: Path, log) -> None:
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    from attnlab.train.text import _trained_to, build_token_data, reference_language_model
+    from attnlab.train.text import build_token_data, reference_language_model, trained_to
 
     lm = out / "reference_lm"
     if not (lm / "reference_lm.json").is_file():
@@ -142,7 +141,7 @@ def _train_all(cfg: TextPocConfig, out: Path, log) -> None:
     for v in cfg.variants:
         for seed in cfg.train_seeds:
             run_dir = _run_dir(cfg, v, seed, out)
-            if _trained_to(run_dir) < cfg.base.train.steps and run_dir not in jobs:
+            if trained_to(run_dir) < cfg.base.train.steps and run_dir not in jobs:
                 jobs[run_dir] = _run_config(cfg, v if v.model else cfg.variants[0], seed)
     if not jobs:
         return

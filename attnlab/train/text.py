@@ -24,7 +24,7 @@ from torch import Tensor
 
 from attnlab.conditioning import Condition
 from attnlab.config import TrainConfig
-from attnlab.configio import _dotlist, _read_yaml, build_structured
+from attnlab.configio import build_structured, config_layers, read_yaml
 from attnlab.data.scenes import ScenesConfig, TextSplit, build_scenes, condition_vocab
 from attnlab.data.tokenizer import TextTokenizer, train_tokenizer
 from attnlab.diffusion.masked import EPS, SAMPLERS, mdlm_loss, sample_tokens
@@ -163,7 +163,7 @@ class TextRunConfig:
 
 def is_text_config(path: str | Path) -> bool:
     """Whether a YAML run config is a text run (`modality: tokens`)."""
-    data = OmegaConf.to_container(_read_yaml(Path(path)))
+    data = OmegaConf.to_container(read_yaml(Path(path)))
     return isinstance(data, dict) and data.get("modality") == "tokens"
 
 
@@ -178,7 +178,7 @@ def is_text_run(path: str | Path) -> bool:
 
 def load_text_config(path: str | Path | None, overrides: list[str] = ()) -> TextRunConfig:
     """The text run config of a YAML file with key=value overrides (ConfigError names the key)."""
-    layers = ([_read_yaml(Path(path))] if path is not None else []) + [_dotlist(o) for o in overrides]
+    layers = config_layers(path, overrides)
     return build_structured(TextRunConfig, layers, str(path or "overrides"), fill_from_data=False)
 
 
@@ -287,8 +287,8 @@ def train_text(
         torch.set_num_threads(t.threads)
     data = build_token_data(cfg.data)
     cfg = fit_model(cfg, data)
-    if _trained_to(out) >= t.steps:
-        log(f"{out}: already trained to step {_trained_to(out)}")
+    if trained_to(out) >= t.steps:
+        log(f"{out}: already trained to step {trained_to(out)}")
         return out
     torch.manual_seed(t.seed)
     model = build_model(cfg.model)
@@ -348,7 +348,8 @@ def reference_language_model(
     return info["source"]
 
 
-def _trained_to(out: Path) -> int:
+def trained_to(out: Path) -> int:
+    """The step a text run directory is trained to (0: not trained, or not finished)."""
     state = out / "state.json"
     if not (state.is_file() and (out / MODEL).is_file()):
         return 0
