@@ -50,6 +50,23 @@ def test_wordings_of_one_scene_state_the_same_attributes():
     )
 
 
+def test_the_swapped_wording_of_every_two_object_scene_parses_to_it():
+    # describe draws "A left of B" / "A above B" only (see attnlab/data/scenes.py); parse also reads
+    # "B right of A" / "B below A" as the same scene, exactly
+    rng = np.random.default_rng(1)
+    swapped = {"horizontal": "right of", "vertical": "below"}
+    seen = 0
+    for _ in range(2000):
+        scene = draw_scene(rng, CFG)
+        if len(scene.objects) != 2:
+            continue
+        (a, b), det = scene.objects, ("a", "one")[rng.integers(2)]
+        text = f"{det} {' '.join(b)} {swapped[scene.layout]} {det} {' '.join(a)}"
+        assert parse(text, CFG) == scene, text
+        seen += 1
+    assert seen > 500
+
+
 @pytest.mark.parametrize(
     "text",
     [
