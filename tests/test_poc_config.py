@@ -54,7 +54,7 @@ def test_a_good_config_resolves_models_and_techniques(tmp_path):
         ({"metrics": ["fid", "beauty"]}, "metrics"),
         (
             {"data": {"name": "digits"}, "metrics": ["fid", "localisation"]},
-            "'localisation' (heat-map IoU of words with object masks) only for text models on shapes",
+            "'localisation' (heat-map IoU of words with object masks) only for text models on shapes or points",
         ),
         ({"budget": {"train_steps": 10, "train_minutes": 5}}, "budget.train_steps"),
         ({"budget": {"train_steps": 10, "train_processes": -1}}, "budget.train_processes"),

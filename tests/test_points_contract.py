@@ -1,7 +1,8 @@
 """The technique contract on the points backbone: every technique that declares "points" builds (or
 installs) on a tiny point transformer, trains one step, samples, changes the output against the
-base model, and keeps the model equivariant to permuting the input points; every other technique
-is refused on points, with the reason its declaration gives."""
+base model (or, for one that only records, such as heat maps, records per-point values), and keeps
+the model equivariant to permuting the input points; every other technique is refused on points,
+with the reason its declaration gives."""
 
 import pytest
 import torch
@@ -27,6 +28,10 @@ ACTIVE = {
     "attn_cache": {"start": 0.0},
     "tgate": {"gate": 0.5, "drop_cfg": True},
 }
+
+# What a training-free technique that only records yields per point of the (B, 3, 48) samples, in
+# place of a change to them.
+RECORDS = {"heatmaps": lambda hm: hm.maps((48,))}
 
 # With cross-attention off the text token projection stays in the model, though only the pooled
 # vector is read (as in the image contract test).
@@ -63,7 +68,13 @@ def test_some_techniques_of_every_kind_declare_points():
         "long_skips",
         "time_embedding",
     }
-    assert {t.name for t in ON_POINTS if t.training_free} >= {"tgate", "attn_cache", "pag", "tome"}
+    assert {t.name for t in ON_POINTS if t.training_free} >= {
+        "tgate",
+        "attn_cache",
+        "pag",
+        "tome",
+        "heatmaps",
+    }
     assert all(t.modality_notes.get("points") for t in OFF_POINTS), [
         t.name for t in OFF_POINTS if not t.modality_notes.get("points")
     ]
@@ -137,13 +148,26 @@ def test_a_training_free_technique_samples_equivariantly_and_acts(tech):
     check_modality(plan.spec, model.config)
     x_T = torch.randn(2, 3, 48, generator=torch.Generator().manual_seed(5))
     perm = torch.randperm(48)
+    record = RECORDS.get(tech.name)
     with torch.no_grad():
         plain = _draw(model, sampling_plan({}), x_T, prompts)
         with plan.installed(model):
             out = _draw(model, plan, x_T, prompts)
+            kept = None if record is None else record(plan.controls[0])
         with plan.installed(model):
             out_perm = _draw(model, plan, x_T[:, :, perm], prompts)
-    assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-4  # it acts
+            kept_perm = None if record is None else record(plan.controls[0])
+    assert torch.isfinite(out).all()
+    if record is None:
+        assert (out - plain).abs().max() > 1e-4  # it acts
+    else:  # it records per point, following the points, and changes nothing but float error
+        assert kept.shape[-1] == 48 and kept.abs().max() > 0
+        assert torch.allclose(kept[..., perm], kept_perm, atol=1e-5)
+        x, t, c = x_T, torch.tensor([300, 900]), ENC.condition(prompts)
+        with torch.no_grad():  # one denoiser call: 3 steps from t=999 amplify float error
+            with plan.installed(model):
+                recorded = model(x, t, c)
+            assert torch.allclose(recorded, model(x, t, c), atol=1e-5)
     assert torch.allclose(out[:, :, perm], out_perm, atol=1e-4)  # and the sample follows the points
     assert not any(
         layer.controls for layer in model.modules() if hasattr(layer, "controls") and layer is not model

@@ -31,6 +31,8 @@ class BusState:
         rows: which of the run's samples the rows of each chunk are, when a model call covers only
             some of them (`sample_rows`); None: all, in order.
         grids: every layer's query grid by name, found once (`attention_grids`).
+        point_weights: during a points backbone's forward, how each input point reads its group
+            tokens (`reading_points`); None otherwise.
     """
 
     step: int | None = None
@@ -40,6 +42,7 @@ class BusState:
     seeds: tuple[int, ...] | None = None
     rows: tuple[int, ...] | None = None
     grids: dict[str, tuple[int, ...]] | None = None
+    point_weights: tuple[Tensor, Tensor] | None = None
 
     def chunk_seeds(self) -> tuple[int, ...] | None:
         """The seeds of the samples one chunk's rows belong to, in row order (None without seeds)."""
@@ -273,6 +276,23 @@ def sampling_step(model: nn.Module, step: int, num_steps: int, timestep: Tensor,
     finally:
         st.step = st.num_steps = st.timestep = None
         st.roles = ("cond",)
+
+
+@contextmanager
+def reading_points(model: nn.Module, near: Tensor, weights: Tensor):
+    """Tell the bus, for the model calls inside, how each point of the input reads the query tokens:
+    a per-token value m (B, G) is (m[near] * weights).sum(-1) at the points (`AttnCall.point_weights`).
+
+    The points backbone regroups its tokens at every call, so a control that maps token attention
+    back onto the points (heat maps) needs the weights of that very call.
+    """
+    st = bus_state(model)
+    saved = st.point_weights
+    st.point_weights = (near, weights)
+    try:
+        yield st
+    finally:
+        st.point_weights = saved
 
 
 @contextmanager

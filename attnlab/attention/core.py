@@ -49,6 +49,9 @@ class AttnCall:
             are at `image`. None on every other layer.
         chunk_seeds: the seeds of the samples one chunk's rows belong to (`BusState.chunk_seeds`);
             read them per row as `seeds`.
+        point_weights: on the points backbone, how each point of the current input reads the query
+            tokens (`BusState.point_weights`): indices (B, N, k) into the grid and weights (B, N, k)
+            summing to 1 per point; None on every other backbone.
     """
 
     name: str
@@ -66,6 +69,7 @@ class AttnCall:
     chunk_seeds: tuple[int, ...] | None = None
     text: slice | None = None
     image: slice | None = None
+    point_weights: tuple[Tensor, Tensor] | None = None
 
     def chunk(self, t: Tensor, role: str) -> slice:
         """Batch rows of `t` that belong to `role` (the batch is `len(roles)` equal chunks)."""
@@ -197,6 +201,7 @@ class ControlChain:
             pre_norm=pre_norm,
             batch=x.shape[0],
             chunk_seeds=st.chunk_seeds() if st else None,
+            point_weights=st.point_weights if st else None,
             **extra,
         )
 

@@ -271,7 +271,7 @@ def maps_command(
     precision: Precision = None,
     device: Device = "cpu",
 ):
-    """Sample a prompt and write a heat map per word over it (DAAM): overlays for images, curves for audio."""
+    """Sample a prompt and write a heat map per word over it (DAAM): overlays for images, curves for audio, coloured points for clouds."""
     from attnlab.cli.flags import pipeline_or_run
     from attnlab.control import HeatMaps
     from attnlab.control.explain import explain
@@ -306,6 +306,8 @@ def maps_command(
         "window": [start, end],
         **settings,
     }
+    if cfg.model.backbone == "points":
+        return _write_cloud_maps(out, x.cpu(), maps, meta)
     _write_maps(out, x.clamp(-1, 1).cpu(), maps, meta, cfg.data.sample_rate if cfg.model.dims == 1 else None)
 
 
@@ -335,11 +337,8 @@ def _maps_pipeline(folder, prompt, words, hm, out, seed, steps, guidance, precis
 def _write_maps(out: Path, x, maps: dict, meta: dict, sample_rate: int | None) -> None:
     """The sample with its provenance, an overlay (images) or curves (audio, `sample_rate`) per word
     and of all words, the maps as safetensors and maps.json."""
-    from safetensors.torch import save_file
-
     from attnlab.control.figures import heat_curves, heat_overlays
-    from attnlab.io import atomic_path, write_json
-    from attnlab.samples import save_png, save_wav, slug
+    from attnlab.samples import save_png, save_wav
 
     prompt = meta["prompt"]
 
@@ -355,6 +354,27 @@ def _write_maps(out: Path, x, maps: dict, meta: dict, sample_rate: int | None) -
         files = [save_png(out / "sample.png", x, meta).name]
     else:
         files = [save_wav(out / "sample.wav", x, sample_rate, meta).name]
+    _write_figures(out, files, maps, meta, figure)
+
+
+def _write_cloud_maps(out: Path, x, maps: dict, meta: dict) -> None:
+    """As `_write_maps` for a point cloud: the sample as PLY and preview, each word's per-point map
+    on the cloud's previews."""
+    from attnlab.control.figures import heat_clouds
+    from attnlab.samples import save_points
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = save_points(out, "sample", x, meta, meta["prompt"])
+    _write_figures(out, files, maps, meta, lambda path, m: heat_clouds(path, x, m, meta["prompt"]))
+
+
+def _write_figures(out: Path, files: list[str], maps: dict, meta: dict, figure) -> None:
+    """A figure per word and of all words, the maps as safetensors and maps.json."""
+    from safetensors.torch import save_file
+
+    from attnlab.io import atomic_path, write_json
+    from attnlab.samples import slug
+
     for w, m in maps.items():
         files.append(figure(out / f"map-{slug(w)}.png", {w: m}).name)
     both = figure(out / "maps.png", maps)

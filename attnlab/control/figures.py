@@ -1,4 +1,5 @@
-"""Figures for heat maps and edits: overlays on images, curves over waveforms, side-by-side rows."""
+"""Figures for heat maps and edits: overlays on images, curves over waveforms, coloured point clouds,
+side-by-side rows."""
 
 from __future__ import annotations
 
@@ -69,6 +70,23 @@ def heat_curves(
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(word, rotation=0, ha="right")
     axes[-1].set_xlabel("time (s)")
+    if prompt:
+        fig.suptitle(prompt, fontsize=10)
+    return _save(fig, path)
+
+
+def heat_clouds(path: str | Path, cloud: Tensor, maps: Mapping[str, Tensor], prompt: str = "") -> Path:
+    """The cloud (3, N) in its two-view preview, and below it the same views coloured by each word's
+    per-point map (jet, as the image overlays). maps: word -> (N,) in [0, 1]."""
+    from attnlab.data.pointfiles import preview
+
+    panels = [("sample", preview(cloud, px=320))]
+    panels += [(w, preview(cloud, px=320, values=m)) for w, m in maps.items()]
+    fig = Figure(figsize=(2 * PANEL, (PANEL / 2 + 0.3) * len(panels)))
+    for ax, (title, img) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
+        ax.imshow(img)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
     if prompt:
         fig.suptitle(prompt, fontsize=10)
     return _save(fig, path)

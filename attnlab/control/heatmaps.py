@@ -6,7 +6,10 @@ layer's map, per head, summed over the sampling steps; at query time every (laye
 upsampled bicubically to the sample's size and clamped at zero, and the maps are averaged over
 layers and heads. The coarsest maps are left out (DAAM skips factor 8, the 8x8 maps of a 64x64
 latent). A word's map is the mean over its tokens. Works on 2D grids (images) and 1D grids (audio,
-upsampled linearly).
+upsampled linearly), and on point clouds: the points backbone regroups its tokens at every step, so
+each step's map of a group token is spread onto the points with that step's own reading weights
+(each point's 3 nearest centres, inverse squared distance) before the sum over steps; a point keeps
+its index across steps, so the per-point maps add up as pixels do.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ from attnlab.techniques import register
     needs_prompts="attnlab maps",
     needs_text=True,
     summary="per-word heat maps from cross-attention (the image-to-text block of joint attention), aggregated as DAAM's code (per layer and head, summed over steps, coarsest maps left out): explains a sample; maps only the selected layers",
+    modalities=(1, 2, "points"),
     modality_notes={
-        "points": "sums each token's maps over steps; the points backbone regroups its tokens at every step, so a token is not one place across steps",
         "tokens": "binds a prompt's words to an image or audio grid (attnlab maps); a text run's heat maps are generated tokens on condition tokens, in its PoC report",
     },
 )
@@ -57,7 +60,9 @@ class HeatMaps(Control):
         skip_factor: maps whose grid is at least this many times coarser than the sample (per side,
             DAAM's `factor`) are left out, as DAAM leaves out Stable Diffusion's 8x8 maps of a 64x64
             latent; where every recorded map is that coarse, all are kept. None keeps every map.
-    After sampling, `maps(size)` gives per-token maps and `word_map(indices, size)` per-word maps.
+            Maps spread onto a cloud's points are at the sample's size and always kept.
+    After sampling, `maps(size)` gives per-token maps and `word_map(indices, size)` per-word maps
+    (on points, `size` is (N,), the cloud's number of points).
     """
 
     layers: str | tuple[str, ...] = "**"
@@ -71,8 +76,9 @@ class HeatMaps(Control):
         if self.skip_factor is not None:
             check_positive("heatmaps", "skip_factor", self.skip_factor)
         self.kind = "cross"
-        self.sums: dict[str, Tensor] = {}  # layer name -> (B, heads, L, *grid) summed over steps
+        self.sums: dict[str, Tensor] = {}  # layer name -> (B, heads, L, *grid or N points) over steps
         self.count = 0  # layer-steps recorded
+        self.points: int | None = None  # N where the maps are spread onto a cloud's points
 
     def select(self, model: nn.Module):
         found = select_layers(model, self.layers, ("cross", "joint"))
@@ -89,7 +95,13 @@ class HeatMaps(Control):
         c = text_block(call, p)
         if grid_tokens(call, c.shape[-2]):
             c = rows(call, c, "cond").detach().float()  # (B, heads, N, L)
-            m = c.transpose(-1, -2).reshape(*c.shape[:2], c.shape[-1], *call.grid)  # (B, heads, L, *grid)
+            m = c.transpose(-1, -2)  # (B, heads, L, N)
+            if call.point_weights is None:
+                m = m.reshape(*m.shape[:3], *call.grid)  # (B, heads, L, *grid)
+            else:  # this step's grouping: token maps onto the points, before the sum over steps
+                near, w = (rows(call, t, "cond") for t in call.point_weights)
+                m = spread_to_points(m, near, w)  # (B, heads, L, points)
+                self.points = m.shape[-1]
             prev = self.sums.get(call.name)
             self.sums[call.name] = m if prev is None else prev + m
             self.count += 1
@@ -99,7 +111,7 @@ class HeatMaps(Control):
         self.reset()
 
     def reset(self) -> None:
-        self.sums, self.count = {}, 0
+        self.sums, self.count, self.points = {}, 0, None
 
     def maps(self, size: Sequence[int]) -> Tensor:
         """(B, L, *size): per-token maps at the sample's size `size`: each (layer, head) map summed
@@ -108,6 +120,10 @@ class HeatMaps(Control):
         if not self.count:
             raise ConfigError("heatmaps: nothing was recorded (no conditional cross-attention call ran)")
         size = tuple(size)
+        if self.points is not None and size != (self.points,):
+            raise ConfigError(
+                f"heatmaps: the maps are on a cloud of {self.points} points; ask for size ({self.points},), got {size}"
+            )
         kept = self._kept(size)
         total = sum(self._upsampled(self.sums[name], size).sum(1) for name in kept)
         return total / sum(self.sums[name].shape[1] for name in kept)
@@ -134,6 +150,15 @@ class HeatMaps(Control):
         if not indices:
             raise ConfigError("heatmaps: a word map needs at least one token index")
         return normalise(self.maps(size)[:, list(indices)].mean(1))
+
+
+def spread_to_points(m: Tensor, near: Tensor, w: Tensor) -> Tensor:
+    """Per-token maps m (B, heads, L, G) read at the points: point i gets sum_j w[i, j] m[near[i, j]],
+    as the points backbone spreads its group tokens (PointNet++ feature propagation).
+    near, w: (B, N, k) token indices and weights. Returns (B, heads, L, N)."""
+    b, n, _ = near.shape
+    spread = m.new_zeros(b, n, m.shape[-1]).scatter_add_(-1, near, w.to(m))  # (B, N, G)
+    return m @ spread.transpose(1, 2)[:, None]  # (B, heads, L, N)
 
 
 def text_block(call: AttnCall, p: Tensor) -> Tensor:

@@ -108,16 +108,18 @@ def _as_n3(points) -> np.ndarray:
 # Preview
 
 
-def preview(points, title: str | None = None, px: int = 200) -> np.ndarray:
+def preview(points, title: str | None = None, px: int = 200, values=None) -> np.ndarray:
     """(H, 2 * H, 3) uint8 image of a cloud from the two fixed VIEWS side by side: a 3D scatter in
     the cube [-1, 1]^3, nearer points larger and darker (depth cueing over the cloud's depth range),
-    axes hidden."""
+    axes hidden. `values` (N,) in [0, 1], one per point (a heat map), colour the points instead of
+    their depth (jet, as the image overlays); nearer points are still drawn larger."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
     a = _as_n3(points)
+    heat = None if values is None else _as_values(values, len(a))
     fig = Figure(figsize=(4.0, 2.0), dpi=px / 2.0)
     for k, (elev, azim) in enumerate(VIEWS):
         ax = fig.add_subplot(1, 2, k + 1, projection="3d")
@@ -127,8 +129,8 @@ def preview(points, title: str | None = None, px: int = 200) -> np.ndarray:
             a[order, 0],
             a[order, 1],
             a[order, 2],
-            c=depth[order],
-            cmap="viridis",
+            c=depth[order] if heat is None else heat[order],
+            cmap="viridis" if heat is None else "jet",
             vmin=0.0,
             vmax=1.0,
             s=2.5 * (1.6 - depth[order]),
@@ -148,6 +150,13 @@ def preview(points, title: str | None = None, px: int = 200) -> np.ndarray:
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _as_values(values, n: int) -> np.ndarray:
+    v = values.detach().float().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values, float)
+    if v.shape != (n,):
+        raise ValueError(f"preview: {v.shape} values for a cloud of {n} points; expected one per point")
+    return v
 
 
 def _depth(a: np.ndarray, elev: float, azim: float) -> np.ndarray:

@@ -33,6 +33,7 @@ Both at once, as a proof of concept scores each variant (real features computed 
 Heat-map localisation (a word's attention map against its object's mask):
 
     heatmap_localisation(maps, masks)                     # -> {"iou", "pointing", "n"}
+    # on clouds: maps (N, P) per point, masks (N, P) the object's points (`points_word_targets`)
 
 Cost:
 
@@ -58,7 +59,12 @@ from attnlab.evaluate.cost import (
 )
 from attnlab.evaluate.evaluator import BUILTIN, Evaluator, feature_network
 from attnlab.evaluate.inception import FIDInception, load_inception
-from attnlab.evaluate.localisation import heatmap_localisation, shapes_word_targets, word_localisation
+from attnlab.evaluate.localisation import (
+    heatmap_localisation,
+    points_word_targets,
+    shapes_word_targets,
+    word_localisation,
+)
 from attnlab.evaluate.pitch import cents, fft_pitch
 from attnlab.evaluate.prompts import parse_request, request_from_item
 from attnlab.evaluate.quality import extract_features, fid_kid, fid_kid_from_features
@@ -85,6 +91,7 @@ __all__ = [
     "load_inception",
     "parse_request",
     "peak_memory",
+    "points_word_targets",
     "request_from_item",
     "sampling_latency",
     "score_samples",

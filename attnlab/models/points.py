@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab.attention import name_layers
+from attnlab.attention import name_layers, reading_points
 from attnlab.conditioning import Condition
 from attnlab.models.blocks import Context, TransformerBlock, zero_
 from attnlab.models.config import ModelConfig
@@ -136,7 +136,9 @@ class PointTransformer(nn.Module):
     """The points denoiser over (B, 3, N) clouds.
 
     Attention layers are named "blocks.{i}.self" and "blocks.{i}.cross", over the G group tokens
-    (their grid is (G,), in farthest-point order).
+    (their grid is (G,), in farthest-point order). During a forward the bus holds how each point
+    reads the group tokens (`AttnCall.point_weights`), so a control can spread a token's attention
+    onto the points of that very call.
 
     Args:
         cfg: the model config (backbone="points"): width is the token width, depth the number of
@@ -215,7 +217,8 @@ class PointTransformer(nn.Module):
             h = self.time_input(h, c)
         if self.in_context is not None:
             (h, key_mask), ctx = self.in_context.join(h, ctx), None
-        h = self.run_blocks(h, c, ctx, key_mask)[:, :g]  # (B, G, width)
+        with reading_points(self, near, w):  # for controls that map token attention onto the points
+            h = self.run_blocks(h, c, ctx, key_mask)[:, :g]  # (B, G, width)
         spread = (gather(h, near) * w[..., None]).sum(2)  # (B, N, width)
         hp = self.point_in(p) + self.lift(spread)
         for blk in self.decode:

@@ -24,7 +24,7 @@ from attnlab.techniques.registry import EXPLICIT_MODALITIES, fits, modality_name
 SEED_STRIDE = 100_000  # sample k of sampling seed s draws its noise from seed s * SEED_STRIDE + k
 
 METRICS = ("fid", "kid", "alignment", "cost", "localisation")
-DEFAULT_METRICS = ("fid", "kid", "alignment", "cost")  # localisation: text models on shapes only
+DEFAULT_METRICS = ("fid", "kid", "alignment", "cost")  # localisation: text models on shapes or points only
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
@@ -254,10 +254,10 @@ def _validate_lists(cfg: PocConfig) -> None:
     )
     if "localisation" in cfg.metrics:
         _check(
-            cfg.data.name == "shapes" and cfg.model.cond == "text",
+            cfg.data.name in ("shapes", "points") and cfg.model.cond == "text",
             "metrics",
             cfg.metrics,
-            "'localisation' (heat-map IoU of words with object masks) only for text models on shapes",
+            "'localisation' (heat-map IoU of words with object masks) only for text models on shapes or points",
         )
     if "alignment" in cfg.metrics:
         _check(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from attnlab.control import HeatMaps
 from attnlab.control.explain import explain, prompt_words
-from attnlab.control.figures import heat_curves, heat_overlays
+from attnlab.control.figures import heat_clouds, heat_curves, heat_overlays
 from attnlab.diffusion import scheduler_for
 from attnlab.poc.sampling import VariantSampler
 from attnlab.poc.stages import VariantDirs, run_stage
@@ -28,7 +28,9 @@ def heatmap_stage(
     def draw() -> dict:
         words = [w for w in prompt_words(prompt) if w not in STOPWORDS] or prompt_words(prompt)
         x, maps = _explain(sampler, prompt, words, seed)
-        if sampler.rc.model.dims == 1:
+        if sampler.rc.model.backbone == "points":  # a map per point, on the cloud's previews
+            heat_clouds(path, x, maps, prompt)
+        elif sampler.rc.model.dims == 1:
             heat_curves(path, x, maps, sample_rate or 8000, prompt)
         else:
             heat_overlays(path, x, maps, prompt)

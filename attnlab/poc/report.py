@@ -555,17 +555,24 @@ def _localisation(cfg: PocConfig, results: dict) -> list[str]:
         for s in per_seed.values()
         if "heatmap_area_iou" in s
     ]
+    points = cfg.data.name == "points"
+    share = "the solids' share of the cloud's points" if points else "the objects' share of the image"
     chance = (
-        f" A map that says nothing (all ones) scores {sum(areas) / len(areas):.3f}, the objects' share of the image."
-        if areas
+        f" A map that says nothing (all ones) scores {sum(areas) / len(areas):.3f}, {share}." if areas else ""
+    )
+    what, truth = ("clouds", "solid's points") if points else ("images", "mask")
+    spread = (
+        " (on points: each step's group-token maps spread onto the points with that step's grouping)"
+        if points
         else ""
     )
     return [
-        f"Heat-map IoU: the first {cfg.budget.num_samples} eval images are noised to the sampler's timesteps (noise of the "
+        f"Heat-map IoU: the first {cfg.budget.num_samples} eval {what} are noised to the sampler's timesteps (noise of the "
         "sampling seed) and denoised once per timestep under their captions with the variant's techniques installed; each "
-        "shape word's cross-attention map (DAAM: summed over steps, each layer and head upsampled and clamped, then averaged), min-max normalised and cut at 0.4, "
-        "is compared with its object's mask. Techniques that act only in extra guidance passes or by sampling step "
-        "(PAG, SAG, T-GATE, caching) leave these maps as their base model's." + chance
+        "shape word's cross-attention map (DAAM: summed over steps, each layer and head upsampled and clamped, then averaged)"
+        f"{spread}, min-max normalised and cut at 0.4, is compared with its object's {truth}. Techniques that act only in "
+        "extra guidance passes or by sampling step (PAG, SAG, T-GATE, caching) leave these maps as their base model's."
+        + chance
     ]
 
 

@@ -122,18 +122,29 @@ def _finite(d: dict) -> dict:
 
 def localisation_stage(sampler: VariantSampler, eval_ds, num: int, seed: int, marker: Path, fp: str) -> dict:
     """Heat-map IoU of each eval image's shape words with their objects' masks (real images, so the
-    masks are exact; see `attnlab.evaluate.word_localisation`), with the variant's techniques
-    installed; the noise seed is the sampling seed. Kept in `marker`."""
+    masks are exact; see `attnlab.evaluate.word_localisation`), or of each eval cloud's shape words
+    with their solids' points, with the variant's techniques installed; the noise seed is the
+    sampling seed. Kept in `marker`."""
     return run_stage(marker, fp, lambda: _localisation(sampler, eval_ds, num, seed))
+
+
+def _shape_words(eval_ds):
+    """Per item, the shape word of each object with its ground truth: an image's object mask, or
+    a cloud's points of the solid (the data allows only these two, `PocConfig`'s check)."""
+    from attnlab.evaluate import points_word_targets, shapes_word_targets
+
+    if getattr(eval_ds, "modality", None) == "points":
+        return points_word_targets
+    return lambda item: [t for t in shapes_word_targets(item) if t[0] == "shape"]
 
 
 def _localisation(sampler: VariantSampler, eval_ds, num: int, seed: int) -> dict:
     import torch
 
     from attnlab.diffusion import scheduler_for
-    from attnlab.evaluate import shapes_word_targets, word_localisation
+    from attnlab.evaluate import word_localisation
 
-    items = [eval_ds[i] for i in range(min(num, len(eval_ds)))]
+    items, targets = [eval_ds[i] for i in range(min(num, len(eval_ds)))], _shape_words(eval_ds)
     s = sampler.rc.sample
     with sampler.plan.installed(sampler.model):
         scores = word_localisation(
@@ -141,7 +152,7 @@ def _localisation(sampler: VariantSampler, eval_ds, num: int, seed: int) -> dict
             sampler.encoder,
             torch.stack([it["x"] for it in items]),
             [it["text"] for it in items],
-            [[t for t in shapes_word_targets(it) if t[0] == "shape"] for it in items],
+            [targets(it) for it in items],
             scheduler_for(sampler.rc, s.sampler),
             steps=s.steps,
             seed=seed,
