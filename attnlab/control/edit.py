@@ -209,6 +209,7 @@ def edit_image(
     seed: int = 0,
     mask: Tensor | None = None,
     inner_steps: int = 10,
+    null_tokens: str = "all",
 ) -> RealEdit:
     """Invert a real image under its caption, then edit it from the inverted noise (attnlab models).
 
@@ -223,6 +224,9 @@ def edit_image(
         seed: ddpm's draw of x_t.
         mask: (1, *S) in {0, 1}: the edit may change only these pixels (blended into the source
             after every step, the input pasted back outside it at the end).
+        inner_steps: null-text's optimiser iterations per step at most.
+        null_tokens: what null-text optimises ("all": a token per caption position; "one": the
+            null condition's one token; `TextDenoiser`).
     Returns:
         A RealEdit.
     """
@@ -236,9 +240,11 @@ def edit_image(
     x0 = image.to(device)[None]
     start = time.perf_counter()
     inv = invert(
-        TextDenoiser(model, text_condition(encoder, [source], device)), x0, method, scheduler=scheduler,
-        steps=steps, guidance=guidance, seed=seed, inner_steps=inner_steps,
+        TextDenoiser(model, text_condition(encoder, [source], device), null_tokens), x0, method,
+        scheduler=scheduler, steps=steps, guidance=guidance, seed=seed, inner_steps=inner_steps,
     )  # fmt: skip
+    if method == "null-text":
+        inv.info["null_tokens"] = null_tokens
     prompts = [source, *edits]
     plugins: list = []
     if edits:

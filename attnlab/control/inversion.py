@@ -304,13 +304,29 @@ def psnr(a: Tensor, b: Tensor, mask: Tensor | None = None) -> float:
 # attnlab text models
 
 
+NULL_TOKENS = ("one", "all")
+NULL_JITTER = 1e-3  # "all": the copies' spread, so their gradients differ (identical tokens stay identical)
+
+
 class TextDenoiser:
     """An attnlab text model under one caption's condition. Its unconditional embedding is the null
-    condition's one real token (`Condition.null_like`: an all-zero token the model's projection
-    turns into a learned "empty" token), (1, 1, D), which null-text inversion optimises."""
+    condition: one real token (an all-zero token the model's projection turns into a learned
+    "empty" token) and masked padding (`Condition.null_like`).
 
-    def __init__(self, model: nn.Module, cond: Condition):
-        self.model, self.cond_ = model, cond
+    What null-text inversion optimises (`null_tokens`):
+    - "one": that real token, (1, 1, D). Cross-attention to a single key reads the same value at
+      every position, so this embedding can only shift each cross-attention output by a constant.
+    - "all": a token at every one of the caption's L positions, all attended, (1, L, D), as the
+      paper optimises every position of Stable Diffusion's 77-token null embedding. They start as
+      copies of the zero token, jittered by 1e-3 (seeded), so the start predicts as the model's own
+      null condition to float precision, while positions can then pull apart and make the
+      correction vary across the image.
+    """
+
+    def __init__(self, model: nn.Module, cond: Condition, null_tokens: str = "all"):
+        if null_tokens not in NULL_TOKENS:
+            raise ConfigError(f"null_tokens {null_tokens!r}: expected one of {', '.join(NULL_TOKENS)}")
+        self.model, self.cond_, self.null_tokens = model, cond, null_tokens
         self.calls = 0
 
     def cond(self, x: Tensor, t: Tensor) -> Tensor:
@@ -322,15 +338,25 @@ class TextDenoiser:
         return self.model(x, t, with_null(self.cond_.null_like(), null))
 
     def null(self) -> Tensor:
-        return self.cond_.null_like().tokens[:1, :1]
+        tokens = self.cond_.null_like().tokens[:1]  # (1, L, D), all zero
+        if self.null_tokens == "one":
+            return tokens[:, :1]
+        g = torch.Generator().manual_seed(0)
+        return tokens + NULL_JITTER * torch.randn(tokens.shape, generator=g).to(tokens)
 
 
 def with_null(null_cond: Condition, null: Tensor | None) -> Condition:
-    """The null condition with its one real token set to `null` (1, 1, D) (None: left as it is)."""
+    """The null condition with its first n tokens set to `null` (1, n, D) and attended (None: left
+    as it is); n = 1 is the null condition's own real token, the rest stay masked padding."""
     if null is None:
         return null_cond
-    tokens = torch.cat([null.expand(len(null_cond), 1, -1), null_cond.tokens[:, 1:]], 1)  # (B, L, D)
-    return null_cond.replace(tokens=tokens)
+    n = null.shape[1]
+    if n > null_cond.tokens.shape[1]:
+        raise ValueError(f"a null embedding of {n} tokens for a condition of {null_cond.tokens.shape[1]}")
+    tokens = torch.cat([null.expand(len(null_cond), n, -1), null_cond.tokens[:, n:]], 1)  # (B, L, D)
+    mask = null_cond.mask.clone()
+    mask[:, :n] = True
+    return null_cond.replace(tokens=tokens, mask=mask)
 
 
 @dataclass

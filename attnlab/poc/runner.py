@@ -312,7 +312,10 @@ def _train(
     process; `fit`: the config it trains with when its stage is due, see `_resumable`)."""
     dirs = res.dirs(owner.name, train_seed)
     with bar.stage(_label(res, (owner.name, train_seed)), "train") as st:
-        record = train_stage(fit or rc, dirs, res.train_data)
+        run = fit or rc
+        if not bar.enabled:  # --no-progress: the trainer's bar too ("progress" is presentation only)
+            run = dataclasses.replace(run, train=dataclasses.replace(run.train, progress=False))
+        record = train_stage(run, dirs, res.train_data)
         st.skipped = record["skipped"] and not fresh
         st.detail = f"{record['steps']} steps, {record['train_seconds'] / 60:.1f} min of training"
         if record.get("side_by_side", 1) > 1:
