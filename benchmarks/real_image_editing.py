@@ -34,7 +34,7 @@ from attnlab.conditioning import get_text_encoder
 from attnlab.control import PromptToPrompt
 from attnlab.control.edit import edit_image
 from attnlab.control.figures import side_by_side
-from attnlab.control.inversion import METHODS, psnr
+from attnlab.control.inversion import METHODS, NULL_TOKENS, psnr
 from attnlab.data import build_dataset
 from attnlab.diffusion import scheduler_for
 from attnlab.evaluate.alignment import score_shapes
@@ -53,6 +53,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=1.5, help="CFG scale (3 breaks these small models)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument(
+        "--null-tokens", nargs="+", default=["all"], choices=list(NULL_TOKENS),
+        help="null-text: the null embedding optimised (each value is a row)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/real_image_editing-shapes32.md")
     return p.parse_args()
@@ -84,7 +88,7 @@ def judge(evaluator: Evaluator, x: torch.Tensor, caption: str, k: int) -> dict:
     }
 
 
-def run_method(method, items, model, cfg, encoder, evaluator, args) -> tuple[dict, list]:
+def run_method(method, items, model, cfg, encoder, evaluator, args, null_tokens="all") -> tuple[dict, list]:
     rows, figures = [], []
     for n, item in enumerate(items):
         k = n % 2
@@ -95,6 +99,7 @@ def run_method(method, items, model, cfg, encoder, evaluator, args) -> tuple[dic
         r = edit_image(
             model, encoder, item["x"], item["text"], [caption], p2p, method=method,
             scheduler=scheduler_for(cfg, "ddim"), steps=args.steps, guidance=args.guidance, seed=n,
+            null_tokens=null_tokens,
         )  # fmt: skip
         seconds = time.perf_counter() - start
         outside = ~item["masks"][k][None]
@@ -162,12 +167,17 @@ def main() -> None:
         for it in items
     ) / len(items)
     results, out = {}, Path(args.out)
-    for method in args.methods:
-        results[method], figures = run_method(method, items, model, cfg, encoder, evaluator, args)
-        print(method, results[method], flush=True)
+    runs = [
+        (m, nt, m if m != "null-text" or len(args.null_tokens) == 1 else f"{m}-{nt}")
+        for m in args.methods
+        for nt in (args.null_tokens if m == "null-text" else ["all"])
+    ]
+    for method, null_tokens, name in runs:
+        results[name], figures = run_method(method, items, model, cfg, encoder, evaluator, args, null_tokens)
+        print(name, results[name], flush=True)
         images = [x for row in figures for x in row[:3]]
         titles = [t for row in figures for t in ("input", "reconstruction", row[3])]
-        side_by_side(out.with_name(f"{out.stem}-{method}.png"), images, titles)
+        side_by_side(out.with_name(f"{out.stem}-{name}.png"), images, titles)
     write_text(out, f"# Real-image editing on shapes (32 px)\n\n{table(results, ceiling, args)}")
     write_json(
         out.with_suffix(".json"), {"args": vars(args), "evaluator_ceiling": ceiling, "results": results}

@@ -14,6 +14,7 @@ from attnlab.control import PromptToPrompt
 from attnlab.control.edit import MaskBlend, edit_image, text_condition
 from attnlab.control.inversion import TextDenoiser, invert, psnr, replay
 from attnlab.data import build_dataset
+from attnlab.errors import ConfigError
 from attnlab.diffusion import scheduler_for
 from attnlab.train import load_model
 
@@ -140,3 +141,39 @@ def test_a_mask_restricted_edit_changes_nothing_outside_the_mask(setup):
     p2p = PromptToPrompt().bind([enc.tokens_of(p) for p in (item["text"], edit)], lambda r, w: [])
     x = replay(model, text_condition(enc, [item["text"], edit]), inv, [p2p, MaskBlend(mask[None])])
     assert (x[1] - item["x"])[outside].abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("null_tokens", ["one", "all"])
+def test_the_null_embedding_starts_as_the_models_own_null_condition(setup, null_tokens):
+    """Before any optimisation, the unconditional prediction under the embedding to optimise is the
+    model's prediction under its null condition (a learned empty token, padding masked): 'all'
+    copies that token to every caption position, all attended, jittered by 1e-3."""
+    model, cfg, enc, item = setup
+    cond = text_condition(enc, [item["text"]])
+    den = TextDenoiser(model, cond, null_tokens)
+    null = den.null()
+    n = 1 if null_tokens == "one" else cond.tokens.shape[1]
+    assert null.shape == (1, n, cond.tokens.shape[-1])
+    x, t = torch.randn_like(item["x"][None]), torch.tensor([500])
+    with torch.no_grad():
+        own = model(x, t, cond.null_like())
+        got = den.uncond(x, t, null)
+        moved = den.uncond(x, t, null + 0.5 * torch.randn_like(null))
+    torch.testing.assert_close(got, own, atol=2e-3, rtol=0)
+    assert (moved - own).abs().max() > 1e-2  # the embedding is what the prediction reads
+
+
+def test_null_tokens_are_checked_and_each_choice_inverts(setup):
+    model, cfg, enc, item = setup
+    cond = text_condition(enc, [item["text"]])
+    with pytest.raises(ConfigError, match="null_tokens"):
+        TextDenoiser(model, cond, null_tokens="some")
+    edit = item["text"].replace("yellow", "red")
+    for null_tokens, n in (("one", 1), ("all", cond.tokens.shape[1])):
+        r = edit_image(
+            model, enc, item["x"], item["text"], [edit], PromptToPrompt(blend=("square",)), method="null-text",
+            scheduler=scheduler_for(cfg, "ddim"), steps=STEPS, guidance=2.0, null_tokens=null_tokens,
+        )  # fmt: skip
+        assert r.inversion.info["null_tokens"] == null_tokens
+        assert r.inversion.nulls.shape[1:] == (1, n, cond.tokens.shape[-1])
+        assert torch.isfinite(r.edits[0]).all()
