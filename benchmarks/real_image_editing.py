@@ -43,6 +43,11 @@ from attnlab.evaluate.prompts import parse_request
 from attnlab.io import write_json, write_text
 from attnlab.train.checkpoint import load_model
 
+BLEND_WORDS = {
+    "color": "the edited colour word (the old in the source row, the new in the edit)",
+    "shape": "the edited object's shape word",
+    "both": "the edited colour word and the object's shape word",
+}
 GOALS = {"ddpm": 40.0, "null-text": 30.0}  # reconstruction PSNR goals, dB
 
 
@@ -57,9 +62,26 @@ def parse_args() -> argparse.Namespace:
         "--null-tokens", nargs="+", default=["all"], choices=list(NULL_TOKENS),
         help="null-text: the null embedding optimised (each value is a row)",
     )  # fmt: skip
+    p.add_argument(
+        "--blend", choices=["color", "shape", "both"], default="color",
+        help="local blend words: the edited colour word (source and edit), the object's shape word, or both",
+    )  # fmt: skip
+    p.add_argument(
+        "--p2p", nargs="*", default=[], metavar="KEY=VALUE",
+        help="PromptToPrompt options over the reference defaults (e.g. self_end=0.6 blend_scale=0.5)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/real_image_editing-shapes32.md")
     return p.parse_args()
+
+
+def p2p_options(pairs: list[str]) -> dict:
+    """["self_end=0.6", "self_max_tokens=none"] -> {"self_end": 0.6, "self_max_tokens": None}."""
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        out[key] = None if value.lower() == "none" else float(value) if "." in value else int(value)
+    return out
 
 
 def edit_caption(item: dict, k: int, colors: list[str]) -> tuple[str, str]:
@@ -92,9 +114,14 @@ def run_method(method, items, model, cfg, encoder, evaluator, args, null_tokens=
     rows, figures = [], []
     for n, item in enumerate(items):
         k = n % 2
-        caption, _ = edit_caption(item, k, list(cfg.data.colors))
-        shape = item["objects"][k]["shape"]
-        p2p = PromptToPrompt(mode="replace", blend=(shape,))
+        caption, new = edit_caption(item, k, list(cfg.data.colors))
+        obj = item["objects"][k]
+        words = {
+            "shape": (obj["shape"],),
+            "color": (obj["color"], new),
+            "both": (obj["shape"], obj["color"], new),
+        }
+        p2p = PromptToPrompt(mode="replace", blend=words[args.blend], **p2p_options(args.p2p))
         start = time.perf_counter()
         r = edit_image(
             model, encoder, item["x"], item["text"], [caption], p2p, method=method,
@@ -145,11 +172,12 @@ def table(results: dict, ceiling: float, args) -> str:
         f"{s['outside_psnr']:.1f} | {s['others_kept']:.2f} | {s['seconds']:.2f} ({s['inversion_seconds']:.2f}) |"
         for m, s in results.items()
     ]
+    options = f" (options: {', '.join(args.p2p)})" if args.p2p else ""
     note = (
-        f"\n{results[next(iter(results))]['n']} two-object eval images of shapes (32 px), {args.steps} DDIM steps, "
-        f"guidance {args.guidance}, Prompt-to-Prompt replace with a local blend on the edited object's shape "
-        f"word, no mask given. The evaluator reads both objects of the input images right in "
-        f"{ceiling:.2f} of them (the ceiling for 'other object kept').\n"
+        f"\n{results[next(iter(results))]['n']} two-object eval images of shapes (32 px), {args.steps} DDIM "
+        f"steps, guidance {args.guidance}, Prompt-to-Prompt replace with a local blend on "
+        f"{BLEND_WORDS[args.blend]}{options}, no mask given. The evaluator reads both objects of the "
+        f"input images right in {ceiling:.2f} of them (the ceiling for 'other object kept').\n"
     )
     return head + "\n".join(lines) + "\n" + note
 
