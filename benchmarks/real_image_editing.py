@@ -130,6 +130,7 @@ def run_method(method, items, model, cfg, encoder, evaluator, args, null_tokens=
         )  # fmt: skip
         seconds = time.perf_counter() - start
         outside = ~item["masks"][k][None]
+        region = p2p.blend_region(tuple(item["x"].shape[1:]))[0, 0]  # (*S): where the edit row may change
         verdict = judge(evaluator, r.edits[0], caption, k)
         rows.append(
             {
@@ -137,6 +138,10 @@ def run_method(method, items, model, cfg, encoder, evaluator, args, null_tokens=
                 "success": verdict["edited"],
                 "others_kept": verdict["others"],
                 "outside_psnr": psnr(r.edits[0], item["x"], outside),
+                "blend_area": float(region.mean()),
+                "blend_iou": float(
+                    (region.bool() & item["masks"][k]).sum() / (region.bool() | item["masks"][k]).sum()
+                ),
                 "seconds": seconds,
                 "inversion_seconds": r.seconds["inversion"],
             }
@@ -157,6 +162,8 @@ def summarise(rows: list[dict]) -> dict:
         "outside_psnr": mean("outside_psnr"),
         "outside_psnr_successful": sum(ok) / len(ok) if ok else float("nan"),
         "others_kept": mean("others_kept"),
+        "blend_area": mean("blend_area"),
+        "blend_iou": mean("blend_iou"),
         "seconds": mean("seconds"),
         "inversion_seconds": mean("inversion_seconds"),
     }
@@ -165,11 +172,12 @@ def summarise(rows: list[dict]) -> dict:
 def table(results: dict, ceiling: float, args) -> str:
     head = (
         "| inversion | reconstruction PSNR (mean / min, dB) | edit success | PSNR outside the object (dB) "
-        "| other object kept | s per edit (inversion) |\n|---|---|---|---|---|---|\n"
+        "| other object kept | blend region (share of image / IoU with the object) | s per edit (inversion) |\n"
+        "|---|---|---|---|---|---|---|\n"
     )
     lines = [
         f"| {m} | {s['recon_psnr']:.1f} / {s['recon_psnr_min']:.1f} | {s['success']:.2f} | "
-        f"{s['outside_psnr']:.1f} | {s['others_kept']:.2f} | {s['seconds']:.2f} ({s['inversion_seconds']:.2f}) |"
+        f"{s['outside_psnr']:.1f} | {s['others_kept']:.2f} | {s['blend_area']:.2f} / {s['blend_iou']:.2f} | {s['seconds']:.2f} ({s['inversion_seconds']:.2f}) |"
         for m, s in results.items()
     ]
     options = f" (options: {', '.join(args.p2p)})" if args.p2p else ""

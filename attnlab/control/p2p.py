@@ -370,9 +370,16 @@ class PromptToPrompt:
         """x[r] = x[0] + mask * (x[r] - x[0]) for edit rows r; mask = blend region of row 0 or row r."""
         if self._maps is None or not self._maps.sums:
             return x
-        mask = self.blend_mask(tuple(x.shape[2:])).to(x)  # (R, 1, *spatial)
-        region = torch.maximum(mask[:1], mask[1:])
+        region = self.blend_region(tuple(x.shape[2:])).to(x)  # (R - 1, 1, *spatial)
         return torch.cat([x[:1], x[:1] + region * (x[1:] - x[:1])])
+
+    def blend_region(self, size: tuple[int, ...]) -> Tensor:
+        """(R - 1, 1, *size): where each edit row may differ from the source, the union of the
+        source's and that row's blend masks, from the maps recorded so far (all ones without a blend)."""
+        if self._maps is None or not self._maps.sums:
+            return torch.ones(max(self.rows - 1, 1), 1, *size)
+        mask = self.blend_mask(size)  # (R, 1, *size)
+        return torch.maximum(mask[:1], mask[1:])
 
     def blend_mask(self, size: tuple[int, ...]) -> Tensor:
         """(R, 1, *size) binary mask per row (`LocalBlend.__call__`): the cross-attention at the blend
