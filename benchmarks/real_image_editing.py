@@ -1,24 +1,26 @@
 """Real-image editing on shapes: invert an eval image, recolour one object, measure the locality.
 
-    attnlab train benchmarks/configs/shapes32-text-2obj.yaml train.steps=900 train.batch_size=32 train.warmup=100 train.ckpt_every=300 data.num=8192 train.precision=fp32 --out runs/shapes32-2obj-edit
-    .venv/bin/python benchmarks/real_image_editing.py --run runs/shapes32-2obj-edit --num 32
+    attnlab train benchmarks/configs/shapes32-text-2obj.yaml train.steps=6000 train.batch_size=32 train.warmup=100 train.ckpt_every=500 data.num=16384 --out runs/shapes32-2obj-edit
+    .venv/bin/python benchmarks/real_image_editing.py --run runs/shapes32-2obj-edit --num 16 --steps 50
 
 The model: the two-object text U-Net of `benchmarks/configs/shapes32-text-2obj.yaml`, trained on
-2 CPU cores with the override above (900 steps of 32 images, fp32: about 15-30 minutes there,
-against the config's 6000 steps of 256 on a GPU), so it is a weak model and the numbers say what
-the methods do on it, not on a well-trained one.
+the CPU with the override above (6000 steps of 32 images in bf16: 51 minutes on one thread of a
+shared 2-core machine, against the config's 6000 steps of 256 on a GPU); it samples here in fp32.
 
 Per two-object eval image (real pixels, exact per-object masks and attributes from the dataset),
 the first or second object (alternating) is recoloured ("a red circle left of a green square" ->
 "a blue circle left of a green square", the next palette colour that neither object has) with
-Prompt-to-Prompt (replace, local blend on the object's shape word) from the image's inversion,
-with NO mask given, for each inversion method (`attnlab.control.inversion`):
+Prompt-to-Prompt (replace, local blend on the edited colour word: `--blend`) from the image's
+inversion, with NO mask given, for each inversion method (`attnlab.control.inversion`):
 - reconstruction: PSNR of the source row (the image sampled back from its inversion, no edit);
 - edit success: the shapes evaluator reads the asked colour on that object (the edited caption's
   objects matched to the found ones, as `attnlab.evaluate.alignment` does);
 - preservation: PSNR outside that object's mask against the input, and whether the evaluator reads
   the other object's shape and colour as they were;
 - time per edit: inversion plus the sampling of source and edit rows, on this machine's CPU.
+- the blend region: the share of the image the local blend lets the edit change, and its IoU with
+  the edited object's mask (how well the attention localised the edit).
+Rows '<method>+mask' give the edited object's exact mask (`edit_image(mask=...)`), reported apart.
 The evaluator's reading of the input images themselves is reported as the ceiling it allows.
 """
 
@@ -61,6 +63,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--null-tokens", nargs="+", default=["all"], choices=list(NULL_TOKENS),
         help="null-text: the null embedding optimised (each value is a row)",
+    )  # fmt: skip
+    p.add_argument(
+        "--masked", nargs="*", default=["ddpm"], choices=list(METHODS),
+        help="methods also run with the edited object's exact mask given (rows '<method>+mask', apart)",
     )  # fmt: skip
     p.add_argument(
         "--blend", choices=["color", "shape", "both"], default="color",
@@ -110,7 +116,9 @@ def judge(evaluator: Evaluator, x: torch.Tensor, caption: str, k: int) -> dict:
     }
 
 
-def run_method(method, items, model, cfg, encoder, evaluator, args, null_tokens="all") -> tuple[dict, list]:
+def run_method(
+    method, items, model, cfg, encoder, evaluator, args, null_tokens="all", masked=False
+) -> tuple[dict, list]:
     rows, figures = [], []
     for n, item in enumerate(items):
         k = n % 2
@@ -126,7 +134,7 @@ def run_method(method, items, model, cfg, encoder, evaluator, args, null_tokens=
         r = edit_image(
             model, encoder, item["x"], item["text"], [caption], p2p, method=method,
             scheduler=scheduler_for(cfg, "ddim"), steps=args.steps, guidance=args.guidance, seed=n,
-            null_tokens=null_tokens,
+            null_tokens=null_tokens, mask=item["masks"][k][None].float() if masked else None,
         )  # fmt: skip
         seconds = time.perf_counter() - start
         outside = ~item["masks"][k][None]
@@ -184,7 +192,8 @@ def table(results: dict, ceiling: float, args) -> str:
     note = (
         f"\n{results[next(iter(results))]['n']} two-object eval images of shapes (32 px), {args.steps} DDIM "
         f"steps, guidance {args.guidance}, Prompt-to-Prompt replace with a local blend on "
-        f"{BLEND_WORDS[args.blend]}{options}, no mask given. The evaluator reads both objects of the "
+        f"{BLEND_WORDS[args.blend]}{options}, no mask given (rows '+mask': the edited object's exact "
+        f"mask given, reported apart). The evaluator reads both objects of the "
         f"input images right in {ceiling:.2f} of them (the ceiling for 'other object kept').\n"
     )
     return head + "\n".join(lines) + "\n" + note
@@ -204,12 +213,14 @@ def main() -> None:
     ) / len(items)
     results, out = {}, Path(args.out)
     runs = [
-        (m, nt, m if m != "null-text" or len(args.null_tokens) == 1 else f"{m}-{nt}")
+        (m, nt, m if m != "null-text" or len(args.null_tokens) == 1 else f"{m}-{nt}", False)
         for m in args.methods
         for nt in (args.null_tokens if m == "null-text" else ["all"])
-    ]
-    for method, null_tokens, name in runs:
-        results[name], figures = run_method(method, items, model, cfg, encoder, evaluator, args, null_tokens)
+    ] + [(m, "all", f"{m}+mask", True) for m in args.masked]
+    for method, null_tokens, name, masked in runs:
+        results[name], figures = run_method(
+            method, items, model, cfg, encoder, evaluator, args, null_tokens, masked
+        )  # fmt: skip
         print(name, results[name], flush=True)
         images = [x for row in figures for x in row[:3]]
         titles = [t for row in figures for t in ("input", "reconstruction", row[3])]
