@@ -144,6 +144,18 @@ def test_edit_image_writes_reconstruction_edits_figure_and_json(photo, tmp_path)
     assert (edited - original)[outside].abs().max() == 0  # 8-bit files: the pixels outside are the input's
 
 
+def test_null_text_with_one_null_token_is_recorded(photo, tmp_path):
+    d, _ = photo
+    code, text = invoke(
+        "edit", MODEL, "--image", d / "photo.png", "--prompt", SRC, "--edit", DST, "--inversion", "null-text",
+        "--null-tokens", "one", "--steps", "3", "--out", tmp_path,
+    )  # fmt: skip
+    assert code == 0, text
+    meta = json.loads((tmp_path / "edit.json").read_text())
+    assert meta["inversion"]["method"] == "null-text"
+    assert meta["inversion"]["null_tokens"] == "one", meta["inversion"]
+
+
 def test_other_sizes_are_cropped_and_resized_with_a_note(photo, tmp_path):
     d, _ = photo
     code, text = invoke(
@@ -164,6 +176,14 @@ def test_other_sizes_are_cropped_and_resized_with_a_note(photo, tmp_path):
         (["--image", "{d}/photo.png", "--inversion", "exact"], "--inversion 'exact' is not supported"),
         (["--mask", "{d}/mask.png"], "give --image"),
         (["--image", "{d}/photo.png", "--mask", "{d}/black.png"], "selects no pixel"),
+        (
+            ["--image", "{d}/photo.png", "--null-tokens", "one"],
+            "--null-tokens applies to --inversion null-text",
+        ),
+        (
+            ["--image", "{d}/photo.png", "--inversion", "null-text", "--null-tokens", "some"],
+            "--null-tokens 'some'",
+        ),
     ],
 )
 def test_bad_inputs_stop_with_one_message(photo, tmp_path, args, message):
@@ -192,3 +212,15 @@ def test_a_caption_the_encoder_cannot_read_is_named(photo, tmp_path):
         tmp_path,
     )
     assert code != 0 and "--prompt" in text and "[UNK]" in text, text
+
+
+def test_a_pipeline_refuses_one_null_token(tmp_path):
+    """A pipeline's null-text optimises its whole negative-prompt embedding: 'one' is refused first."""
+    from attnlab.cli.real_edit import edit_real
+    from attnlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="whole negative-prompt embedding"):
+        edit_real(
+            object(), SRC, [DST], None, {}, {"steps": 3, "guidance": 1.0}, image=tmp_path / "x.png",
+            mask=None, inversion="null-text", seed=0, out=tmp_path, null_tokens="one",
+        )  # fmt: skip

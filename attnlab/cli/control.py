@@ -128,6 +128,14 @@ def edit_command(
         Path | None,
         typer.Option("--mask", help="With --image: white marks the only region the edit may change."),
     ] = None,
+    null_tokens: Annotated[
+        str,
+        typer.Option(
+            "--null-tokens",
+            help="With --inversion null-text on a run: optimise a null token at every caption position "
+            "(all, the paper's) or the null condition's single token (one).",
+        ),
+    ] = "all",
 ):
     """Edit a sample with Prompt-to-Prompt: source and edits from the same noise, written side by side.
     With --image, edit a real image: it is inverted under --prompt first, and edited from that noise."""
@@ -142,6 +150,8 @@ def edit_command(
         raise ConfigError("--word and --factor apply to --mode reweight only")
     if image is None and (mask is not None or inversion != "ddpm"):
         raise ConfigError("--inversion and --mask apply to a real image: give --image PHOTO.png")
+    if null_tokens != "all" and inversion != "null-text":
+        raise ConfigError("--null-tokens applies to --inversion null-text")
     if image is not None and (num != 1 or sampler not in (None, "ddim")):
         raise ConfigError(
             "--image edits one image with the DDIM sampler its inversion is made for (drop --num/--sampler)"
@@ -197,7 +207,7 @@ def edit_command(
         from attnlab.cli.real_edit import edit_real
 
         target = pipe if on_pipeline else (model, cfg, encoder, scheduler, settings)
-        real = dict(image=image, mask=mask, inversion=inversion, seed=seed, out=out)
+        real = dict(image=image, mask=mask, inversion=inversion, seed=seed, out=out, null_tokens=null_tokens)
         return edit_real(target, prompt, edit, p2p, options, {**base_info, **settings}, **real)
     titles = ["source: " + prompt, *[f"edit {k + 1}: {e}" for k, e in enumerate(edit)]]
     files = []

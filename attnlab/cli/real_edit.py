@@ -12,17 +12,23 @@ from attnlab.errors import ConfigError
 
 def edit_real(
     target, prompt: str, edits: list[str], p2p, options: dict, settings: dict, *, image: Path,
-    mask: Path | None, inversion: str, seed: int, out: Path,
+    mask: Path | None, inversion: str, seed: int, out: Path, null_tokens: str = "all",
 ) -> None:  # fmt: skip
     """`target`: a diffusers pipeline, or (model, cfg, encoder, scheduler, settings) of a run."""
     from attnlab.cli.sample import output_dir
     from attnlab.control.edit import read_image, read_mask
-    from attnlab.control.inversion import METHODS
+    from attnlab.control.inversion import METHODS, NULL_TOKENS
     from attnlab.train.checkpoint import file_sha256
 
     if inversion not in METHODS:
         raise ConfigError(f"--inversion {inversion!r} is not supported; choose one of {', '.join(METHODS)}")
+    if null_tokens not in NULL_TOKENS:
+        raise ConfigError(f"--null-tokens {null_tokens!r}: choose one of {', '.join(NULL_TOKENS)}")
     on_pipeline = not isinstance(target, tuple)
+    if on_pipeline and null_tokens != "all":
+        raise ConfigError(
+            "--null-tokens one: a pipeline's null-text optimises its whole negative-prompt embedding"
+        )
     size, channels = _image_shape(target, on_pipeline)
     x, notes = read_image(image, size, channels)
     notes = [notes] if notes else []
@@ -41,7 +47,9 @@ def edit_real(
         from attnlab.control.edit import edit_image
 
         model, cfg, encoder, scheduler, _ = target
-        result = edit_image(model, encoder, x, prompt, edits, p2p, scheduler=scheduler, **kw)
+        result = edit_image(
+            model, encoder, x, prompt, edits, p2p, scheduler=scheduler, null_tokens=null_tokens, **kw
+        )
         settings = {**_run_provenance(settings, cfg), **settings}
     inputs = {"image": str(image), "image_sha256": file_sha256(image)}
     if mask is not None:
