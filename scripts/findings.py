@@ -19,7 +19,14 @@ from pathlib import Path
 
 from attnlab.errors import AttnlabError
 from attnlab.io import write_text
-from attnlab.poc.findings import command, findings_markdown, load_claims, publish_reports, read_results, run_name
+from attnlab.poc.findings import (
+    command,
+    findings_markdown,
+    load_claims,
+    publish_reports,
+    read_results,
+    run_name,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -29,7 +36,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--runs", type=Path, default=Path("runs/findings"), help="where the PoCs write their runs")
     p.add_argument("--out", type=Path, default=Path("docs/findings.md"))
     p.add_argument(
-        "--reports", type=Path, default=Path("findings"), help="where the reports are copied, relative to --out's folder"
+        "--reports",
+        type=Path,
+        default=Path("findings"),
+        help="where the reports are copied, relative to --out's folder",
     )
     p.add_argument("--only", nargs="*", help="claim ids (run: only their PoCs)")
     return p.parse_args()

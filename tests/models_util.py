@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
 import sys
 
 import torch
@@ -81,3 +85,24 @@ def torchrun_train(config, out, overrides, processes: int) -> list[str]:
         "--out",
         str(out),
     ]
+
+
+TORCHRUN_TIMEOUT = 300  # seconds; a tiny run takes well under a minute
+
+
+def run_torchrun(cmd: list[str], env: dict, out) -> subprocess.CompletedProcess:
+    """Run a torchrun command; on a hang (seen rarely: a rank waiting in gloo's teardown after its
+    peer has exited) kill its whole process group, clear `out` and run it once more, so a rare
+    teardown hang costs minutes, not the whole CI run. A second hang fails with that message."""
+    for _ in range(2):
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+        )
+        try:
+            stdout, stderr = proc.communicate(timeout=TORCHRUN_TIMEOUT)
+            return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            shutil.rmtree(out, ignore_errors=True)
+    raise AssertionError(f"torchrun hung twice (over {TORCHRUN_TIMEOUT} s each): {' '.join(cmd)}")

@@ -14,8 +14,8 @@ from attnlab.control import PromptToPrompt
 from attnlab.control.edit import MaskBlend, edit_image, text_condition
 from attnlab.control.inversion import TextDenoiser, invert, psnr, replay
 from attnlab.data import build_dataset
-from attnlab.errors import ConfigError
 from attnlab.diffusion import scheduler_for
+from attnlab.errors import ConfigError
 from attnlab.train import load_model
 
 MODEL = Path(__file__).parent / "data" / "shapes16-text"

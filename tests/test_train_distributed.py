@@ -6,10 +6,9 @@ loss) with its own gradient averaging, clipping, optimiser and EMA, and must lan
 `torchrun` run checkpointed."""
 
 import os
-import subprocess
 
 import torch
-from models_util import TINY_RUN, torchrun_train
+from models_util import TINY_RUN, run_torchrun, torchrun_train
 
 from attnlab.config import load_config
 from attnlab.data import build_dataset
@@ -41,7 +40,7 @@ def _torchrun(out, tmp_path):
     config.write_text("train:\n  progress: false\n")
     cmd = torchrun_train(config, out, TINY, WORLD)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread, as the reference in this process
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = run_torchrun(cmd, env, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

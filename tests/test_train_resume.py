@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models_util import TINY_RUN, torchrun_train
+from models_util import TINY_RUN, run_torchrun, torchrun_train
 from safetensors.torch import load_file
 
 from attnlab.config import load_config
@@ -136,7 +136,7 @@ def test_two_processes_train_with_gloo(tmp_path):
     config.write_text("train:\n  progress: false\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = torchrun_train(config, run, [*TINY, "train.steps=4"], 2)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = run_torchrun(cmd, env, run)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = read_log(run / "log.jsonl")
     assert [r["step"] for r in log] == [2, 4]  # written once, by the main process
