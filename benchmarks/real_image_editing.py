@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from attnlab.cli.flags import technique_options
 from attnlab.conditioning import get_text_encoder
 from attnlab.control import PromptToPrompt
 from attnlab.control.edit import edit_image
@@ -74,7 +75,7 @@ def parse_args() -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument(
         "--p2p", nargs="*", default=[], metavar="KEY=VALUE",
-        help="PromptToPrompt options over the reference defaults (e.g. self_end=0.6 blend_scale=0.5)",
+        help="PromptToPrompt options over the reference defaults (YAML values, e.g. self_end=0.6 self_max_tokens=null)",
     )  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/real_image_editing-shapes32.md")
@@ -82,12 +83,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def p2p_options(pairs: list[str]) -> dict:
-    """["self_end=0.6", "self_max_tokens=none"] -> {"self_end": 0.6, "self_max_tokens": None}."""
-    out = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        out[key] = None if value.lower() == "none" else float(value) if "." in value else int(value)
-    return out
+    """["self_end=0.6", "self_max_tokens=null"] -> {"self_end": 0.6, "self_max_tokens": None}
+    (values read as YAML, as `attnlab sample --technique` reads them)."""
+    return technique_options(["p2p", *(f"p2p.{pair}" for pair in pairs)])["p2p"]
 
 
 def edit_caption(item: dict, k: int, colors: list[str]) -> tuple[str, str]:
